@@ -1,0 +1,22 @@
+# The two commands: `make demo` (main job) and `make test`. Each builds .venv from this repo's files.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench eval clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# No CUDA here: take the CPU build of torch (its wheel is on disk) before the package pulls a CUDA one.
+	command -v nvidia-smi >/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pqcompile demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,112 @@
+"""torch.library custom ops over the compressed key state: opaque to dynamo, AOTAutograd and inductor.
+
+On CUDA they launch the Triton kernels (pqcompile.kernels); elsewhere they run the reference codec.
+PQCOMPILE_KERNELS=reference forces the reference everywhere (debugging); =triton forces the kernels
+(with TRITON_INTERPRET=1 they then run on CPU tensors, slowly).
+Every op takes the codec as (radius_bits, angle_bits, group_size, pairing spec) so it stays hashable.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from . import codec as ref
+from .codec import TAIL_PAD, Codec, Pairing, PolarData
+
+_LIB = "pqcompile"
+
+
+@functools.lru_cache(maxsize=None)
+def _codec(radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> Codec:
+    return Codec(radius_bits, angle_bits, group_size, Pairing.parse(pairing))
+
+
+def codec_args(c: Codec) -> tuple[int, int, int, str]:
+    return c.radius_bits, c.angle_bits, c.group_size, str(c.pairing)
+
+
+def _use_kernels(t: torch.Tensor) -> bool:
+    choice = os.environ.get("PQCOMPILE_KERNELS", "auto")
+    if choice == "reference":
+        return False
+    if choice == "triton":
+        return True
+    return t.is_cuda
+
+
+def _state_shapes(B: int, H: int, T, D: int, c: Codec):
+    G = c.group_size
+    return (B, H, (T // G) * G, c.code_bytes(D)), (B, H, T // G, 4, D // 2), (B, H, T % G + TAIL_PAD, D)
+
+
+# --------------------------------------------------------------------------- append (encode + group flush)
+
+
+@torch.library.custom_op(f"{_LIB}::append", mutates_args=())
+def append(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, new_keys: torch.Tensor, seq_len: int,
+           radius_bits: int, angle_bits: int, group_size: int, pairing: str
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """State of seq_len tokens + new_keys [B, H, S, D] -> new state of seq_len + S tokens (fresh tensors)."""
+    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    data = PolarData(codes, params, tail)
+    if _use_kernels(new_keys):
+        from . import kernels
+
+        return tuple(kernels.append(data, seq_len, new_keys, c))
+    return tuple(t.clone() if t is old else t for t, old in zip(ref.append(data, seq_len, new_keys, c), data))
+
+
+@append.register_fake
+def _(codes, params, tail, new_keys, seq_len, radius_bits, angle_bits, group_size, pairing):
+    B, H, S, D = new_keys.shape
+    shapes = _state_shapes(B, H, seq_len + S, D, _codec(radius_bits, angle_bits, group_size, pairing))
+    return codes.new_empty(shapes[0]), params.new_empty(shapes[1]), tail.new_empty(shapes[2])
+
+
+# --------------------------------------------------------------------------- decode (dense fallback, verify)
+
+
+@torch.library.custom_op(f"{_LIB}::decode", mutates_args=())
+def decode(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, seq_len: int,
+           radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> torch.Tensor:
+    """Compressed state -> dense keys [B, H, seq_len, D] (contiguous)."""
+    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    return ref.decode(PolarData(codes, params, tail), seq_len, c).contiguous()
+
+
+@decode.register_fake
+def _(codes, params, tail, seq_len, radius_bits, angle_bits, group_size, pairing):
+    B, H, _, D = tail.shape
+    return tail.new_empty(B, H, seq_len, D)
+
+
+# --------------------------------------------------------------------------- attention over the codes
+
+
+@torch.library.custom_op(f"{_LIB}::attention", mutates_args=())
+def attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, v: torch.Tensor,
+              seq_len: int, mask: Optional[torch.Tensor], scale: float, softcap: float, is_causal: bool,
+              radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> torch.Tensor:
+    """Attention of q [B, Hq, S, D] over compressed keys and dense v [B, Hkv|Hq, T, Dv] -> [B, Hq, S, Dv].
+
+    softcap <= 0 means none. mask: bool (True = attend) or additive, broadcastable to [B, Hq, S, T].
+    """
+    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    data = PolarData(codes, params, tail)
+    kwargs = dict(mask=mask, scale=scale, softcap=softcap if softcap > 0 else None, is_causal=is_causal)
+    if _use_kernels(q):
+        from . import kernels
+
+        return kernels.attention(q, data, seq_len, v, c, **kwargs).contiguous()
+    return ref.attention(q, data, seq_len, v, c, **kwargs).contiguous()
+
+
+@attention.register_fake
+def _(q, codes, params, tail, v, seq_len, mask, scale, softcap, is_causal, radius_bits, angle_bits, group_size,
+      pairing):
+    B, Hq, S, _ = q.shape
+    return q.new_empty(B, Hq, S, v.shape[-1])
