@@ -136,7 +136,7 @@ def to_polar(keys: torch.Tensor, pairing: Pairing) -> tuple[torch.Tensor, torch.
     """keys [..., D] -> radius, angle [..., D/2] in fp32."""
     xs, ys = pairing.indices(keys.shape[-1])
     x, y = keys[..., xs].float(), keys[..., ys].float()
-    return torch.sqrt(x * x + y * y), torch.atan2(y, x)
+    return torch.hypot(x, y), torch.atan2(y, x)
 
 
 def group_params(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
