@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
 import torch
 
+from . import counters
 from .config import InnerBackend, PolarQuantConfig
+from .passes import run_all
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +19,8 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: list, cfg: PolarQua
     if cfg.backend is InnerBackend.EAGER:
         return gm.forward
     if cfg.backend is InnerBackend.AOT_EAGER:
-        from torch._dynamo.backends.common import aot_autograd
         from functorch.compile import nop
+        from torch._dynamo.backends.common import aot_autograd
 
         return aot_autograd(fw_compiler=nop)(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
@@ -30,4 +33,9 @@ def polarquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
                options: dict[str, Any] | None = None):
     """torch.compile backend entry point (registered as "polarquant" through an entry point)."""
     cfg = PolarQuantConfig.from_options(options)
+    original = copy.deepcopy(gm) if cfg.verify.value != "off" or cfg.report else None  # noqa: F841 (verify/report)
+    results, sites = run_all(gm, cfg)
+    counters.record(results, sites)
+    rewritten = sum(s.status == "rewritten" for s in sites)
+    log.info("polarquant: %d/%d attention sites rewritten", rewritten, len(sites))
     return _inner_compile(gm, example_inputs, cfg, mode)

@@ -221,3 +221,21 @@ def polar_keys_in(obj) -> list[PolarKeys]:
     """All PolarKeys held by a HF cache (or any object with .layers[i].keys)."""
     layers = getattr(obj, "layers", None) or []
     return [layer.keys for layer in layers if isinstance(getattr(layer, "keys", None), PolarKeys)]
+
+
+# --------------------------------------------------------------------------- what the rewritten graphs call
+
+
+def compress_keys(keys: torch.Tensor, radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> PolarKeys:
+    """Prefill rewrite: the dense post-RoPE keys HF is about to cache -> PolarKeys (primitive args for FX)."""
+    return PolarKeys.from_dense(keys, ops._codec(radius_bits, angle_bits, group_size, pairing))
+
+
+def polar_sdpa(q: torch.Tensor, keys: PolarKeys, v: torch.Tensor, attn_mask=None, scale=None) -> torch.Tensor:
+    """Decode rewrite of scaled_dot_product_attention(q, keys, v): attention reads the codes.
+
+    q [B, Hq, S, D]; keys PolarKeys [B, Hkv, T, D]; v [B, Hkv|Hq, T, Dv] -> [B, Hq, S, Dv].
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return ops.attention(q, keys.codes, keys.params, keys.tail, v, keys.seq_len, attn_mask, scale, 0.0, False,
+                         *ops.codec_args(keys.codec))

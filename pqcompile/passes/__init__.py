@@ -1,0 +1,19 @@
+"""FX passes, one per file, each `run(gm, cfg) -> PassResult`. Their order lives here only."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..config import PolarQuantConfig
+from . import infer_pairing, rewrite_attention, trace_kv_append
+from .common import PassResult, Site, sites
+
+PASSES = (trace_kv_append, infer_pairing, rewrite_attention)
+
+
+def run_all(gm: fx.GraphModule, cfg: PolarQuantConfig) -> tuple[list[PassResult], list[Site]]:
+    results = [p.run(gm, cfg) for p in PASSES]
+    return results, sites(gm)
+
+
+__all__ = ["PASSES", "PassResult", "Site", "run_all"]

@@ -1,0 +1,107 @@
+"""What the passes share: the attention Site record, PassResult, and small FX matching helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+SITES_KEY = "pqcompile_sites"
+
+
+@dataclasses.dataclass
+class Site:
+    """One scaled-dot-product-attention call and what the passes learned about it."""
+
+    sdpa: fx.Node
+    module: str  # e.g. "model.layers.0.self_attn", from the node's nn_module_stack
+    append: fx.Node | None = None  # the KV-append producing the key (torch.cat([past, new], -2))
+    new_key: fx.Node | None = None  # the post-RoPE key fed to the append
+    value: fx.Node | None = None  # the value operand with any GQA repeat stripped
+    gqa: int = 1  # query heads per kv head
+    kind: str = ""  # "prefill" (dense past, keys get compressed) | "decode" (past is PolarKeys)
+    pairing: str = ""  # codec.Pairing spec inferred from the graph
+    pairing_source: str = ""  # the RoPE pattern the pairing was read from
+    status: str = "found"  # found | rewritten | declined
+    reason: str = ""
+
+    def decline(self, reason: str) -> None:
+        self.status, self.reason = "declined", reason
+
+
+@dataclasses.dataclass
+class PassResult:
+    name: str
+    matched: int = 0
+    rewritten: int = 0
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (node name, reason)
+
+
+def sites(gm: fx.GraphModule) -> list[Site]:
+    return gm.meta.setdefault(SITES_KEY, [])
+
+
+def val(node: Any):
+    """The fake value dynamo recorded for a node (meta['val'] after AOT, meta['example_value'] from dynamo)."""
+    if not isinstance(node, fx.Node):
+        return node
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def is_call(node: Any, *targets) -> bool:
+    """call_function with one of `targets`, or call_method whose name is one of the string targets."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in targets
+    if node.op == "call_method":
+        return node.target in targets
+    return False
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "?"
+    path = list(stack.values())[-1][0]
+    for prefix in ("L['self'].", "L['args'][0].", "L['fn']."):
+        path = path.replace(prefix, "")
+    return path.replace("._modules['", ".").replace("['", ".").replace("']", "")
+
+
+def graph_outputs(gm: fx.GraphModule) -> set[fx.Node]:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    found: set[fx.Node] = set()
+    torch.utils._pytree.tree_map(lambda x: found.add(x) if isinstance(x, fx.Node) else None, out.args)
+    return found
+
+
+GETITEM = (operator.getitem,)
+CAT = (torch.cat, torch.concat, torch.concatenate)
+
+
+def normalized_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _is_impure(node: fx.Node) -> bool:
+    """Keep in-place methods (add_, index_copy_, copy_) alive: fx's DCE would drop them (DESIGN §3)."""
+    if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_"):
+        return True
+    return node.is_impure()
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,97 @@
+"""Find SDPA sites and trace each key operand back, through the GQA repeat, to its KV-append.
+
+Shapes matched (written once, variants listed):
+  key   = cat([past, new], dim=-2)                          DynamicCache.update (transformers 4.57-5.x)
+  key'  = key                                               SDPA(enable_gqa=True) or no GQA
+        | key[:, :, None].expand(B, Hkv, n, T, D).reshape(B, Hkv*n, T, D)   HF repeat_kv (masked decode)
+The value operand is stripped of the same repeat, so the polar op reads Hkv value heads.
+
+A site is declined (and stays exactly as it was) when:
+  - its key is not a KV-append written back to the cache (use_cache=False, cross-attention, StaticCache
+    index_copy_, which this release keeps dense),
+  - the appended key feeds other ops than this attention (the compressed key would be dequantized),
+  - dropout_p is not 0, or is_causal is used with several queries over a cache (SDPA aligns that mask
+    top-left, a shape no decoder uses; refusing is safer than guessing).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..cache import PolarKeys
+from ..config import PolarQuantConfig
+from .common import CAT, GETITEM, SDPA_TARGETS, PassResult, Site, arg, graph_outputs, is_call, module_path, sites, val
+
+
+def strip_gqa_repeat(node: fx.Node) -> tuple[fx.Node, int]:
+    """x[:, :, None].expand(B, H, n, T, D).reshape(B, H*n, T, D) -> (x, n); anything else -> (node, 1)."""
+    if not is_call(node, "reshape", "view", torch.reshape):
+        return node, 1
+    expand = node.args[0]
+    if not is_call(expand, "expand") or not is_call(expand.args[0], *GETITEM):
+        return node, 1
+    base, index = expand.args[0].args
+    if not (isinstance(index, tuple) and len(index) >= 3 and index[2] is None
+            and all(i == slice(None) or i is Ellipsis for i in index[:2])):
+        return node, 1
+    base_val, out_val = val(base), val(node)
+    if base_val is None or out_val is None or base_val.dim() != 4 or out_val.shape[1] % base_val.shape[1]:
+        return node, 1
+    return base, out_val.shape[1] // base_val.shape[1]
+
+
+def kv_append(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """cat([past, new], dim=-2) -> (past, new), else None."""
+    if not is_call(node, *CAT):
+        return None
+    tensors, dim = arg(node, 0, "tensors"), arg(node, 1, "dim", 0)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or dim not in (-2, 2):
+        return None
+    return tensors[0], tensors[1]
+
+
+def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
+    result = PassResult("trace_kv_append")
+    outputs = graph_outputs(gm)
+    for node in gm.graph.nodes:
+        if not is_call(node, *SDPA_TARGETS):
+            continue
+        site = Site(sdpa=node, module=module_path(node))
+        sites(gm).append(site)
+        result.matched += 1
+        _trace(site, outputs)
+        if site.status == "declined":
+            result.skipped.append((node.name, site.reason))
+    return result
+
+
+def _trace(site: Site, outputs: set[fx.Node]) -> None:
+    node = site.sdpa
+    q, k, v = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
+    if arg(node, 4, "dropout_p", 0.0) not in (0, 0.0):
+        return site.decline("dropout_p > 0 (training-mode dropout)")
+    key, n_rep = strip_gqa_repeat(k)
+    value, v_rep = strip_gqa_repeat(v)
+    append = kv_append(key)
+    if append is None:
+        return site.decline("key is not a KV-append torch.cat([past, new], dim=-2) (no cache, cross-attention, "
+                            "or a StaticCache index_copy_, kept dense in this release)")
+    if key not in outputs:
+        return site.decline("the concatenated key is not written back to the cache (not a graph output)")
+    key_users = set(key.users) - {next(iter(n for n in key.graph.nodes if n.op == "output"))}
+    allowed = {node} | ({k, k.args[0], k.args[0].args[0]} if k is not key else set())
+    if not key_users <= allowed:
+        return site.decline(f"the cached key also feeds {sorted(u.name for u in key_users - allowed)}")
+    q_val, key_val = val(q), val(key)
+    if q_val is None or key_val is None or q_val.dim() != 4 or key_val.dim() != 4:
+        return site.decline("query/key shapes unknown or not 4-D")
+    if q_val.shape[1] % key_val.shape[1]:
+        return site.decline(f"query heads {q_val.shape[1]} not a multiple of key heads {key_val.shape[1]}")
+    past, new = append
+    site.kind = "decode" if isinstance(val(past), PolarKeys) else "prefill"
+    if site.kind == "decode" and arg(node, 6, "is_causal", False) and q_val.shape[2] != 1:
+        return site.decline("is_causal with several queries over a cache (top-left aligned mask)")
+    if n_rep != v_rep and v_rep != 1:
+        value = v
+    site.append, site.new_key, site.value, site.gqa = key, new, value, q_val.shape[1] // key_val.shape[1]
