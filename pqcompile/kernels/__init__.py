@@ -1,0 +1,258 @@
+"""Triton kernels for the PolarQuant key cache: host wrappers with input checks and launch configs.
+
+`append` and `attention` have the semantics and shapes of pqcompile.codec.append / codec.attention (the
+ground truth); pqcompile.ops calls them for CUDA tensors. They also run on CPU tensors under
+TRITON_INTERPRET=1 (tests). Differences from the reference, by design:
+  - atan2/sqrt/cos/sin may differ from torch by an ulp (cos/sin use the GPU's fast approximations), so a
+    code can land one bin off at a bin edge, and q.k uses the tensor cores in q's dtype.
+  - append does not scan new keys for inf/NaN (that would sync the GPU every decode step); a non-finite
+    key instead poisons its pair's group params with NaN, so attention over it returns NaN, never a
+    plausible wrong number.
+Fallbacks to the reference (logged at debug level): head_dim or value dim > 256, seq_len == 0, q_len == 0.
+Errors: wrong dtypes (TypeError), wrong shapes/devices/layouts (ValueError); messages show shapes only.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import codec as ref
+from ..codec import KEY_DTYPES, PARAM_DTYPE, TAIL_PAD, Codec, PolarData
+from .polar_attention import polar_attn_fwd_kernel, polar_attn_reduce_kernel
+from .polar_encode import polar_encode_kernel
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_DIM = 256
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+# Launch meta-parameters of the attention kernel (bench/attention.py sweeps them).
+ATTN_CONFIG = {"block_n": 64, "block_n_large_d": 32, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (shape {tuple(t.shape)})")
+    if not (t.is_cuda or _interpret()):
+        raise ValueError(f"{name} must be a CUDA tensor (or set TRITON_INTERPRET=1), got {t.device}")
+
+
+def _check_codec(codec: Codec) -> None:
+    G = codec.group_size
+    if not (1 <= codec.radius_bits and 1 <= codec.angle_bits and codec.code_bits <= 8):
+        raise ValueError(f"bits {codec.radius_bits}+{codec.angle_bits} unsupported: need r, a >= 1, r + a <= 8")
+    if G < 16 or G & (G - 1):
+        raise ValueError(f"group_size {G} unsupported: need a power of two >= 16")
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_index(pairing: ref.Pairing, head_dim: int, device: torch.device):
+    """(x dims [P], y dims [P], x/y interleaved dims [2 * next_pow2(P)] zero-padded), int32 on device."""
+    xs, ys = pairing.indices(head_dim)
+    P = len(xs)
+    inter = [d for pair in zip(xs, ys) for d in pair] + [0] * (2 * triton.next_power_of_2(P) - 2 * P)
+    as_t = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    return as_t(xs), as_t(ys), as_t(inter)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def encode_groups_into(keys: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, group_offset: int,
+                       codec: Codec) -> None:
+    """Encode complete groups keys [B, H, n*G, D] into codes[:, :, off*G:(off+n)*G], params[:, :, off:off+n].
+
+    codes: uint8 [B, H, >= (off+n)*G, NB] and params: bf16 [B, H, >= off+n, 4, D/2], both with unit
+    stride in the last dim (preallocated: a static cache passes its own buffers).
+    """
+    ref.check_keys("keys", keys, finite=False)
+    _check_codec(codec)
+    B, H, T, D = keys.shape
+    G, P, NB = codec.group_size, D // 2, codec.code_bytes(D)
+    n = T // G
+    if T % G:
+        raise ValueError(f"keys shape {tuple(keys.shape)}: T must be a multiple of group_size {G}")
+    if codes.dtype != torch.uint8 or params.dtype != PARAM_DTYPE:
+        raise TypeError(f"codes must be uint8 and params bfloat16, got {codes.dtype} and {params.dtype}")
+    if (codes.dim() != 4 or tuple(codes.shape[:2]) != (B, H) or codes.shape[3] != NB
+            or codes.shape[2] < (group_offset + n) * G or codes.stride(3) != 1):
+        raise ValueError(f"codes shape {tuple(codes.shape)} cannot take {n} groups at group {group_offset} of "
+                         f"keys {tuple(keys.shape)} ({NB} bytes per token, unit last stride)")
+    if (params.dim() != 5 or tuple(params.shape[:2]) != (B, H) or tuple(params.shape[3:]) != (4, P)
+            or params.shape[2] < group_offset + n or params.stride(4) != 1):
+        raise ValueError(f"params shape {tuple(params.shape)} cannot take {n} groups at group {group_offset} of "
+                         f"keys {tuple(keys.shape)} (unit last stride)")
+    for name, t in (("keys", keys), ("codes", codes), ("params", params)):
+        _check_device(name, t, keys.device)
+    if n == 0 or B * H == 0:
+        return
+    xi, yi, _ = _pair_index(codec.pairing, D, keys.device)
+    block_p = min(32, max(8, triton.next_power_of_2(P)))
+    grid = (B * H * n, triton.cdiv(P, block_p))
+    polar_encode_kernel[grid](
+        keys, *keys.stride(), xi, yi, codes, *codes.stride()[:3], params, *params.stride()[:4],
+        H, n, group_offset,
+        P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits, BLOCK_P=block_p,
+        ON_GPU=keys.is_cuda and not _interpret(), num_warps=4,
+    )
+
+
+def encode_groups(keys: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like codec.encode_groups: keys [B, H, n*G, D] -> codes [B, H, n*G, NB], params [B, H, n, 4, D/2]."""
+    B, H, T, D = keys.shape
+    codes = torch.empty(B, H, T, codec.code_bytes(D), dtype=torch.uint8, device=keys.device)
+    params = torch.empty(B, H, T // codec.group_size, 4, D // 2, dtype=PARAM_DTYPE, device=keys.device)
+    encode_groups_into(keys, codes, params, 0, codec)
+    return codes, params
+
+
+def append(data: PolarData, seq_len: int, new_keys: torch.Tensor, codec: Codec) -> PolarData:
+    """codec.append with the encode kernel: state of seq_len tokens + new_keys [B, H, S, D] -> fresh state."""
+    ref.check_keys("new_keys", new_keys, finite=False)
+    B, H, S, D = new_keys.shape
+    G, NB = codec.group_size, codec.code_bytes(D)
+    filled = seq_len % G
+    codes, params, tail = data
+    if tail.shape != (B, H, filled + TAIL_PAD, D):
+        raise ValueError(f"new_keys shape {tuple(new_keys.shape)} does not fit a state of {seq_len} tokens "
+                         f"with tail {tuple(tail.shape)}")
+    Tc = seq_len - filled
+    if codes.shape != (B, H, Tc, NB) or params.shape != (B, H, Tc // G, 4, D // 2):
+        raise ValueError(f"codes {tuple(codes.shape)} / params {tuple(params.shape)} do not fit a state of "
+                         f"{seq_len} tokens of keys [B={B}, H={H}, D={D}], group {G}")
+    for name, t in (("codes", codes), ("params", params), ("tail", tail)):
+        _check_device(name, t, new_keys.device)
+    done = (filled + S) // G * G
+    rest = filled + S - done
+    new_codes = codes.new_empty(B, H, Tc + done, NB)
+    new_params = params.new_empty(B, H, (Tc + done) // G, 4, D // 2)
+    new_codes[:, :, :Tc].copy_(codes)
+    new_params[:, :, : Tc // G].copy_(params)
+    new_tail = tail.new_empty(B, H, rest + TAIL_PAD, D)
+    new_tail[:, :, rest:].zero_()
+    keys = new_keys.to(tail.dtype)
+    if done:
+        pending = keys if filled == 0 else torch.cat([tail[:, :, :filled], keys], dim=2)
+        encode_groups_into(pending[:, :, :done], new_codes, new_params, Tc // G, codec)
+        new_tail[:, :, :rest].copy_(pending[:, :, done:])
+    else:
+        new_tail[:, :, :filled].copy_(tail[:, :, :filled])
+        new_tail[:, :, filled:rest].copy_(keys)
+    return PolarData(new_codes, new_params, new_tail)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, codec: Codec, *,
+              mask: torch.Tensor | None = None, scale: float | None = None, softcap: float | None = None,
+              is_causal: bool = False, num_splits: int | None = None) -> torch.Tensor:
+    """codec.attention with the fused kernel: q [B, Hq, S, D], v [B, Hkv|Hq, T, Dv] -> [B, Hq, S, Dv].
+
+    num_splits overrides the split-K heuristic (tests); None picks ~2 programs per SM.
+    """
+    codes, params, tail = data
+    for name, t in (("q", q), ("v", v), ("tail", tail)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in KEY_DTYPES:
+            raise TypeError(f"{name} must be a float16/bfloat16/float32 tensor, got {getattr(t, 'dtype', type(t))}")
+    if codes.dtype != torch.uint8 or params.dtype != PARAM_DTYPE:
+        raise TypeError(f"codes must be uint8 and params bfloat16, got {codes.dtype} and {params.dtype}")
+    if mask is not None and not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
+    _check_codec(codec)
+    B, Hq, S, D = q.shape if q.dim() == 4 else (0, 0, 0, 0)
+    H, G = tail.shape[1], codec.group_size
+    if q.dim() != 4 or tail.dim() != 4 or tail.shape[0] != B or tail.shape[-1] != D or H == 0 or Hq % H:
+        raise ValueError(f"q shape {tuple(q.shape)} does not fit keys [B={tail.shape[0]}, H={H}, "
+                         f"T={seq_len}, D={tail.shape[-1]}]")
+    if v.dim() != 4 or v.shape[0] != B or v.shape[2] != seq_len or v.shape[1] not in (H, Hq):
+        raise ValueError(f"v shape {tuple(v.shape)} does not fit keys [B={B}, H={H}, T={seq_len}]")
+    Tc, NB, P = seq_len // G * G, codec.code_bytes(D), D // 2
+    if (codes.shape != (B, H, Tc, NB) or params.shape != (B, H, Tc // G, 4, P)
+            or tail.shape[2] < seq_len - Tc):
+        raise ValueError(f"state codes {tuple(codes.shape)}, params {tuple(params.shape)}, tail "
+                         f"{tuple(tail.shape)} does not hold {seq_len} tokens of D={D}, group {G}")
+    for name, t in (("q", q), ("codes", codes), ("params", params), ("tail", tail), ("v", v)):
+        _check_device(name, t, q.device)
+    Dv = v.shape[-1]
+    if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM or seq_len == 0 or S == 0 or B == 0:
+        log.debug("polar attention falls back to the reference for q %s, v %s", tuple(q.shape), tuple(v.shape))
+        return ref.attention(q, data, seq_len, v, codec, mask=mask, scale=scale, softcap=softcap,
+                             is_causal=is_causal)
+    if mask is not None:
+        _check_device("mask", mask, q.device)
+        try:
+            mask = mask.expand(B, Hq, S, seq_len)
+        except RuntimeError:
+            raise ValueError(f"mask shape {tuple(mask.shape)} is not broadcastable to {(B, Hq, S, seq_len)}") \
+                from None
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.uint8)
+    codes = codes if codes.stride(-1) == 1 else codes.contiguous()
+    params = params if params.stride(-1) == 1 else params.contiguous()
+    v = v if v.stride(-1) == 1 else v.contiguous()
+
+    cfg = ATTN_CONFIG
+    R = Hq // H
+    RG, NQG = (R, H) if v.shape[1] == H else (1, Hq)
+    rows = RG * S
+    block_m = max(16, min(64, triton.next_power_of_2(rows)))
+    MB = triton.cdiv(rows, block_m)
+    block_n = min(G, cfg["block_n"] if D <= 128 else cfg["block_n_large_d"])
+    block_p, block_dv = triton.next_power_of_2(P), max(16, triton.next_power_of_2(Dv))
+    n_code = Tc // block_n
+    n_blocks = n_code + triton.cdiv(seq_len - Tc, block_n)
+    if num_splits is None:
+        num_splits = triton.cdiv(cfg["programs_per_sm"] * _sm_count(q.device), B * NQG * MB)
+    per = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks)))
+    splits = triton.cdiv(n_blocks, per)
+
+    on_gpu = q.is_cuda and not _interpret()
+    qt = _TL[q.dtype] if on_gpu else tl.float32
+    vt = _TL[v.dtype] if on_gpu else tl.float32
+    _, _, idx = _pair_index(codec.pairing, D, q.device)
+    out = torch.empty(B, Hq, S, Dv, dtype=q.dtype, device=q.device)
+    direct = splits == 1
+    if direct:
+        o_arg, m_part, l_part = out, out, out
+    else:
+        o_arg = torch.empty(B * NQG * MB, splits, block_m, block_dv, dtype=torch.float32, device=q.device)
+        m_part = torch.empty(B * NQG * MB, splits, block_m, dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+    m_arg, m_strides = (mask, mask.stride()) if mask is not None else (q, (0, 0, 0, 0))
+    polar_attn_fwd_kernel[(B * NQG, splits, MB)](
+        q, *q.stride(), codes, *codes.stride()[:3], params, *params.stride()[:4], tail, *tail.stride(),
+        v, *v.stride(), m_arg, *m_strides, idx, o_arg, *out.stride()[:3], m_part, l_part,
+        seq_len, n_code, n_blocks, per, splits, NQG, S, R, RG, Dv,
+        float(D ** -0.5 if scale is None else scale), float(softcap) if softcap else 1.0,
+        P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_DV=block_dv, DIRECT=direct,
+        HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.uint8,
+        SOFTCAP=bool(softcap), CAUSAL=bool(is_causal) and S > 1, FAST=on_gpu, QT=qt, VT=vt,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if not direct:
+        polar_attn_reduce_kernel[(B * NQG * MB,)](
+            o_arg, m_part, l_part, out, *out.stride()[:3], NQG, MB, S, RG, Dv, splits,
+            BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
+        )
+    return out
+
+
+__all__ = ["append", "attention", "encode_groups", "encode_groups_into", "ATTN_CONFIG"]

@@ -1,0 +1,207 @@
+"""Triton: fused split-K flash-decoding attention over PolarQuant keys (jit code only).
+
+Grid (B * NQG, SPLITS, MB). A program serves RG query heads (all heads of a GQA group when V has Hkv
+heads, one head when V was already repeated to Hq heads) times S query positions = up to BLOCK_M rows,
+over one contiguous range of BLOCK_N-token blocks of its kv-head. Encoded blocks are dequantized in
+registers (r, phi from the bin centers; cos/sin through the hardware approximations on the GPU), laid out
+as [N, 2P] with x/y interleaved to match q gathered through IDX, and scored with one tl.dot shared by
+all rows; the full-precision tail blocks are scored the same way from the tail buffer. Online softmax in
+fp32, P @ V with dense V, then either the final output (one split) or per-split partials (acc, max, sum)
+reduced by polar_attn_reduce_kernel. Dense dequantized keys never leave registers.
+"""
+
+import triton
+import triton.language as tl
+
+
+
+@triton.jit
+def cos_sin(phi, FAST: tl.constexpr):
+    if FAST:
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [phi], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [phi], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        c = tl.cos(phi)
+        s = tl.sin(phi)
+    return c, s
+
+
+@triton.jit
+def unpack_block(Crow, offs_j, jmask, NB: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
+    """Codes of BLOCK_N tokens (row pointers Crow [N, 1]) -> int32 [N, BLOCK_P] W-bit codes."""
+    if 8 % W == 0:  # whole codes per byte: one contiguous byte load, split by shifts
+        PER: tl.constexpr = 8 // W
+        NBP: tl.constexpr = BLOCK_P // PER
+        offs_b = tl.arange(0, NBP)
+        byte = tl.load(Crow + offs_b[None, :], mask=(offs_b < NB)[None, :], other=0).to(tl.int32)
+        sh = tl.arange(0, PER) * W
+        code = (byte[:, :, None] >> sh[None, None, :]) & ((1 << W) - 1)
+        code = tl.reshape(code, [BLOCK_N, BLOCK_P])
+    else:  # codes straddle bytes: two loads per pair
+        bit = offs_j * W
+        idx = bit >> 3
+        lo = tl.load(Crow + idx[None, :], mask=jmask[None, :], other=0).to(tl.int32)
+        hi = tl.load(Crow + idx[None, :] + 1, mask=(jmask & (idx + 1 < NB))[None, :], other=0).to(tl.int32)
+        code = ((lo | (hi << 8)) >> (bit & 7)[None, :]) & ((1 << W) - 1)
+    return code
+
+
+@triton.jit
+def block_update(qk, tt, m_i, l_i, acc, Vrow0, sv_t, offs_dv, dv_mask, Mrow, sm_t, si, row_ok, seq_len, S_len,
+                  scale, softcap, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
+                  CAUSAL: tl.constexpr, VT: tl.constexpr):
+    """One block of scores qk [M, N] for tokens tt [N] -> updated (max, sum, acc [M, DV])."""
+    s = qk * scale
+    if SOFTCAP:
+        e = tl.exp(2.0 * s / softcap)
+        s = softcap * (1.0 - 2.0 / (e + 1.0))  # softcap * tanh(s / softcap)
+    t_ok = tt < seq_len
+    keep = t_ok[None, :] & row_ok[:, None]
+    if CAUSAL:
+        keep = keep & (tt[None, :] <= (seq_len - S_len + si)[:, None])
+    if HAS_MASK:
+        mv = tl.load(Mrow + tt.to(tl.int64)[None, :] * sm_t, mask=row_ok[:, None] & t_ok[None, :], other=0)
+        if MASK_BOOL:
+            keep = keep & (mv != 0)
+        else:
+            s = s + mv.to(tl.float32)
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2((s - m_use[:, None]) * 1.4426950408889634)
+    alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(Vrow0 + tt.to(tl.int64)[:, None] * sv_t + offs_dv[None, :], mask=t_ok[:, None] & dv_mask[None, :],
+                other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(VT), v.to(VT))
+    return m_new, l_i, acc
+
+
+@triton.jit
+def polar_attn_fwd_kernel(
+    Qp, sq_b, sq_h, sq_s, sq_d,  # q [B, Hq, S, D]
+    Cp, sc_b, sc_h, sc_t,  # codes uint8 [B, Hkv, Tc, NB], byte stride 1
+    Pp, sp_b, sp_h, sp_g, sp_k,  # params bf16 [B, Hkv, Tc/G, 4, P], pair stride 1
+    Kt, st_b, st_h, st_t, st_d,  # tail [B, Hkv, L + pad, D]
+    Vp, sv_b, sv_h, sv_t, sv_d,  # v [B, Hkv | Hq, T, Dv], dv stride 1
+    Mk, sm_b, sm_h, sm_s, sm_t,  # mask, broadcast to [B, Hq, S, T] (stride 0 where broadcast)
+    IDX,  # int32 [2 * BLOCK_P]: x dim of pair j at 2j, y dim at 2j + 1
+    Out, so_b, so_h, so_s,  # [B, Hq, S, Dv] (DIRECT) or fp32 partials [rows, n_splits, BLOCK_M, BLOCK_DV]
+    Mpart, Lpart,  # fp32 [rows, n_splits, BLOCK_M]
+    seq_len, n_code_blocks, n_blocks, blocks_per_split, n_splits, NQG, S_len, R, RG, Dv, scale, softcap,
+    P: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DIRECT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
+    CAUSAL: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, VT: tl.constexpr,
+):
+    W: tl.constexpr = RB + AB
+    BLOCK_D2: tl.constexpr = 2 * BLOCK_P
+    pid_q = tl.program_id(0)
+    split = tl.program_id(1)
+    mb = tl.program_id(2)
+    b = (pid_q // NQG).to(tl.int64)
+    qg = pid_q % NQG
+    kvh = ((qg * RG) // R).to(tl.int64)
+
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < RG * S_len
+    hl = offs_m // S_len
+    si = offs_m % S_len
+    qh = (qg * RG + hl).to(tl.int64)
+    offs_d2 = tl.arange(0, BLOCK_D2)
+    d2_mask = offs_d2 < 2 * P
+    idx = tl.load(IDX + offs_d2)
+    q = tl.load(Qp + b * sq_b + qh[:, None] * sq_h + si[:, None] * sq_s + idx[None, :] * sq_d,
+                mask=row_ok[:, None] & d2_mask[None, :], other=0.0).to(QT)  # [M, 2P], x/y interleaved
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_P)
+    jmask = offs_j < P
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_mask = offs_dv < Dv
+    Vrow0 = Vp + b * sv_b + qg.to(tl.int64) * sv_h  # V head = qg in both layouts (RG = R or RG = 1)
+    Mrow = Mk + b * sm_b + qh[:, None] * sm_h + si[:, None] * sm_s
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    first = split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, n_blocks)
+    code_end = tl.minimum(last, n_code_blocks)
+    Cbase = Cp + b * sc_b + kvh * sc_h
+    Pbase = Pp + b * sp_b + kvh * sp_h + offs_j
+    for blk in range(first, code_end):
+        t0 = blk * BLOCK_N
+        tt = t0 + offs_n
+        pg = Pbase + (t0 // G).to(tl.int64) * sp_g
+        r_min = tl.load(pg, mask=jmask, other=0.0).to(tl.float32)
+        r_s = tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32)
+        a_min = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32)
+        a_s = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32)
+        code = unpack_block(Cbase + tt.to(tl.int64)[:, None] * sc_t, offs_j, jmask, NB, W, BLOCK_N, BLOCK_P)
+        rad = r_min[None, :] + ((code & ((1 << RB) - 1)).to(tl.float32) + 0.5) * r_s[None, :]
+        phi = a_min[None, :] + ((code >> RB).to(tl.float32) + 0.5) * a_s[None, :]
+        c, s = cos_sin(phi, FAST)
+        k = tl.reshape(tl.join(rad * c, rad * s), [BLOCK_N, BLOCK_D2])  # [N, 2P]
+        qk = tl.dot(q, tl.trans(k.to(QT)))
+        m_i, l_i, acc = block_update(qk, tt, m_i, l_i, acc, Vrow0, sv_t, offs_dv, dv_mask, Mrow, sm_t, si, row_ok,
+                                     seq_len, S_len, scale, softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT)
+
+    Tc = n_code_blocks * BLOCK_N
+    Tbase = Kt + b * st_b + kvh * st_h
+    for blk in range(tl.maximum(first, n_code_blocks), last):
+        tt = blk * BLOCK_N + offs_n
+        k = tl.load(Tbase + (tt - Tc).to(tl.int64)[:, None] * st_t + idx[None, :] * st_d,
+                    mask=(tt < seq_len)[:, None] & d2_mask[None, :], other=0.0)
+        qk = tl.dot(q, tl.trans(k.to(QT)))
+        m_i, l_i, acc = block_update(qk, tt, m_i, l_i, acc, Vrow0, sv_t, offs_dv, dv_mask, Mrow, sm_t, si, row_ok,
+                                     seq_len, S_len, scale, softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT)
+
+    if DIRECT:  # a single split: normalize and store the output
+        o = acc / tl.where(row_ok, l_i, 1.0)[:, None]
+        optr = Out + b * so_b + qh[:, None] * so_h + si[:, None] * so_s + offs_dv[None, :]
+        tl.store(optr, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_mask[None, :])
+    else:
+        row = (pid_q * tl.num_programs(2) + mb).to(tl.int64) * n_splits + split
+        tl.store(Out + row * (BLOCK_M * BLOCK_DV) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_DV + offs_dv[None, :],
+                 acc)
+        tl.store(Mpart + row * BLOCK_M + tl.arange(0, BLOCK_M), m_i)
+        tl.store(Lpart + row * BLOCK_M + tl.arange(0, BLOCK_M), l_i)
+
+
+@triton.jit
+def polar_attn_reduce_kernel(
+    Opart, Mpart, Lpart,  # fp32 [rows, SPLITS, BLOCK_M, BLOCK_DV], [rows, SPLITS, BLOCK_M]
+    Out, so_b, so_h, so_s,  # [B, Hq, S, Dv], dv stride 1
+    NQG, MB, S_len, RG, Dv, n_splits,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    row = tl.program_id(0)  # (b * NQG + qg) * MB + mb
+    mb = row % MB
+    pid_q = row // MB
+    b = (pid_q // NQG).to(tl.int64)
+    qg = pid_q % NQG
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    base = row.to(tl.int64) * n_splits
+    m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for sp in range(n_splits):
+        m_all = tl.maximum(m_all, tl.load(Mpart + (base + sp) * BLOCK_M + offs_m))
+    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+    l_all = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for sp in range(n_splits):
+        w = tl.exp2((tl.load(Mpart + (base + sp) * BLOCK_M + offs_m) - m_use) * 1.4426950408889634)
+        l_all += w * tl.load(Lpart + (base + sp) * BLOCK_M + offs_m)
+        o = tl.load(Opart + (base + sp) * (BLOCK_M * BLOCK_DV) + offs_m[:, None] * BLOCK_DV + offs_dv[None, :])
+        acc += w[:, None] * o
+    m = mb * BLOCK_M + offs_m
+    row_ok = m < RG * S_len
+    out = acc / tl.where(row_ok, l_all, 1.0)[:, None]
+    qh = (qg * RG + m // S_len).to(tl.int64)
+    optr = Out + b * so_b + qh[:, None] * so_h + (m % S_len)[:, None] * so_s + offs_dv[None, :]
+    tl.store(optr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < Dv)[None, :])

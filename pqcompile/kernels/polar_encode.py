@@ -1,0 +1,123 @@
+"""Triton: fused PolarQuant encode of complete key groups (jit code only; host wrapper in __init__).
+
+One program per (batch, head, group, pair tile): load the group's x/y dims, radius and angle, per-pair
+min/max over the group's tokens, bf16 params rounded outward (min down, scale up) through bit casts,
+quantize with the reference's bin_index, pack the codes little-endian, store at a group offset.
+Mirrors pqcompile.codec.encode_groups; see its module docstring for the layout.
+"""
+
+import triton
+import triton.language as tl
+
+try:  # the dispatcher module (triton >= 3.0); its functions do not run in the interpreter
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - older triton
+    libdevice = None
+
+
+@triton.jit
+def atan2_poly(y, x):
+    """atan2 in fp32 for the interpreter (libdevice is not interpreted): a few ulp from torch.atan2."""
+    ax = tl.abs(x)
+    ay = tl.abs(y)
+    hi = tl.maximum(ax, ay)
+    lo = tl.minimum(ax, ay)
+    t = tl.where(hi > 0, lo / tl.where(hi > 0, hi, 1.0), 0.0)
+    big = t > 0.41421356237309503  # tan(pi/8): reduce to |u| <= tan(pi/8)
+    u = tl.where(big, (t - 1.0) / (t + 1.0), t)
+    z = u * u
+    p = (((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1) * z * u + u
+    a = tl.where(big, 0.7853981633974483 + p, p)
+    a = tl.where(ay > ax, 1.5707963267948966 - a, a)
+    a = tl.where(x.to(tl.int32, bitcast=True) < 0, 3.141592653589793 - a, a)  # sign bit: -0.0 counts
+    return tl.where(y.to(tl.int32, bitcast=True) < 0, -a, a)
+
+
+@triton.jit
+def round_bf16_bits(x, UP: tl.constexpr):
+    """fp32 -> the fp32 value of the bf16 rounded toward +inf (UP) or -inf; exact in any later bf16 cast."""
+    bits = x.to(tl.int32, bitcast=True)
+    trunc = bits & -65536  # clear the low 16 bits: rounding toward zero
+    inexact = (bits & 65535) != 0
+    if UP:
+        away = inexact & (x > 0)
+    else:
+        away = inexact & (x < 0)
+    return (trunc + tl.where(away, 65536, 0)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def bin_codes(v, vmin, scale, BITS: tl.constexpr, EXACT_DIV: tl.constexpr):
+    """codec.bin_index: floor((v - min) / scale), scale == 0 -> 0, clamped to [0, 2^BITS - 1]; int32."""
+    pos = scale > 0
+    safe = tl.where(pos, scale, 1.0)
+    if EXACT_DIV:
+        c = tl.floor(tl.math.div_rn(v - vmin[None, :], tl.broadcast_to(safe[None, :], v.shape)))
+    else:
+        c = tl.floor((v - vmin[None, :]) / safe[None, :])
+    c = tl.where(pos[None, :], c, 0.0)
+    c = tl.minimum(tl.maximum(c, 0.0), (1 << BITS) - 1.0)
+    return c.to(tl.int32)
+
+
+@triton.jit
+def polar_encode_kernel(
+    K, sk_b, sk_h, sk_t, sk_d,  # keys [B, H, n*G, D], any strides
+    XI, YI,  # int32 [P]: the x and y dim of each pair
+    Codes_out, sc_b, sc_h, sc_t,  # uint8 [B, H, >=(off+n)*G, NB], byte stride 1
+    Params_out, sp_b, sp_h, sp_g, sp_k,  # bf16 [B, H, >=off+n, 4, P], pair stride 1
+    H, n_groups, group_offset,
+    P: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
+    BLOCK_P: tl.constexpr, ON_GPU: tl.constexpr,
+):
+    W: tl.constexpr = RB + AB
+    CH: tl.constexpr = BLOCK_P // 8  # 8 pairs of W bits = W whole bytes
+    pid = tl.program_id(0)
+    tile = tl.program_id(1)
+    bh = pid // n_groups
+    g = pid % n_groups
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+
+    offs_t = tl.arange(0, G)
+    offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = offs_p < P
+    xi = tl.load(XI + offs_p, mask=pmask, other=0)
+    yi = tl.load(YI + offs_p, mask=pmask, other=0)
+    rows = K + b * sk_b + h * sk_h + (g * G + offs_t).to(tl.int64)[:, None] * sk_t
+    x = tl.load(rows + xi[None, :] * sk_d, mask=pmask[None, :], other=0.0).to(tl.float32)
+    y = tl.load(rows + yi[None, :] * sk_d, mask=pmask[None, :], other=0.0).to(tl.float32)
+
+    r = tl.sqrt_rn(x * x + y * y)  # [G, BLOCK_P]
+    if ON_GPU:
+        phi = libdevice.atan2(y, x)
+    else:
+        phi = atan2_poly(y, x)
+
+    r_min = round_bf16_bits(tl.min(r, axis=0), False)
+    r_s = round_bf16_bits((tl.max(r, axis=0) - r_min) * (1.0 / (1 << RB)), True)
+    a_min = round_bf16_bits(tl.min(phi, axis=0), False)
+    a_s = round_bf16_bits((tl.max(phi, axis=0) - a_min) * (1.0 / (1 << AB)), True)
+    # a non-finite key poisons its pair's params (NaN) instead of yielding plausible garbage codes
+    bad = tl.max(((r != r) | (r == float("inf"))).to(tl.int32), axis=0) > 0
+    r_min = tl.where(bad, float("nan"), r_min)
+
+    c_r = bin_codes(r, r_min, r_s, RB, ON_GPU)
+    c_a = bin_codes(phi, a_min, a_s, AB, ON_GPU)
+    code = tl.where(pmask[None, :], c_r | (c_a << RB), 0).to(tl.int64)
+
+    # pack: 8 consecutive pairs -> one W-byte little-endian word
+    word = tl.sum(tl.reshape(code, [G, CH, 8]) << (tl.arange(0, 8) * W).to(tl.int64)[None, None, :], axis=2)
+    k8 = tl.arange(0, 8)
+    byte = (word[:, :, None] >> (k8 * 8).to(tl.int64)[None, None, :]) & 255  # [G, CH, 8]
+    byte_idx = (tile * CH + tl.arange(0, CH))[:, None] * W + k8[None, :]  # [CH, 8]
+    bmask = (k8[None, :] < W) & (byte_idx < NB)
+    grp = group_offset + g
+    crow = Codes_out + b * sc_b + h * sc_h + (grp * G + offs_t).to(tl.int64)[:, None, None] * sc_t
+    tl.store(crow + byte_idx[None, :, :], byte.to(tl.uint8), mask=bmask[None, :, :])
+
+    pp = Params_out + b * sp_b + h * sp_h + grp.to(tl.int64) * sp_g + offs_p
+    tl.store(pp, r_min.to(tl.bfloat16), mask=pmask)
+    tl.store(pp + sp_k, r_s.to(tl.bfloat16), mask=pmask)
+    tl.store(pp + 2 * sp_k, a_min.to(tl.bfloat16), mask=pmask)
+    tl.store(pp + 3 * sp_k, a_s.to(tl.bfloat16), mask=pmask)
