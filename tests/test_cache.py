@@ -1,0 +1,253 @@
+"""PolarKeys (pqcompile.cache) in eager mode: the ops HF's cache code applies, the dense fallback, DynamicCache."""
+
+import inspect
+import warnings
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from pqcompile import cache as cache_mod
+from pqcompile import codec as C
+from pqcompile.cache import PolarKeys
+from pqcompile.codec import Codec, Pairing
+
+CODECS = [Codec(4, 4, 16, Pairing("half")), Codec(3, 3, 16, Pairing("interleaved")), Codec(2, 5, 32, Pairing("half", 4))]
+
+
+def keys_(B=2, H=2, T=37, D=8, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, T, D, generator=g) * 2).to(dtype)
+
+
+def assert_state_equal(pk: PolarKeys, want: C.PolarData) -> None:
+    """Bit-identical inner tensors, compared in codec.py's layout."""
+    for name, got, exp in zip(C.PolarData._fields, pk.data_, want):
+        assert got.dtype == exp.dtype, name
+        assert torch.equal(got, exp), name
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=str)
+@pytest.mark.parametrize("T0, S", [(0, 5), (5, 1), (15, 1), (16, 1), (37, 11), (30, 40), (10, 6)])
+def test_cat_equals_encode_of_concatenation(codec, T0, S):
+    k = keys_(T=T0 + S, seed=T0 * 7 + S)
+    pk = PolarKeys.from_dense(k[:, :, :T0], codec)
+    assert isinstance(pk, PolarKeys) and pk.shape == (2, 2, T0, 8)
+    assert_state_equal(pk, C.encode(k[:, :, :T0], codec))
+    out = torch.cat([pk, k[:, :, T0:]], dim=-2)
+    assert isinstance(out, PolarKeys)
+    assert out.shape == k.shape and out.dtype == k.dtype and out.seq_len == T0 + S
+    assert_state_equal(out, C.encode(k, codec))
+    torch.testing.assert_close(out.dequantize(), C.decode(C.encode(k, codec), T0 + S, codec), rtol=0, atol=0)
+    # dim=2 is the same as dim=-2
+    assert_state_equal(torch.cat([pk, k[:, :, T0:]], dim=2), C.encode(k, codec))
+
+
+def test_cat_one_token_at_a_time():
+    codec = CODECS[0]
+    k = keys_(T=50, seed=3)
+    pk = PolarKeys.from_dense(k[:, :, :1], codec)
+    for t in range(1, 50):
+        pk = torch.cat([pk, k[:, :, t: t + 1]], dim=-2)
+        assert pk.shape[-2] == t + 1
+    assert_state_equal(pk, C.encode(k, codec))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_from_dense_keeps_dtype(dtype):
+    k = keys_(dtype=dtype)
+    pk = PolarKeys.from_dense(k, CODECS[0])
+    assert pk.dtype == dtype and pk.dequantize().dtype == dtype
+    assert_state_equal(pk, C.encode(k, CODECS[0]))
+
+
+@pytest.mark.parametrize("idx", [[1, 0], [0, 0], [1], [2, 0, 1, 1]])
+def test_index_select_on_batch_dim(idx):
+    codec = CODECS[1]
+    k = keys_(B=3, seed=5)
+    pk = PolarKeys.from_dense(k, codec)
+    index = torch.tensor(idx)
+    out = pk.index_select(0, index)
+    assert isinstance(out, PolarKeys) and out.shape == (len(idx), 2, 37, 8)
+    assert_state_equal(out, C.encode(k[index], codec))
+    adv = pk[index, ...]  # HF batch_select_indices
+    assert isinstance(adv, PolarKeys)
+    assert_state_equal(adv, C.encode(k[index], codec))
+
+
+@pytest.mark.parametrize("sl", [slice(1, None), slice(0, 1), slice(1, 3), slice(None, -1)])
+def test_slice_on_batch_dim(sl):
+    codec = CODECS[0]
+    k = keys_(B=3, seed=6)
+    out = PolarKeys.from_dense(k, codec)[sl]
+    assert isinstance(out, PolarKeys) and out.shape == k[sl].shape
+    assert_state_equal(out, C.encode(k[sl], codec))
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=str)
+@pytest.mark.parametrize("n", [37, 36, 33, 32, 31, 20, 16, 3, 0])  # tail / group boundary / inside a group
+def test_crop_by_slicing(codec, n):
+    k = keys_(T=37, seed=n)
+    pk = PolarKeys.from_dense(k, codec)
+    out = pk[..., :n, :]
+    assert isinstance(out, PolarKeys) and out.shape == (2, 2, n, 8)
+    full = pk.dequantize()
+    torch.testing.assert_close(out.dequantize(), full[:, :, :n])
+    # the same through a negative end (HF DynamicLayer.crop: keys[..., :-k, :])
+    if n < 37:
+        torch.testing.assert_close(pk[..., : n - 37, :].dequantize(), full[:, :, :n])
+    # the cropped cache keeps growing: newly appended tokens come back exactly while they sit in the tail
+    G = codec.group_size
+    new = keys_(T=3, seed=99)
+    grown = torch.cat([out, new], dim=-2)
+    assert isinstance(grown, PolarKeys) and grown.shape == (2, 2, n + 3, 8)
+    d = grown.dequantize()
+    torch.testing.assert_close(d[:, :, : (n // G) * G], full[:, :, : (n // G) * G], rtol=0, atol=0)
+    if (n + 3) // G == n // G:  # no flush happened
+        assert torch.equal(d[:, :, n:], new)
+        torch.testing.assert_close(d[:, :, :n], full[:, :, :n])
+
+
+def test_crop_into_group_then_refill_flushes_a_group():
+    codec = CODECS[0]
+    k = keys_(T=40, seed=8)
+    pk = PolarKeys.from_dense(k, codec)[..., :20, :]  # cuts the second group: 4 decoded rows go to the tail
+    grown = torch.cat([pk, keys_(T=12, seed=9)], dim=-2)  # 32 tokens: the second group is complete again
+    assert grown.shape[-2] == 32
+    assert grown.data_.codes.shape[2] == 32 and grown.data_.tail.shape[2] == C.TAIL_PAD
+    # the refilled group is encoded from the reconstructed rows 16..19 and the 12 new tokens
+    refilled = C.encode(torch.cat([pk.dequantize()[:, :, 16:], keys_(T=12, seed=9)], dim=-2), codec)
+    want = C.PolarData(torch.cat([pk.data_.codes[:, :, :16], refilled.codes], dim=2),
+                       torch.cat([pk.data_.params[:, :, :1], refilled.params], dim=2), refilled.tail)
+    assert_state_equal(grown, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_to_dtype_keeps_polar_keys(dtype):
+    pk = PolarKeys.from_dense(keys_(), CODECS[0])
+    out = pk.to(dtype)
+    assert isinstance(out, PolarKeys) and out.dtype == dtype and out.shape == pk.shape
+    assert torch.equal(out.data_.codes, pk.data_.codes) and torch.equal(out.data_.params, pk.data_.params)
+    assert torch.equal(out.dequantize(), pk.dequantize().to(dtype))
+    moved = pk.to("cpu")
+    assert isinstance(moved, PolarKeys)
+    assert_state_equal(moved, pk.data_)
+
+
+def test_clone_and_detach_keep_polar_keys():
+    pk = PolarKeys.from_dense(keys_(), CODECS[0])
+    for out in (pk.clone(), pk.detach()):
+        assert isinstance(out, PolarKeys) and out.shape == pk.shape and out.codec == pk.codec
+        assert_state_equal(out, pk.data_)
+    cl = pk.clone()
+    assert cl.data_.codes.data_ptr() != pk.data_.codes.data_ptr()
+    assert cl.data_.tail.data_ptr() != pk.data_.tail.data_ptr()
+
+
+def test_repr_does_not_dequantize():
+    pk = PolarKeys.from_dense(keys_(), CODECS[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = repr(pk)
+    assert "PolarKeys" in text and "(2, 2, 37, 8)" in text
+
+
+def test_unsupported_op_falls_back_dense_and_warns_once(monkeypatch):
+    monkeypatch.setattr(cache_mod, "_warned", set())
+    pk = PolarKeys.from_dense(keys_(), CODECS[0])
+    with pytest.warns(UserWarning, match="aten.add.Tensor"):
+        out = pk + 1
+    assert type(out) is torch.Tensor
+    assert torch.equal(out, pk.dequantize() + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time: silent
+        again = pk + 1
+    assert torch.equal(again, out)
+    with pytest.warns(UserWarning, match="aten.mul.Tensor"):  # another op warns on its own
+        torch.testing.assert_close(pk * 2, pk.dequantize() * 2)
+
+
+def test_dense_fallback_on_other_dims():
+    pk = PolarKeys.from_dense(keys_(), CODECS[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(pk.sum(-1), pk.dequantize().sum(-1))
+        torch.testing.assert_close(pk[:, :1], pk.dequantize()[:, :1])
+        torch.testing.assert_close(pk.transpose(-1, -2) * 1, pk.dequantize().transpose(-1, -2))
+
+
+# --------------------------------------------------------------------------- inside a real DynamicCache
+
+
+def crop(cache: DynamicCache, remove: int) -> None:
+    """DynamicCache.crop across transformers versions: 5.x takes -tokens_to_remove, 4.x the new length."""
+    params = inspect.signature(type(cache.layers[0]).crop).parameters
+    cache.crop(-remove if "tokens_to_remove" in params else cache.get_seq_length() - remove)
+
+
+def test_lives_in_dynamic_cache():
+    codec = CODECS[0]
+    B, H, D = 2, 2, 8
+    k_all, v_all = keys_(B, H, 45, D, seed=1), keys_(B, H, 45, D, seed=2)
+    cache = DynamicCache()
+    cache.update(k_all[:, :, :20], v_all[:, :, :20], 0)
+    cache.layers[0].keys = PolarKeys.from_dense(cache.layers[0].keys, codec)
+    assert cache.get_seq_length() == 20
+    for t in range(20, 45):  # decode steps, crossing the group boundaries at 32
+        keys, values = cache.update(k_all[:, :, t: t + 1], v_all[:, :, t: t + 1], 0)
+        assert isinstance(keys, PolarKeys) and keys.shape == (B, H, t + 1, D)
+        assert cache.get_seq_length() == t + 1
+    assert cache.layers[0].keys is keys
+    assert_state_equal(keys, C.encode(k_all, codec))
+    assert torch.equal(values, v_all)
+    # no dense copy of the keys is held: the state is well below dense size even with the tail
+    assert keys.nbytes_held() < 0.5 * k_all.numel() * k_all.element_size()
+
+    beam = torch.tensor([1, 0])
+    cache.reorder_cache(beam)
+    assert isinstance(cache.layers[0].keys, PolarKeys)
+    assert_state_equal(cache.layers[0].keys, C.encode(k_all[beam], codec))
+    assert torch.equal(cache.layers[0].values, v_all[beam])
+
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(torch.tensor([1]))
+        assert isinstance(cache.layers[0].keys, PolarKeys) and cache.layers[0].keys.shape[0] == 1
+        assert_state_equal(cache.layers[0].keys, C.encode(k_all[:1], codec))
+
+    before = cache.layers[0].keys.dequantize()
+    crop(cache, 5)  # 45 -> 40: cuts into the group [32, 48)
+    assert cache.get_seq_length() == 40
+    assert isinstance(cache.layers[0].keys, PolarKeys)
+    torch.testing.assert_close(cache.layers[0].keys.dequantize(), before[:, :, :40])
+    crop(cache, 12)  # 40 -> 28: cuts into the encoded group [16, 32)
+    assert cache.get_seq_length() == 28
+    torch.testing.assert_close(cache.layers[0].keys.dequantize(), before[:, :, :28])
+
+    keys, _ = cache.update(k_all[:1, :, :4], v_all[:1, :, :4], 0)  # 28 -> 32: the cut group is complete again
+    assert isinstance(keys, PolarKeys) and cache.get_seq_length() == 32
+    assert keys.data_.codes.shape[2] == 32
+
+
+def test_batch_repeat_interleave_in_dynamic_cache_is_correct():
+    codec = CODECS[0]
+    k, v = keys_(seed=3), keys_(seed=4)
+    cache = DynamicCache()
+    cache.update(k, v, 0)
+    cache.layers[0].keys = PolarKeys.from_dense(k, codec)
+    want = cache.layers[0].keys.dequantize().repeat_interleave(2, dim=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cache.batch_repeat_interleave(2)
+        got = cache.layers[0].keys
+        got = got.dequantize() if isinstance(got, PolarKeys) else got
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == 37
+
+
+@pytest.mark.xfail(reason="repeat_interleave decomposes before __torch_dispatch__ (DESIGN.md §2): dense fallback",
+                   strict=False)
+def test_batch_repeat_interleave_stays_compressed():
+    k = keys_(seed=3)
+    out = PolarKeys.from_dense(k, CODECS[0]).repeat_interleave(2, dim=0)
+    assert isinstance(out, PolarKeys)
+    assert_state_equal(out, C.encode(k.repeat_interleave(2, dim=0), CODECS[0]))
