@@ -34,7 +34,9 @@ MAX_HEAD_DIM = 256
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 # Launch meta-parameters of the attention kernel (bench/attention.py sweeps them).
-ATTN_CONFIG = {"block_n": 64, "block_n_large_d": 32, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2}
+# ablate != 0 gives wrong results on purpose (timing of a kernel with one stage left out).
+ATTN_CONFIG = {"block_n": 64, "block_n_large_d": 32, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
+               "split_dot": False, "ablate": 0}
 
 
 def _interpret() -> bool:
@@ -245,6 +247,7 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_DV=block_dv, DIRECT=direct,
         HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.uint8,
         SOFTCAP=bool(softcap), CAUSAL=bool(is_causal) and S > 1, FAST=on_gpu, QT=qt, VT=vt,
+        SPLIT_DOT=cfg["split_dot"], ABLATE=cfg["ablate"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:

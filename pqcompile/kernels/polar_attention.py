@@ -29,6 +29,12 @@ def cos_sin(phi, FAST: tl.constexpr):
 
 
 @triton.jit
+def half_up(c):
+    """int32 c in [0, 2^23) -> float32 c + 0.5 exactly, on the integer ALU (I2F is a quarter-rate op)."""
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388607.5
+
+
+@triton.jit
 def unpack_block(Crow, offs_j, jmask, NB: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_P: tl.constexpr):
     """Codes of BLOCK_N tokens (row pointers Crow [N, 1]) -> int32 [N, BLOCK_P] W-bit codes."""
@@ -51,8 +57,8 @@ def unpack_block(Crow, offs_j, jmask, NB: tl.constexpr, W: tl.constexpr, BLOCK_N
 
 @triton.jit
 def block_update(qk, tt, m_i, l_i, acc, Vrow0, sv_t, offs_dv, dv_mask, Mrow, sm_t, si, row_ok, seq_len, S_len,
-                  scale, softcap, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
-                  CAUSAL: tl.constexpr, VT: tl.constexpr):
+                 scale, softcap, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
+                 CAUSAL: tl.constexpr, VT: tl.constexpr, ABLATE: tl.constexpr):
     """One block of scores qk [M, N] for tokens tt [N] -> updated (max, sum, acc [M, DV])."""
     s = qk * scale
     if SOFTCAP:
@@ -74,9 +80,12 @@ def block_update(qk, tt, m_i, l_i, acc, Vrow0, sv_t, offs_dv, dv_mask, Mrow, sm_
     p = tl.exp2((s - m_use[:, None]) * 1.4426950408889634)
     alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(Vrow0 + tt.to(tl.int64)[:, None] * sv_t + offs_dv[None, :], mask=t_ok[:, None] & dv_mask[None, :],
-                other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(VT), v.to(VT))
+    if ABLATE == 3:  # timing only: no V stream
+        acc = acc * alpha[:, None]
+    else:
+        v = tl.load(Vrow0 + tt.to(tl.int64)[:, None] * sv_t + offs_dv[None, :],
+                    mask=t_ok[:, None] & dv_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(VT), v.to(VT))
     return m_new, l_i, acc
 
 
@@ -96,6 +105,7 @@ def polar_attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
     CAUSAL: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, VT: tl.constexpr,
+    SPLIT_DOT: tl.constexpr, ABLATE: tl.constexpr,
 ):
     W: tl.constexpr = RB + AB
     BLOCK_D2: tl.constexpr = 2 * BLOCK_P
@@ -114,12 +124,16 @@ def polar_attn_fwd_kernel(
     offs_d2 = tl.arange(0, BLOCK_D2)
     d2_mask = offs_d2 < 2 * P
     idx = tl.load(IDX + offs_d2)
-    q = tl.load(Qp + b * sq_b + qh[:, None] * sq_h + si[:, None] * sq_s + idx[None, :] * sq_d,
-                mask=row_ok[:, None] & d2_mask[None, :], other=0.0).to(QT)  # [M, 2P], x/y interleaved
-
-    offs_n = tl.arange(0, BLOCK_N)
+    Qrow = Qp + b * sq_b + qh[:, None] * sq_h + si[:, None] * sq_s
+    q = tl.load(Qrow + idx[None, :] * sq_d, mask=row_ok[:, None] & d2_mask[None, :], other=0.0).to(QT)  # [M, 2P]
     offs_j = tl.arange(0, BLOCK_P)
     jmask = offs_j < P
+    idx_x = tl.load(IDX + 2 * offs_j)
+    idx_y = tl.load(IDX + 2 * offs_j + 1)
+    qx = tl.load(Qrow + idx_x[None, :] * sq_d, mask=row_ok[:, None] & jmask[None, :], other=0.0).to(QT)
+    qy = tl.load(Qrow + idx_y[None, :] * sq_d, mask=row_ok[:, None] & jmask[None, :], other=0.0).to(QT)
+
+    offs_n = tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < Dv
     Vrow0 = Vp + b * sv_b + qg.to(tl.int64) * sv_h  # V head = qg in both layouts (RG = R or RG = 1)
@@ -142,14 +156,24 @@ def polar_attn_fwd_kernel(
         r_s = tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32)
         a_min = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32)
         a_s = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32)
-        code = unpack_block(Cbase + tt.to(tl.int64)[:, None] * sc_t, offs_j, jmask, NB, W, BLOCK_N, BLOCK_P)
-        rad = r_min[None, :] + ((code & ((1 << RB) - 1)).to(tl.float32) + 0.5) * r_s[None, :]
-        phi = a_min[None, :] + ((code >> RB).to(tl.float32) + 0.5) * a_s[None, :]
-        c, s = cos_sin(phi, FAST)
-        k = tl.reshape(tl.join(rad * c, rad * s), [BLOCK_N, BLOCK_D2])  # [N, 2P]
-        qk = tl.dot(q, tl.trans(k.to(QT)))
+        if ABLATE == 2:  # timing only: no code stream
+            code = tl.zeros([BLOCK_N, BLOCK_P], tl.int32) + offs_n[:, None]
+        else:
+            code = unpack_block(Cbase + tt.to(tl.int64)[:, None] * sc_t, offs_j, jmask, NB, W, BLOCK_N, BLOCK_P)
+        rad = r_min[None, :] + half_up(code & ((1 << RB) - 1)) * r_s[None, :]
+        phi = a_min[None, :] + half_up(code >> RB) * a_s[None, :]
+        if ABLATE == 1:  # timing only: no trig
+            c, s = phi, rad
+        else:
+            c, s = cos_sin(phi, FAST)
+        if SPLIT_DOT:
+            qk = tl.dot(qx, tl.trans((rad * c).to(QT)))
+            qk = tl.dot(qy, tl.trans((rad * s).to(QT)), qk)
+        else:
+            k = tl.reshape(tl.join(rad * c, rad * s), [BLOCK_N, BLOCK_D2])  # [N, 2P], x/y interleaved
+            qk = tl.dot(q, tl.trans(k.to(QT)))
         m_i, l_i, acc = block_update(qk, tt, m_i, l_i, acc, Vrow0, sv_t, offs_dv, dv_mask, Mrow, sm_t, si, row_ok,
-                                     seq_len, S_len, scale, softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT)
+                                     seq_len, S_len, scale, softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE)
 
     Tc = n_code_blocks * BLOCK_N
     Tbase = Kt + b * st_b + kvh * st_h
@@ -159,7 +183,7 @@ def polar_attn_fwd_kernel(
                     mask=(tt < seq_len)[:, None] & d2_mask[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k.to(QT)))
         m_i, l_i, acc = block_update(qk, tt, m_i, l_i, acc, Vrow0, sv_t, offs_dv, dv_mask, Mrow, sm_t, si, row_ok,
-                                     seq_len, S_len, scale, softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT)
+                                     seq_len, S_len, scale, softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE)
 
     if DIRECT:  # a single split: normalize and store the output
         o = acc / tl.where(row_ok, l_i, 1.0)[:, None]

@@ -1,0 +1,266 @@
+"""Polar decode attention and encode on the GPU: correctness at real shapes, then timings in one run.
+
+    python bench/attention.py                 # check, then the full table; JSON to bench/results/
+    python bench/attention.py --tune          # check, then sweep kernel launch configs on a few shapes
+    python bench/attention.py --out DIR       # where the JSON goes (default bench/results)
+
+Contenders on the same logical cache (q_len 1, bf16): SDPA flash and SDPA cuDNN on dense bf16 K/V
+(enable_gqa), and the polar kernel (4+4, 3+3, 2+2 keys, bf16 V). Encode is timed against the SDPA
+prefill (causal, q_len = T) of the same tokens. Times are do_bench medians in microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pqcompile import codec as ref  # noqa: E402
+from pqcompile import kernels  # noqa: E402
+
+SCRIPT_VERSION = 1
+BITS = [(4, 4), (3, 3), (2, 2)]
+MAIN = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (8, 32768), (8, 131072), (32, 32768)]
+EXTRA = [  # (Hq, Hkv, D, B, T): D=64 (SmolLM2-like) and D=256 MQA
+    (9, 3, 64, 1, 32768), (9, 3, 64, 8, 32768), (8, 1, 256, 1, 32768), (8, 1, 256, 8, 32768),
+]
+PREFILL_MAX_TOKENS = 131072  # SDPA prefill of B*T above this is too slow to time here
+
+
+def us(fn, warmup=25, rep=100) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e3
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = us(lambda: y.copy_(x)) * 1e-6
+    del x, y
+    return 2 * 2 * 1024**3 / t
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def check(log: list) -> bool:
+    torch.manual_seed(0)
+    ok = True
+    cases = [  # B, Hq, Hkv, T, D, S, bits, pairing, v_heads, mask, causal, softcap, dtype
+        (2, 32, 8, 8192 + 77, 128, 1, (4, 4), "half", 8, None, False, None, torch.bfloat16),
+        (1, 32, 8, 4096, 128, 1, (3, 3), "half", 8, None, False, None, torch.bfloat16),
+        (2, 32, 8, 2048 + 5, 128, 4, (2, 2), "interleaved", 8, "bool", True, None, torch.float16),
+        (3, 9, 3, 3000, 64, 1, (4, 4), "half", 9, "float", False, 30.0, torch.bfloat16),
+        (2, 8, 1, 1500, 256, 2, (4, 3), "half@64", 1, None, True, None, torch.bfloat16),
+        (1, 12, 4, 1000, 96, 1, (4, 4), "half", 4, None, False, None, torch.float32),
+        (2, 16, 2, 127, 128, 16, (4, 4), "half", 2, "bool", True, None, torch.bfloat16),
+    ]
+    for B, Hq, H, T, D, S, bits, pairing, vh, mk, causal, softcap, dt in cases:
+        c = ref.Codec(*bits, 128, ref.Pairing.parse(pairing))
+        keys = torch.randn(B, H, T, D, device="cuda", dtype=dt)
+        kd = kernels.append(ref.empty(c, B, H, D, dt, "cuda"), 0, keys, c)
+        rd = ref.encode(keys, c)
+        Tc = rd.codes.shape[2]
+        ck = ref.unpack_codes(kd.codes, c.code_bits, D // 2).int()
+        cr = ref.unpack_codes(rd.codes, c.code_bits, D // 2).int()
+        code_mis = (ck != cr).float().mean().item() if Tc else 0.0
+        code_far = ((ck & ((1 << c.radius_bits) - 1)) - (cr & ((1 << c.radius_bits) - 1))).abs().max().item() \
+            if Tc else 0
+        par_eq = (kd.params.float() == rd.params.float()).float().mean().item() if Tc else 1.0
+        tail_eq = bool(torch.equal(kd.tail, rd.tail))
+        q = torch.randn(B, Hq, S, D, device="cuda", dtype=dt)
+        v = torch.randn(B, vh, T, D, device="cuda", dtype=dt)
+        mask = None
+        if mk == "bool":
+            mask = torch.rand(B, 1, S, T, device="cuda") > 0.2
+            mask[..., -1] = True
+        elif mk == "float":
+            mask = torch.randn(B, Hq, S, T, device="cuda")
+        kw = dict(mask=mask, is_causal=causal, softcap=softcap)
+        o_k = kernels.attention(q, rd, T, v, c, **kw)
+        o_r = ref.attention(q, rd, T, v, c, **kw)
+        # the error the output dtype itself makes: fp32 reference rounded to dt, against the fp64-ish ref
+        err = ((o_k.float() - o_r.float()).norm() / o_r.float().norm()).item()
+        tol = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dt]
+        good = (err < tol and torch.isfinite(o_k).all().item() and code_mis < 1e-3 and code_far <= 1
+                and par_eq > 0.999 and tail_eq)
+        ok &= good
+        row = dict(case=f"B{B} Hq{Hq} Hkv{H} T{T} D{D} S{S} {bits[0]}+{bits[1]} {pairing} v{vh} mask={mk} "
+                        f"causal={causal} softcap={softcap} {str(dt)[6:]}",
+                   attn_rel_err=err, code_mismatch=code_mis, code_max_diff=code_far, params_equal=par_eq,
+                   tail_equal=tail_eq, ok=bool(good))
+        log.append(row)
+        print(("ok  " if good else "BAD ") + row["case"], f"err={err:.2e} code_mis={code_mis:.1e} "
+              f"params_eq={par_eq:.4f}", flush=True)
+    return ok
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def dense_us(q, k, v, backend, causal=False) -> float | None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def fn():
+        with sdpa_kernel(be):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+    except RuntimeError as e:
+        print(f"  sdpa {backend} unavailable: {str(e)[:80]}", flush=True)
+        return None
+    return us(fn)
+
+
+def graph_us(fn) -> float | None:
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+    except Exception as e:  # noqa: BLE001 - report, do not fail the run
+        print(f"  cuda graph timing failed: {str(e)[:80]}", flush=True)
+        return None
+
+
+def host_us(fn, n=200) -> float:
+    """CPU time to enqueue one call (no sync inside the loop)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return t / n * 1e6
+
+
+def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=False) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dt = torch.bfloat16
+    torch.manual_seed(1)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dt)
+    k = torch.randn(B, H, T, D, device="cuda", dtype=dt)
+    v = torch.randn(B, H, T, D, device="cuda", dtype=dt)
+    row = dict(B=B, T=T, Hq=Hq, Hkv=H, D=D)
+    row["flash_us"] = dense_us(q, k, v, "flash")
+    row["cudnn_us"] = dense_us(q, k, v, "cudnn")
+    best = min(x for x in (row["flash_us"], row["cudnn_us"]) if x is not None)
+    row["dense_best_us"] = best
+    dense_bytes = 2 * k.numel() * 2 + 2 * q.numel() * 2
+    row["dense_floor_us"] = dense_bytes / bw * 1e6
+    if graphs:
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        row["flash_graph_us"] = graph_us(flash)
+    for rb, ab in bits:
+        c = ref.Codec(rb, ab, 128, ref.Pairing())
+        data = kernels.append(ref.empty(c, B, H, D, dt, "cuda"), 0, k, c)
+        nbytes = ref.nbytes(data) + v.numel() * 2 + 2 * q.numel() * 2
+        for name, cfg in (configs or {"": None}).items():
+            saved = dict(kernels.ATTN_CONFIG)
+            if cfg:
+                kernels.ATTN_CONFIG.update(cfg)
+            try:
+                def fn():
+                    return kernels.attention(q, data, T, v, c)
+                t = us(fn)
+                key = f"polar{rb}{ab}{name}"
+                if graphs:
+                    row[key + "_graph_us"] = graph_us(fn)
+                    row[key + "_host_us"] = host_us(fn)
+            finally:
+                kernels.ATTN_CONFIG.clear()
+                kernels.ATTN_CONFIG.update(saved)
+            row[key + "_us"] = t
+            row[key + "_ratio"] = t / best
+            row[key + "_TBps"] = nbytes / t * 1e-6
+            row[key + "_floor_frac"] = nbytes / bw * 1e6 / t
+        row[f"polar{rb}{ab}_floor_us"] = nbytes / bw * 1e6
+        del data
+    if encode:  # encode vs prefill of the same tokens
+        c = ref.Codec(4, 4, 128, ref.Pairing())
+        row["encode44_us"] = us(lambda: kernels.encode_groups(k, c))
+        if B * T <= PREFILL_MAX_TOKENS:
+            qp = torch.randn(B, Hq, T, D, device="cuda", dtype=dt)
+            pre = [x for x in (dense_us(qp, k, v, "flash", True), dense_us(qp, k, v, "cudnn", True)) if x]
+            row["prefill_best_us"] = min(pre)
+            row["encode_frac_of_prefill"] = row["encode44_us"] / row["prefill_best_us"]
+            del qp
+    del q, k, v
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args()
+    from tabulate import tabulate
+    import triton
+
+    meta = dict(script_version=SCRIPT_VERSION, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                attn_config=dict(kernels.ATTN_CONFIG))
+    checks: list = []
+    ok = check(checks)
+    bw = copy_bandwidth()
+    meta["copy_bandwidth_TBps"] = bw * 1e-12
+    print(f"copy bandwidth {bw * 1e-12:.2f} TB/s; correctness {'OK' if ok else 'FAILED'}", flush=True)
+    rows = []
+    if args.tune:
+        base = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2, split_dot=False, ablate=0)
+        variants = {"": {}, "_split": dict(split_dot=True), "_n128": dict(block_n=128),
+                    "_n128w8": dict(block_n=128, num_warps=8), "_s4": dict(num_stages=4), "_s2": dict(num_stages=2),
+                    "_p4": dict(programs_per_sm=4), "_p8n32": dict(programs_per_sm=8, block_n=32),
+                    "_notrig": dict(ablate=1), "_nocodes": dict(ablate=2), "_noV": dict(ablate=3)}
+        configs = {k: {**base, **v} for k, v in variants.items()}
+        for B, T in [(1, 4096), (8, 32768), (32, 32768)]:
+            rows.append(time_shape(32, 8, 128, B, T, bw, configs, bits=[(4, 4)], encode=False, graphs=B == 1))
+            print({k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()
+                   if not k.endswith(("_TBps", "_floor_frac"))}, flush=True)
+        rows.append(time_shape(32, 8, 128, 8, 32768, bw, {"": {}, "_split": dict(split_dot=True)},
+                               bits=[(3, 3), (2, 2)], encode=True))
+        print({k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+        cols = [k for k in rows[0] if k.endswith(("_us", "_ratio"))]
+    else:
+        for B, T in MAIN:
+            rows.append(time_shape(32, 8, 128, B, T, bw))
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+        for Hq, H, D, B, T in EXTRA:
+            rows.append(time_shape(Hq, H, D, B, T, bw))
+            print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+        cols = [k for k in rows[0] if k.endswith(("_us", "_ratio", "_floor_frac", "_TBps", "_frac_of_prefill"))]
+    if args.tune:
+        cols = []
+    table = [[f"{r['B']}x{r['T'] // 1024}k Hq{r['Hq']}/{r['Hkv']} D{r['D']}"]
+             + [None if r.get(k) is None else round(r[k], 3 if not k.endswith("_us") else 1) for k in cols]
+             for r in rows]
+    if cols:
+        print(tabulate(table, headers=["shape"] + cols, tablefmt="github"))
+    os.makedirs(args.out, exist_ok=True)
+    name = f"attention-{datetime.date.today().isoformat()}{'-tune' if args.tune else ''}.json"
+    with open(os.path.join(args.out, name), "w") as f:
+        json.dump(dict(meta=meta, checks=checks, rows=rows), f, indent=1)
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
