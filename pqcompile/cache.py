@@ -37,7 +37,7 @@ def _impl(*funcs):
 
 class PolarKeys(torch.Tensor):
     codes: torch.Tensor  # uint8 [B, H, (T//G)*G, NB]
-    params: torch.Tensor  # bf16 [B, H, T//G, 4, P]
+    params: torch.Tensor  # bf16 [B, H, (T//G)*4, P]  (ops.unflat views it as [B, H, T//G, 4, P])
     tail: torch.Tensor  # dtype [B, H, T%G + TAIL_PAD, D]
     codec: Codec
 
@@ -48,6 +48,11 @@ class PolarKeys(torch.Tensor):
 
     def __init__(self, codes, params, tail, codec, shape):
         self.codes, self.params, self.tail, self.codec = codes, params, tail, codec
+        if not torch.compiler.is_compiling():
+            # Every length grows between decode steps: say so up front, so that dynamo compiles one dynamic
+            # decode graph instead of a static one first and a dynamic one on the next step.
+            for t in (self, codes, params, tail):
+                torch._dynamo.maybe_mark_dynamic(t, 2)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -66,7 +71,8 @@ class PolarKeys(torch.Tensor):
 
     @property
     def data_(self) -> PolarData:
-        return PolarData(self.codes, self.params, self.tail)
+        """The state in codec.py's layout."""
+        return PolarData(self.codes, ops.unflat(self.params), self.tail)
 
     @property
     def seq_len(self):
@@ -76,8 +82,8 @@ class PolarKeys(torch.Tensor):
     def from_dense(cls, keys: torch.Tensor, codec: Codec) -> "PolarKeys":
         """keys [B, H, T, D] (post-RoPE) -> compressed. Traceable: this is what the prefill rewrite calls."""
         B, H, T, D = keys.shape
-        empty = ref.empty(codec, B, H, D, keys.dtype, keys.device)
-        inner = ops.append(*empty, keys, 0, *ops.codec_args(codec))
+        codes, params, tail = ref.empty(codec, B, H, D, keys.dtype, keys.device)
+        inner = ops.append(codes, ops.flat(params), tail, keys, 0, *ops.codec_args(codec))
         return cls(*inner, codec, keys.shape)
 
     def dequantize(self) -> torch.Tensor:
@@ -214,7 +220,7 @@ def _crop(x: PolarKeys, length: int) -> PolarKeys:
         return x.with_data(x.codes, x.params, tail, length)
     dense = x.dequantize()[:, :, keep:length]
     tail = torch.cat([dense, x.tail.new_zeros(*dense.shape[:2], ref.TAIL_PAD, dense.shape[3])], dim=2)
-    return x.with_data(x.codes[:, :, :keep], x.params[:, :, : keep // G], tail, length)
+    return x.with_data(x.codes[:, :, :keep], x.params[:, :, : keep // G * 4], tail, length)
 
 
 def polar_keys_in(obj) -> list[PolarKeys]:

@@ -4,6 +4,8 @@ On CUDA they launch the Triton kernels (pqcompile.kernels); elsewhere they run t
 PQCOMPILE_KERNELS=reference forces the reference everywhere (debugging); =triton forces the kernels
 (with TRITON_INTERPRET=1 they then run on CPU tensors, slowly).
 Every op takes the codec as (radius_bits, angle_bits, group_size, pairing spec) so it stays hashable.
+The ops see params flattened to [B, H, (T//G)*4, P] (the same memory as codec's [B, H, T//G, 4, P]): a
+group count of 1 would otherwise be a size-1 dim, which dynamo specializes on (one more recompile).
 """
 
 from __future__ import annotations
@@ -40,7 +42,17 @@ def _use_kernels(t: torch.Tensor) -> bool:
 
 def _state_shapes(B: int, H: int, T, D: int, c: Codec):
     G = c.group_size
-    return (B, H, (T // G) * G, c.code_bytes(D)), (B, H, T // G, 4, D // 2), (B, H, T % G + TAIL_PAD, D)
+    return (B, H, (T // G) * G, c.code_bytes(D)), (B, H, (T // G) * 4, D // 2), (B, H, T % G + TAIL_PAD, D)
+
+
+def unflat(params: torch.Tensor) -> torch.Tensor:
+    """[B, H, n*4, P] -> [B, H, n, 4, P] (a view)."""
+    return params.view(params.shape[0], params.shape[1], -1, 4, params.shape[-1])
+
+
+def flat(params: torch.Tensor) -> torch.Tensor:
+    """[B, H, n, 4, P] -> [B, H, n*4, P] (a view)."""
+    return params.view(params.shape[0], params.shape[1], -1, params.shape[-1])
 
 
 # --------------------------------------------------------------------------- append (encode + group flush)
@@ -52,12 +64,16 @@ def append(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, new_ke
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """State of seq_len tokens + new_keys [B, H, S, D] -> new state of seq_len + S tokens (fresh tensors)."""
     c = _codec(radius_bits, angle_bits, group_size, pairing)
-    data = PolarData(codes, params, tail)
+    data = PolarData(codes, unflat(params), tail)
     if _use_kernels(new_keys):
         from . import kernels
 
-        return tuple(kernels.append(data, seq_len, new_keys, c))
-    return tuple(t.clone() if t is old else t for t, old in zip(ref.append(data, seq_len, new_keys, c), data))
+        out = kernels.append(data, seq_len, new_keys, c)
+    else:
+        out = ref.append(data, seq_len, new_keys, c)
+    codes2, params2, tail2 = (t.clone() if t._base is not None or t.data_ptr() == o.data_ptr() else t
+                              for t, o in zip(out, data))
+    return codes2, flat(params2), tail2
 
 
 @append.register_fake
@@ -75,7 +91,7 @@ def decode(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, seq_le
            radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> torch.Tensor:
     """Compressed state -> dense keys [B, H, seq_len, D] (contiguous)."""
     c = _codec(radius_bits, angle_bits, group_size, pairing)
-    return ref.decode(PolarData(codes, params, tail), seq_len, c).contiguous()
+    return ref.decode(PolarData(codes, unflat(params), tail), seq_len, c).contiguous()
 
 
 @decode.register_fake
@@ -96,7 +112,7 @@ def attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tail: 
     softcap <= 0 means none. mask: bool (True = attend) or additive, broadcastable to [B, Hq, S, T].
     """
     c = _codec(radius_bits, angle_bits, group_size, pairing)
-    data = PolarData(codes, params, tail)
+    data = PolarData(codes, unflat(params), tail)
     kwargs = dict(mask=mask, scale=scale, softcap=softcap if softcap > 0 else None, is_causal=is_causal)
     if _use_kernels(q):
         from . import kernels
