@@ -31,7 +31,7 @@ MAIN = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (8, 32768), (8, 131072), 
 EXTRA = [  # (Hq, Hkv, D, B, T): D=64 (SmolLM2-like) and D=256 MQA
     (9, 3, 64, 1, 32768), (9, 3, 64, 8, 32768), (8, 1, 256, 1, 32768), (8, 1, 256, 8, 32768),
 ]
-PREFILL_MAX_TOKENS = 131072  # SDPA prefill of B*T above this is too slow to time here
+PREFILL_MAX_TOKENS = 262144  # SDPA prefill of B*T above this is too slow to time here
 
 
 def us(fn, warmup=25, rep=100) -> float:
@@ -225,18 +225,21 @@ def main() -> None:
     print(f"copy bandwidth {bw * 1e-12:.2f} TB/s; correctness {'OK' if ok else 'FAILED'}", flush=True)
     rows = []
     if args.tune:
-        base = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2, split_dot=False, ablate=0)
-        variants = {"": {}, "_split": dict(split_dot=True), "_n128": dict(block_n=128),
-                    "_n128w8": dict(block_n=128, num_warps=8), "_s4": dict(num_stages=4), "_s2": dict(num_stages=2),
-                    "_p4": dict(programs_per_sm=4), "_p8n32": dict(programs_per_sm=8, block_n=32),
+        base = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2, prefetch_v=False, ablate=0)
+        variants = {"": {}, "_pv": dict(prefetch_v=True), "_s2": dict(num_stages=2), "_n128": dict(block_n=128),
+                    "_n128w8": dict(block_n=128, num_warps=8), "_p4": dict(programs_per_sm=4),
+                    "_pvs2": dict(prefetch_v=True, num_stages=2), "_pvs2p4": dict(prefetch_v=True, num_stages=2,
+                                                                                  programs_per_sm=4),
+                    "_n32p4": dict(block_n=32, programs_per_sm=4), "_w8": dict(num_warps=8),
                     "_notrig": dict(ablate=1), "_nocodes": dict(ablate=2), "_noV": dict(ablate=3)}
         configs = {k: {**base, **v} for k, v in variants.items()}
         for B, T in [(1, 4096), (8, 32768), (32, 32768)]:
             rows.append(time_shape(32, 8, 128, B, T, bw, configs, bits=[(4, 4)], encode=False, graphs=B == 1))
             print({k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()
                    if not k.endswith(("_TBps", "_floor_frac"))}, flush=True)
-        rows.append(time_shape(32, 8, 128, 8, 32768, bw, {"": {}, "_split": dict(split_dot=True)},
+        rows.append(time_shape(32, 8, 128, 8, 32768, bw, {"": {}, "_pv": dict(prefetch_v=True)},
                                bits=[(3, 3), (2, 2)], encode=True))
+        rows.append(time_shape(32, 8, 128, 1, 4096, bw, None, bits=[], encode=True))
         print({k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
         cols = [k for k in rows[0] if k.endswith(("_us", "_ratio"))]
     else:

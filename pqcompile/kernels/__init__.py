@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .. import codec as ref
+from ..config import PairingMode
 from ..codec import KEY_DTYPES, PARAM_DTYPE, TAIL_PAD, Codec, PolarData
 from .polar_attention import polar_attn_fwd_kernel, polar_attn_reduce_kernel
 from .polar_encode import polar_encode_kernel
@@ -34,9 +35,10 @@ MAX_HEAD_DIM = 256
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 # Launch meta-parameters of the attention kernel (bench/attention.py sweeps them).
+ENCODE_CONFIG = {"num_warps": 8}
 # ablate != 0 gives wrong results on purpose (timing of a kernel with one stage left out).
 ATTN_CONFIG = {"block_n": 64, "block_n_large_d": 32, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
-               "split_dot": False, "ablate": 0}
+               "prefetch_v": False, "ablate": 0}
 
 
 def _interpret() -> bool:
@@ -60,12 +62,11 @@ def _check_codec(codec: Codec) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _pair_index(pairing: ref.Pairing, head_dim: int, device: torch.device):
-    """(x dims [P], y dims [P], x/y interleaved dims [2 * next_pow2(P)] zero-padded), int32 on device."""
+    """(x dims, y dims) of the pairs, int32 on device, zero-padded to next_pow2(D/2)."""
     xs, ys = pairing.indices(head_dim)
-    P = len(xs)
-    inter = [d for pair in zip(xs, ys) for d in pair] + [0] * (2 * triton.next_power_of_2(P) - 2 * P)
-    as_t = functools.partial(torch.tensor, dtype=torch.int32, device=device)
-    return as_t(xs), as_t(ys), as_t(inter)
+    pad = [0] * (triton.next_power_of_2(len(xs)) - len(xs))
+    return (torch.tensor(xs + pad, dtype=torch.int32, device=device),
+            torch.tensor(ys + pad, dtype=torch.int32, device=device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,14 +105,17 @@ def encode_groups_into(keys: torch.Tensor, codes: torch.Tensor, params: torch.Te
         _check_device(name, t, keys.device)
     if n == 0 or B * H == 0:
         return
-    xi, yi, _ = _pair_index(codec.pairing, D, keys.device)
-    block_p = min(32, max(8, triton.next_power_of_2(P)))
+    xi, yi = _pair_index(codec.pairing, D, keys.device)
+    block_p = min(max(8, 8192 // G), max(8, triton.next_power_of_2(P)))
+    pairs = 0
+    if codec.pairing.rotary_dim in (None, D):
+        pairs = 1 if codec.pairing.layout is PairingMode.HALF else 2
     grid = (B * H * n, triton.cdiv(P, block_p))
     polar_encode_kernel[grid](
         keys, *keys.stride(), xi, yi, codes, *codes.stride()[:3], params, *params.stride()[:4],
         H, n, group_offset,
-        P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits, BLOCK_P=block_p,
-        ON_GPU=keys.is_cuda and not _interpret(), num_warps=4,
+        P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits, BLOCK_P=block_p, PAIRS=pairs,
+        ON_GPU=keys.is_cuda and not _interpret(), num_warps=ENCODE_CONFIG["num_warps"],
     )
 
 
@@ -228,7 +232,7 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
     on_gpu = q.is_cuda and not _interpret()
     qt = _TL[q.dtype] if on_gpu else tl.float32
     vt = _TL[v.dtype] if on_gpu else tl.float32
-    _, _, idx = _pair_index(codec.pairing, D, q.device)
+    xi, yi = _pair_index(codec.pairing, D, q.device)
     out = torch.empty(B, Hq, S, Dv, dtype=q.dtype, device=q.device)
     direct = splits == 1
     if direct:
@@ -240,14 +244,14 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
     m_arg, m_strides = (mask, mask.stride()) if mask is not None else (q, (0, 0, 0, 0))
     polar_attn_fwd_kernel[(B * NQG, splits, MB)](
         q, *q.stride(), codes, *codes.stride()[:3], params, *params.stride()[:4], tail, *tail.stride(),
-        v, *v.stride(), m_arg, *m_strides, idx, o_arg, *out.stride()[:3], m_part, l_part,
+        v, *v.stride()[:3], m_arg, *m_strides, xi, yi, o_arg, *out.stride()[:3], m_part, l_part,
         seq_len, n_code, n_blocks, per, splits, NQG, S, R, RG, Dv,
         float(D ** -0.5 if scale is None else scale), float(softcap) if softcap else 1.0,
         P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_DV=block_dv, DIRECT=direct,
         HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.uint8,
         SOFTCAP=bool(softcap), CAUSAL=bool(is_causal) and S > 1, FAST=on_gpu, QT=qt, VT=vt,
-        SPLIT_DOT=cfg["split_dot"], ABLATE=cfg["ablate"],
+        PREFETCH_V=cfg["prefetch_v"], ABLATE=cfg["ablate"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:

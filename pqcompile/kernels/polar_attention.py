@@ -3,9 +3,10 @@
 Grid (B * NQG, SPLITS, MB). A program serves RG query heads (all heads of a GQA group when V has Hkv
 heads, one head when V was already repeated to Hq heads) times S query positions = up to BLOCK_M rows,
 over one contiguous range of BLOCK_N-token blocks of its kv-head. Encoded blocks are dequantized in
-registers (r, phi from the bin centers; cos/sin through the hardware approximations on the GPU), laid out
-as [N, 2P] with x/y interleaved to match q gathered through IDX, and scored with one tl.dot shared by
-all rows; the full-precision tail blocks are scored the same way from the tail buffer. Online softmax in
+registers (r, phi from the bin centers; cos/sin through the hardware approximations on the GPU) into
+their x and y halves [N, P], scored by two tl.dots (q_x k_x^T + q_y k_y^T) shared by all rows; the next
+block's codes and params are loaded while this one computes. The full-precision tail blocks are scored
+the same way from the tail buffer. Online softmax in
 fp32, P @ V with dense V, then either the final output (one split) or per-split partials (acc, max, sum)
 reduced by polar_attn_reduce_kernel. Dense dequantized keys never leave registers.
 """
@@ -35,31 +36,41 @@ def half_up(c):
 
 
 @triton.jit
-def unpack_block(Crow, offs_j, jmask, NB: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_P: tl.constexpr):
-    """Codes of BLOCK_N tokens (row pointers Crow [N, 1]) -> int32 [N, BLOCK_P] W-bit codes."""
-    if 8 % W == 0:  # whole codes per byte: one contiguous byte load, split by shifts
+def load_codes(Crow, offs_j, ok, NB: tl.constexpr, W: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Raw code bytes of BLOCK_N tokens (row pointers Crow [N, 1]); ok: scalar, False -> zeros."""
+    nb = tl.where(ok, NB, 0)  # (a scalar bool in a mask trips the interpreter)
+    if W == 8:
+        raw = tl.load(Crow + offs_j[None, :], mask=(offs_j < nb)[None, :], other=0)
+    elif 8 % W == 0:  # whole codes per byte: one contiguous byte load
+        offs_b = tl.arange(0, BLOCK_P // (8 // W))
+        raw = tl.load(Crow + offs_b[None, :], mask=(offs_b < nb)[None, :], other=0)
+    else:  # codes straddle bytes: the two bytes holding each pair's bits
+        idx = (offs_j * W) >> 3
+        lo = tl.load(Crow + idx[None, :], mask=(idx < nb)[None, :], other=0).to(tl.int32)
+        hi = tl.load(Crow + idx[None, :] + 1, mask=(idx + 1 < nb)[None, :], other=0).to(tl.int32)
+        raw = lo | (hi << 8)
+    return raw
+
+
+@triton.jit
+def decode_codes(raw, offs_j, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Raw bytes from load_codes -> int32 [N, BLOCK_P] W-bit codes in pair order."""
+    if W == 8:
+        code = raw.to(tl.int32)
+    elif 8 % W == 0:
         PER: tl.constexpr = 8 // W
-        NBP: tl.constexpr = BLOCK_P // PER
-        offs_b = tl.arange(0, NBP)
-        byte = tl.load(Crow + offs_b[None, :], mask=(offs_b < NB)[None, :], other=0).to(tl.int32)
-        sh = tl.arange(0, PER) * W
-        code = (byte[:, :, None] >> sh[None, None, :]) & ((1 << W) - 1)
+        code = (raw.to(tl.int32)[:, :, None] >> (tl.arange(0, PER) * W)[None, None, :]) & ((1 << W) - 1)
         code = tl.reshape(code, [BLOCK_N, BLOCK_P])
-    else:  # codes straddle bytes: two loads per pair
-        bit = offs_j * W
-        idx = bit >> 3
-        lo = tl.load(Crow + idx[None, :], mask=jmask[None, :], other=0).to(tl.int32)
-        hi = tl.load(Crow + idx[None, :] + 1, mask=(jmask & (idx + 1 < NB))[None, :], other=0).to(tl.int32)
-        code = ((lo | (hi << 8)) >> (bit & 7)[None, :]) & ((1 << W) - 1)
+    else:
+        code = (raw >> ((offs_j * W) & 7)[None, :]) & ((1 << W) - 1)
     return code
 
 
 @triton.jit
-def block_update(qk, tt, m_i, l_i, acc, Vrow0, sv_t, offs_dv, dv_mask, Mrow, sm_t, si, row_ok, seq_len, S_len,
-                 scale, softcap, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
-                 CAUSAL: tl.constexpr, VT: tl.constexpr, ABLATE: tl.constexpr):
-    """One block of scores qk [M, N] for tokens tt [N] -> updated (max, sum, acc [M, DV])."""
+def block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale, softcap,
+                 HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr,
+                 VT: tl.constexpr, ABLATE: tl.constexpr):
+    """One block: scores qk [M, N] of tokens tt [N], values v [N, DV] -> updated (max, sum, acc [M, DV])."""
     s = qk * scale
     if SOFTCAP:
         e = tl.exp(2.0 * s / softcap)
@@ -83,21 +94,19 @@ def block_update(qk, tt, m_i, l_i, acc, Vrow0, sv_t, offs_dv, dv_mask, Mrow, sm_
     if ABLATE == 3:  # timing only: no V stream
         acc = acc * alpha[:, None]
     else:
-        v = tl.load(Vrow0 + tt.to(tl.int64)[:, None] * sv_t + offs_dv[None, :],
-                    mask=t_ok[:, None] & dv_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(VT), v.to(VT))
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len", "n_code_blocks", "n_blocks", "blocks_per_split", "n_splits"])
 def polar_attn_fwd_kernel(
     Qp, sq_b, sq_h, sq_s, sq_d,  # q [B, Hq, S, D]
     Cp, sc_b, sc_h, sc_t,  # codes uint8 [B, Hkv, Tc, NB], byte stride 1
     Pp, sp_b, sp_h, sp_g, sp_k,  # params bf16 [B, Hkv, Tc/G, 4, P], pair stride 1
     Kt, st_b, st_h, st_t, st_d,  # tail [B, Hkv, L + pad, D]
-    Vp, sv_b, sv_h, sv_t, sv_d,  # v [B, Hkv | Hq, T, Dv], dv stride 1
+    Vp, sv_b, sv_h, sv_t,  # v [B, Hkv | Hq, T, Dv], dv stride 1
     Mk, sm_b, sm_h, sm_s, sm_t,  # mask, broadcast to [B, Hq, S, T] (stride 0 where broadcast)
-    IDX,  # int32 [2 * BLOCK_P]: x dim of pair j at 2j, y dim at 2j + 1
+    XI, YI,  # int32 [BLOCK_P]: the x and y dim of each pair (zero-padded)
     Out, so_b, so_h, so_s,  # [B, Hq, S, Dv] (DIRECT) or fp32 partials [rows, n_splits, BLOCK_M, BLOCK_DV]
     Mpart, Lpart,  # fp32 [rows, n_splits, BLOCK_M]
     seq_len, n_code_blocks, n_blocks, blocks_per_split, n_splits, NQG, S_len, R, RG, Dv, scale, softcap,
@@ -105,10 +114,9 @@ def polar_attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr,
     DIRECT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
     CAUSAL: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, VT: tl.constexpr,
-    SPLIT_DOT: tl.constexpr, ABLATE: tl.constexpr,
+    PREFETCH_V: tl.constexpr, ABLATE: tl.constexpr,
 ):
     W: tl.constexpr = RB + AB
-    BLOCK_D2: tl.constexpr = 2 * BLOCK_P
     pid_q = tl.program_id(0)
     split = tl.program_id(1)
     mb = tl.program_id(2)
@@ -116,27 +124,24 @@ def polar_attn_fwd_kernel(
     qg = pid_q % NQG
     kvh = ((qg * RG) // R).to(tl.int64)
 
+    # rows: RG query heads x S positions; q split into its x and y halves of every pair
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < RG * S_len
-    hl = offs_m // S_len
     si = offs_m % S_len
-    qh = (qg * RG + hl).to(tl.int64)
-    offs_d2 = tl.arange(0, BLOCK_D2)
-    d2_mask = offs_d2 < 2 * P
-    idx = tl.load(IDX + offs_d2)
-    Qrow = Qp + b * sq_b + qh[:, None] * sq_h + si[:, None] * sq_s
-    q = tl.load(Qrow + idx[None, :] * sq_d, mask=row_ok[:, None] & d2_mask[None, :], other=0.0).to(QT)  # [M, 2P]
+    qh = (qg * RG + offs_m // S_len).to(tl.int64)
     offs_j = tl.arange(0, BLOCK_P)
     jmask = offs_j < P
-    idx_x = tl.load(IDX + 2 * offs_j)
-    idx_y = tl.load(IDX + 2 * offs_j + 1)
-    qx = tl.load(Qrow + idx_x[None, :] * sq_d, mask=row_ok[:, None] & jmask[None, :], other=0.0).to(QT)
-    qy = tl.load(Qrow + idx_y[None, :] * sq_d, mask=row_ok[:, None] & jmask[None, :], other=0.0).to(QT)
+    xi = tl.load(XI + offs_j)
+    yi = tl.load(YI + offs_j)
+    Qrow = Qp + b * sq_b + qh[:, None] * sq_h + si[:, None] * sq_s
+    qmask = row_ok[:, None] & jmask[None, :]
+    qx = tl.load(Qrow + xi[None, :] * sq_d, mask=qmask, other=0.0).to(QT)  # [M, P]
+    qy = tl.load(Qrow + yi[None, :] * sq_d, mask=qmask, other=0.0).to(QT)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < Dv
-    Vrow0 = Vp + b * sv_b + qg.to(tl.int64) * sv_h  # V head = qg in both layouts (RG = R or RG = 1)
+    Vrow = Vp + b * sv_b + qg.to(tl.int64) * sv_h + offs_dv[None, :]  # V head = qg (RG = R or RG = 1)
     Mrow = Mk + b * sm_b + qh[:, None] * sm_h + si[:, None] * sm_s
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -146,44 +151,71 @@ def polar_attn_fwd_kernel(
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, n_blocks)
     code_end = tl.minimum(last, n_code_blocks)
-    Cbase = Cp + b * sc_b + kvh * sc_h
+    Crow = Cp + b * sc_b + kvh * sc_h + offs_n.to(tl.int64)[:, None] * sc_t
     Pbase = Pp + b * sp_b + kvh * sp_h + offs_j
+    # software prefetch: block i + 1's codes, params (and V) load while block i computes
+    ok = first < code_end
+    t0 = first * BLOCK_N
+    raw_n = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, ok, NB, W, BLOCK_P)
+    pg = Pbase + (t0 // G).to(tl.int64) * sp_g
+    r_min_n = tl.load(pg, mask=offs_j < tl.where(ok, P, 0), other=0.0)
+    r_s_n = tl.load(pg + sp_k, mask=offs_j < tl.where(ok, P, 0), other=0.0)
+    a_min_n = tl.load(pg + 2 * sp_k, mask=offs_j < tl.where(ok, P, 0), other=0.0)
+    a_s_n = tl.load(pg + 3 * sp_k, mask=offs_j < tl.where(ok, P, 0), other=0.0)
+    if PREFETCH_V:
+        v_n = tl.load(Vrow + (t0 + offs_n).to(tl.int64)[:, None] * sv_t, mask=(offs_dv < tl.where(ok, Dv, 0))[None, :], other=0.0)
     for blk in range(first, code_end):
         t0 = blk * BLOCK_N
         tt = t0 + offs_n
-        pg = Pbase + (t0 // G).to(tl.int64) * sp_g
-        r_min = tl.load(pg, mask=jmask, other=0.0).to(tl.float32)
-        r_s = tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32)
-        a_min = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32)
-        a_s = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32)
+        raw = raw_n
+        r_min = r_min_n.to(tl.float32)
+        r_s = r_s_n.to(tl.float32)
+        a_min = a_min_n.to(tl.float32)
+        a_s = a_s_n.to(tl.float32)
+        ok = blk + 1 < code_end
+        t1 = t0 + BLOCK_N
+        raw_n = load_codes(Crow + t1.to(tl.int64) * sc_t, offs_j, ok, NB, W, BLOCK_P)
+        pg = Pbase + (t1 // G).to(tl.int64) * sp_g
+        r_min_n = tl.load(pg, mask=offs_j < tl.where(ok, P, 0), other=0.0)
+        r_s_n = tl.load(pg + sp_k, mask=offs_j < tl.where(ok, P, 0), other=0.0)
+        a_min_n = tl.load(pg + 2 * sp_k, mask=offs_j < tl.where(ok, P, 0), other=0.0)
+        a_s_n = tl.load(pg + 3 * sp_k, mask=offs_j < tl.where(ok, P, 0), other=0.0)
+        if PREFETCH_V:
+            v = v_n
+            v_n = tl.load(Vrow + (t1 + offs_n).to(tl.int64)[:, None] * sv_t, mask=(offs_dv < tl.where(ok, Dv, 0))[None, :], other=0.0)
+        else:
+            v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=dv_mask[None, :], other=0.0)
+
         if ABLATE == 2:  # timing only: no code stream
             code = tl.zeros([BLOCK_N, BLOCK_P], tl.int32) + offs_n[:, None]
         else:
-            code = unpack_block(Cbase + tt.to(tl.int64)[:, None] * sc_t, offs_j, jmask, NB, W, BLOCK_N, BLOCK_P)
+            code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P)
         rad = r_min[None, :] + half_up(code & ((1 << RB) - 1)) * r_s[None, :]
         phi = a_min[None, :] + half_up(code >> RB) * a_s[None, :]
         if ABLATE == 1:  # timing only: no trig
             c, s = phi, rad
         else:
             c, s = cos_sin(phi, FAST)
-        if SPLIT_DOT:
-            qk = tl.dot(qx, tl.trans((rad * c).to(QT)))
-            qk = tl.dot(qy, tl.trans((rad * s).to(QT)), qk)
-        else:
-            k = tl.reshape(tl.join(rad * c, rad * s), [BLOCK_N, BLOCK_D2])  # [N, 2P], x/y interleaved
-            qk = tl.dot(q, tl.trans(k.to(QT)))
-        m_i, l_i, acc = block_update(qk, tt, m_i, l_i, acc, Vrow0, sv_t, offs_dv, dv_mask, Mrow, sm_t, si, row_ok,
-                                     seq_len, S_len, scale, softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE)
+        qk = tl.dot(qx, tl.trans((rad * c).to(QT)))
+        qk = tl.dot(qy, tl.trans((rad * s).to(QT)), qk)
+        m_i, l_i, acc = block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale,
+                                     softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE)
 
+    # the full-precision tail, scored the same way
     Tc = n_code_blocks * BLOCK_N
     Tbase = Kt + b * st_b + kvh * st_h
     for blk in range(tl.maximum(first, n_code_blocks), last):
         tt = blk * BLOCK_N + offs_n
-        k = tl.load(Tbase + (tt - Tc).to(tl.int64)[:, None] * st_t + idx[None, :] * st_d,
-                    mask=(tt < seq_len)[:, None] & d2_mask[None, :], other=0.0)
-        qk = tl.dot(q, tl.trans(k.to(QT)))
-        m_i, l_i, acc = block_update(qk, tt, m_i, l_i, acc, Vrow0, sv_t, offs_dv, dv_mask, Mrow, sm_t, si, row_ok,
-                                     seq_len, S_len, scale, softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE)
+        krow = Tbase + (tt - Tc).to(tl.int64)[:, None] * st_t
+        kmask = (tt < seq_len)[:, None] & jmask[None, :]
+        kx = tl.load(krow + xi[None, :] * st_d, mask=kmask, other=0.0)
+        ky = tl.load(krow + yi[None, :] * st_d, mask=kmask, other=0.0)
+        qk = tl.dot(qx, tl.trans(kx.to(QT)))
+        qk = tl.dot(qy, tl.trans(ky.to(QT)), qk)
+        v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=(tt < seq_len)[:, None] & dv_mask[None, :],
+                    other=0.0)
+        m_i, l_i, acc = block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale,
+                                     softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE)
 
     if DIRECT:  # a single split: normalize and store the output
         o = acc / tl.where(row_ok, l_i, 1.0)[:, None]
@@ -197,7 +229,7 @@ def polar_attn_fwd_kernel(
         tl.store(Lpart + row * BLOCK_M + tl.arange(0, BLOCK_M), l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits"])
 def polar_attn_reduce_kernel(
     Opart, Mpart, Lpart,  # fp32 [rows, SPLITS, BLOCK_M, BLOCK_DV], [rows, SPLITS, BLOCK_M]
     Out, so_b, so_h, so_s,  # [B, Hq, S, Dv], dv stride 1

@@ -60,18 +60,18 @@ def bin_codes(v, vmin, scale, BITS: tl.constexpr, EXACT_DIV: tl.constexpr):
     return c.to(tl.int32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_groups", "group_offset"])
 def polar_encode_kernel(
     K, sk_b, sk_h, sk_t, sk_d,  # keys [B, H, n*G, D], any strides
-    XI, YI,  # int32 [P]: the x and y dim of each pair
+    XI, YI,  # int32 [P]: the x and y dim of each pair (PAIRS == 0)
     Codes_out, sc_b, sc_h, sc_t,  # uint8 [B, H, >=(off+n)*G, NB], byte stride 1
     Params_out, sp_b, sp_h, sp_g, sp_k,  # bf16 [B, H, >=off+n, 4, P], pair stride 1
     H, n_groups, group_offset,
     P: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
-    BLOCK_P: tl.constexpr, ON_GPU: tl.constexpr,
+    BLOCK_P: tl.constexpr, PAIRS: tl.constexpr, ON_GPU: tl.constexpr,
 ):
+    """PAIRS: 0 = any pairing through XI/YI, 1 = half split (x_j = j, y_j = j + P), 2 = interleaved."""
     W: tl.constexpr = RB + AB
-    CH: tl.constexpr = BLOCK_P // 8  # 8 pairs of W bits = W whole bytes
     pid = tl.program_id(0)
     tile = tl.program_id(1)
     bh = pid // n_groups
@@ -82,11 +82,19 @@ def polar_encode_kernel(
     offs_t = tl.arange(0, G)
     offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = offs_p < P
-    xi = tl.load(XI + offs_p, mask=pmask, other=0)
-    yi = tl.load(YI + offs_p, mask=pmask, other=0)
     rows = K + b * sk_b + h * sk_h + (g * G + offs_t).to(tl.int64)[:, None] * sk_t
-    x = tl.load(rows + xi[None, :] * sk_d, mask=pmask[None, :], other=0.0).to(tl.float32)
-    y = tl.load(rows + yi[None, :] * sk_d, mask=pmask[None, :], other=0.0).to(tl.float32)
+    if PAIRS == 1:
+        x = tl.load(rows + offs_p[None, :] * sk_d, mask=pmask[None, :], other=0.0).to(tl.float32)
+        y = tl.load(rows + (offs_p + P)[None, :] * sk_d, mask=pmask[None, :], other=0.0).to(tl.float32)
+    elif PAIRS == 2:
+        offs_2 = tile * 2 * BLOCK_P + tl.arange(0, 2 * BLOCK_P)
+        xy = tl.load(rows + offs_2[None, :] * sk_d, mask=(offs_2 < 2 * P)[None, :], other=0.0).to(tl.float32)
+        x, y = tl.split(tl.reshape(xy, [G, BLOCK_P, 2]))
+    else:
+        xi = tl.load(XI + offs_p, mask=pmask, other=0)
+        yi = tl.load(YI + offs_p, mask=pmask, other=0)
+        x = tl.load(rows + xi[None, :] * sk_d, mask=pmask[None, :], other=0.0).to(tl.float32)
+        y = tl.load(rows + yi[None, :] * sk_d, mask=pmask[None, :], other=0.0).to(tl.float32)
 
     r = tl.sqrt_rn(x * x + y * y)  # [G, BLOCK_P]
     if ON_GPU:
@@ -104,17 +112,26 @@ def polar_encode_kernel(
 
     c_r = bin_codes(r, r_min, r_s, RB, ON_GPU)
     c_a = bin_codes(phi, a_min, a_s, AB, ON_GPU)
-    code = tl.where(pmask[None, :], c_r | (c_a << RB), 0).to(tl.int64)
+    code = tl.where(pmask[None, :], c_r | (c_a << RB), 0)
 
-    # pack: 8 consecutive pairs -> one W-byte little-endian word
-    word = tl.sum(tl.reshape(code, [G, CH, 8]) << (tl.arange(0, 8) * W).to(tl.int64)[None, None, :], axis=2)
-    k8 = tl.arange(0, 8)
-    byte = (word[:, :, None] >> (k8 * 8).to(tl.int64)[None, None, :]) & 255  # [G, CH, 8]
-    byte_idx = (tile * CH + tl.arange(0, CH))[:, None] * W + k8[None, :]  # [CH, 8]
-    bmask = (k8[None, :] < W) & (byte_idx < NB)
     grp = group_offset + g
-    crow = Codes_out + b * sc_b + h * sc_h + (grp * G + offs_t).to(tl.int64)[:, None, None] * sc_t
-    tl.store(crow + byte_idx[None, :, :], byte.to(tl.uint8), mask=bmask[None, :, :])
+    crow = Codes_out + b * sc_b + h * sc_h + (grp * G + offs_t).to(tl.int64)[:, None] * sc_t
+    if W == 8:  # one byte per pair
+        tl.store(crow + offs_p[None, :], code.to(tl.uint8), mask=pmask[None, :])
+    elif 8 % W == 0:  # PER whole codes per byte
+        PER: tl.constexpr = 8 // W
+        byte = tl.sum(tl.reshape(code, [G, BLOCK_P // PER, PER]) << (tl.arange(0, PER) * W)[None, None, :], axis=2)
+        offs_b = tile * (BLOCK_P // PER) + tl.arange(0, BLOCK_P // PER)
+        tl.store(crow + offs_b[None, :], byte.to(tl.uint8), mask=(offs_b < NB)[None, :])
+    else:  # codes straddle bytes: 8 consecutive pairs -> one W-byte little-endian word
+        CH: tl.constexpr = BLOCK_P // 8
+        word = tl.sum(tl.reshape(code.to(tl.int64), [G, CH, 8]) << (tl.arange(0, 8) * W).to(tl.int64)[None, None, :],
+                      axis=2)
+        k8 = tl.arange(0, 8)
+        byte = (word[:, :, None] >> (k8 * 8).to(tl.int64)[None, None, :]) & 255  # [G, CH, 8]
+        byte_idx = (tile * CH + tl.arange(0, CH))[:, None] * W + k8[None, :]  # [CH, 8]
+        bmask = (k8[None, :] < W) & (byte_idx < NB)
+        tl.store(crow[:, :, None] + byte_idx[None, :, :], byte.to(tl.uint8), mask=bmask[None, :, :])
 
     pp = Params_out + b * sp_b + h * sp_h + grp.to(tl.int64) * sp_g + offs_p
     tl.store(pp, r_min.to(tl.bfloat16), mask=pmask)
