@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from typing import Any, Mapping
 
 
@@ -16,8 +17,37 @@ class PairingMode(str, enum.Enum):
 
 
 class VerifyMode(str, enum.Enum):
+    """Which calls of a compiled graph verify.py checks; written "off", "first", "every:N" or "shadow:N"."""
+
     OFF = "off"
-    FIRST = "first"  # check the first call of each compiled graph
+    FIRST = "first"  # kernel check on the first call of each compiled graph
+    EVERY = "every"  # kernel check on calls 1, N+1, 2N+1, ... ("every:N")
+    SHADOW = "shadow"  # drift check against a full-precision shadow cache for N decode steps ("shadow:N")
+
+
+_VERIFY_ALLOWED = "'off', 'first', 'every:N', 'shadow:N' (N an int >= 1)"
+
+
+def _parse_verify(value: Any, n: int) -> tuple[VerifyMode, int]:
+    """"every:4" -> (EVERY, 4); a VerifyMode keeps `n` (dataclasses.replace passes the parsed pair back)."""
+    if isinstance(value, VerifyMode):
+        mode = value
+    elif isinstance(value, str):
+        name, sep, count = value.partition(":")
+        try:
+            mode = VerifyMode(name)
+            if sep:
+                n = int(count)
+        except ValueError:
+            mode = None
+        if mode is None or (sep and mode in (VerifyMode.OFF, VerifyMode.FIRST)) or (
+                not sep and mode in (VerifyMode.EVERY, VerifyMode.SHADOW)):
+            raise ValueError(f"PolarQuantConfig.verify={value!r} is invalid; allowed: {_VERIFY_ALLOWED}") from None
+    else:
+        raise ValueError(f"PolarQuantConfig.verify={value!r} is invalid; allowed: {_VERIFY_ALLOWED}")
+    if mode in (VerifyMode.EVERY, VerifyMode.SHADOW) and not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"PolarQuantConfig.verify={value!r} is invalid; allowed: {_VERIFY_ALLOWED}")
+    return mode, n
 
 
 class OnMismatch(str, enum.Enum):
@@ -54,10 +84,14 @@ class PolarQuantConfig:
     group_size: int = 128
     pairing: PairingMode = PairingMode.AUTO
     value_bits: int | None = None  # reserved: per-token quantized values
-    verify: VerifyMode = VerifyMode.OFF
+    verify: VerifyMode = VerifyMode.OFF  # "off" | "first" | "every:N" | "shadow:N" (see verify.py)
+    verify_n: int = 0  # the N of "every:N" / "shadow:N" (parsed from `verify`)
     on_mismatch: OnMismatch = OnMismatch.RAISE
-    atol: float = 2e-2  # kernel check: max-abs error allowed between polar op and dense SDPA on decoded keys
-    report: str | None = None  # folder for graph-diff reports (or env PQCOMPILE_REPORT)
+    # kernel check: a compared tensor passes when max|a - b| <= atol + rtol * max|b| and SQNR >= min_sqnr_db
+    atol: float = 2e-2
+    rtol: float = 2e-2
+    min_sqnr_db: float = 30.0
+    report: str | None = None  # folder for graph-diff reports (or env PQCOMPILE_REPORT); see report.py
     backend: InnerBackend = InnerBackend.INDUCTOR
 
     def __post_init__(self) -> None:
@@ -83,13 +117,27 @@ class PolarQuantConfig:
             raise ValueError("PolarQuantConfig.value_bits is reserved; quantized values are not implemented yet")
         if not (isinstance(self.atol, (int, float)) and self.atol > 0):
             raise ValueError(f"PolarQuantConfig.atol={self.atol!r} is invalid; allowed: a float > 0")
-        for name, cls in (("pairing", PairingMode), ("verify", VerifyMode), ("on_mismatch", OnMismatch),
+        if not (isinstance(self.rtol, (int, float)) and self.rtol >= 0):
+            raise ValueError(f"PolarQuantConfig.rtol={self.rtol!r} is invalid; allowed: a float >= 0")
+        if not isinstance(self.min_sqnr_db, (int, float)) or isinstance(self.min_sqnr_db, bool):
+            raise ValueError(f"PolarQuantConfig.min_sqnr_db={self.min_sqnr_db!r} is invalid; allowed: a float (dB)")
+        if self.report is not None and not isinstance(self.report, (str, os.PathLike)):
+            raise ValueError(f"PolarQuantConfig.report={self.report!r} is invalid; allowed: None or a folder path")
+        mode, n = _parse_verify(self.verify, self.verify_n)
+        object.__setattr__(self, "verify", mode)
+        object.__setattr__(self, "verify_n", n if mode in (VerifyMode.EVERY, VerifyMode.SHADOW) else 0)
+        for name, cls in (("pairing", PairingMode), ("on_mismatch", OnMismatch),
                           ("backend", InnerBackend)):
             object.__setattr__(self, name, _enum_field(cls, name, getattr(self, name)))
 
     @property
     def code_bits(self) -> int:
         return self.radius_bits + self.angle_bits
+
+    @property
+    def verify_spec(self) -> str:
+        """`verify` as the user writes it: "off", "first", "every:4", "shadow:8"."""
+        return self.verify.value + (f":{self.verify_n}" if self.verify_n else "")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "PolarQuantConfig":
