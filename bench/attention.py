@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pqcompile import codec as ref  # noqa: E402
 from pqcompile import kernels  # noqa: E402
 
-SCRIPT_VERSION = 1
+SCRIPT_VERSION = 2
+DEFAULT_CONFIG = dict(kernels.ATTN_CONFIG)
 BITS = [(4, 4), (3, 3), (2, 2)]
 MAIN = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (8, 32768), (8, 131072), (32, 32768)]
 EXTRA = [  # (Hq, Hkv, D, B, T): D=64 (SmolLM2-like) and D=256 MQA
@@ -85,8 +86,16 @@ def check(log: list) -> bool:
         elif mk == "float":
             mask = torch.randn(B, Hq, S, T, device="cuda")
         kw = dict(mask=mask, is_causal=causal, softcap=softcap)
-        o_k = kernels.attention(q, rd, T, v, c, **kw)
         o_r = ref.attention(q, rd, T, v, c, **kw)
+        if len(log) == 0:  # every config of the tuning space, fixed, on the first case
+            for bn, sd, pps, w, st in kernels.ATTN_TUNE_SPACE:
+                kernels.ATTN_CONFIG.update(autotune=False, block_n=bn, split_dot=sd, programs_per_sm=pps,
+                                           num_warps=w, num_stages=st)
+                e = (kernels.attention(q, rd, T, v, c, **kw).float() - o_r.float()).norm() / o_r.float().norm()
+                print(f"  config {bn, sd, pps, w, st}: err={e.item():.2e}", flush=True)
+                ok &= e.item() < 2e-2
+            kernels.ATTN_CONFIG.update(DEFAULT_CONFIG)
+        o_k = kernels.attention(q, rd, T, v, c, **kw)
         # the error the output dtype itself makes: fp32 reference rounded to dt, against the fp64-ish ref
         err = ((o_k.float() - o_r.float()).norm() / o_r.float().norm()).item()
         tol = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dt]
@@ -159,8 +168,8 @@ def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=
     row = dict(B=B, T=T, Hq=Hq, Hkv=H, D=D)
     row["flash_us"] = dense_us(q, k, v, "flash")
     row["cudnn_us"] = dense_us(q, k, v, "cudnn")
-    best = min(x for x in (row["flash_us"], row["cudnn_us"]) if x is not None)
-    row["dense_best_us"] = best
+    dense_best = min(x for x in (row["flash_us"], row["cudnn_us"]) if x is not None)
+    row["dense_best_us"] = dense_best
     dense_bytes = 2 * k.numel() * 2 + 2 * q.numel() * 2
     row["dense_floor_us"] = dense_bytes / bw * 1e6
     if graphs:
@@ -181,6 +190,9 @@ def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=
                     return kernels.attention(q, data, T, v, c)
                 t = us(fn)
                 key = f"polar{rb}{ab}{name}"
+                if kernels.ATTN_CONFIG["autotune"]:
+                    best = kernels.polar_attn_fwd_tuned.best_config
+                    row[key + "_config"] = f"{best.kwargs} w{best.num_warps} s{best.num_stages}"
                 if graphs:
                     row[key + "_graph_us"] = graph_us(fn)
                     row[key + "_host_us"] = host_us(fn)
@@ -188,7 +200,7 @@ def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=
                 kernels.ATTN_CONFIG.clear()
                 kernels.ATTN_CONFIG.update(saved)
             row[key + "_us"] = t
-            row[key + "_ratio"] = t / best
+            row[key + "_ratio"] = t / dense_best
             row[key + "_TBps"] = nbytes / t * 1e-6
             row[key + "_floor_frac"] = nbytes / bw * 1e6 / t
         row[f"polar{rb}{ab}_floor_us"] = nbytes / bw * 1e6
@@ -225,31 +237,32 @@ def main() -> None:
     print(f"copy bandwidth {bw * 1e-12:.2f} TB/s; correctness {'OK' if ok else 'FAILED'}", flush=True)
     rows = []
     if args.tune:
-        base = dict(block_n=64, num_warps=4, num_stages=3, programs_per_sm=2, prefetch_v=False, ablate=0)
-        variants = {"": {}, "_pv": dict(prefetch_v=True), "_s2": dict(num_stages=2), "_n128": dict(block_n=128),
-                    "_n128w8": dict(block_n=128, num_warps=8), "_p4": dict(programs_per_sm=4),
-                    "_pvs2": dict(prefetch_v=True, num_stages=2), "_pvs2p4": dict(prefetch_v=True, num_stages=2,
-                                                                                  programs_per_sm=4),
-                    "_n32p4": dict(block_n=32, programs_per_sm=4), "_w8": dict(num_warps=8),
+        base = dict(autotune=False, block_n=64, num_warps=4, num_stages=3, programs_per_sm=2, split_dot=True,
+                    ablate=0)
+        variants = {"": {}, "_join": dict(split_dot=False), "_p4": dict(programs_per_sm=4),
+                    "_n128": dict(block_n=128), "_n32p4": dict(block_n=32, programs_per_sm=4),
+                    "_n32p8w2": dict(block_n=32, programs_per_sm=8, num_warps=2, num_stages=4),
                     "_notrig": dict(ablate=1), "_nocodes": dict(ablate=2), "_noV": dict(ablate=3)}
         configs = {k: {**base, **v} for k, v in variants.items()}
         for B, T in [(1, 4096), (8, 32768), (32, 32768)]:
             rows.append(time_shape(32, 8, 128, B, T, bw, configs, bits=[(4, 4)], encode=False, graphs=B == 1))
             print({k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()
                    if not k.endswith(("_TBps", "_floor_frac"))}, flush=True)
-        rows.append(time_shape(32, 8, 128, 8, 32768, bw, {"": {}, "_pv": dict(prefetch_v=True)},
+        rows.append(time_shape(32, 8, 128, 8, 32768, bw, {"": {**base}, "_join": {**base, "split_dot": False}},
                                bits=[(3, 3), (2, 2)], encode=True))
         rows.append(time_shape(32, 8, 128, 1, 4096, bw, None, bits=[], encode=True))
         print({k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
         cols = [k for k in rows[0] if k.endswith(("_us", "_ratio"))]
     else:
         for B, T in MAIN:
-            rows.append(time_shape(32, 8, 128, B, T, bw))
+            rows.append(time_shape(32, 8, 128, B, T, bw, graphs=B * T <= 32768))
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
         for Hq, H, D, B, T in EXTRA:
             rows.append(time_shape(Hq, H, D, B, T, bw))
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
-        cols = [k for k in rows[0] if k.endswith(("_us", "_ratio", "_floor_frac", "_TBps", "_frac_of_prefill"))]
+        cols = ["dense_best_us", "polar44_us", "polar44_ratio", "polar44_TBps", "polar44_floor_frac", "polar33_us",
+                "polar33_ratio", "polar22_us", "polar22_ratio", "polar44_graph_us", "flash_graph_us", "encode44_us",
+                "encode_frac_of_prefill"]
     if args.tune:
         cols = []
     table = [[f"{r['B']}x{r['T'] // 1024}k Hq{r['Hq']}/{r['Hkv']} D{r['D']}"]

@@ -34,11 +34,31 @@ log = logging.getLogger(__name__)
 MAX_HEAD_DIM = 256
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
-# Launch meta-parameters of the attention kernel (bench/attention.py sweeps them).
 ENCODE_CONFIG = {"num_warps": 8}
-# ablate != 0 gives wrong results on purpose (timing of a kernel with one stage left out).
-ATTN_CONFIG = {"block_n": 64, "block_n_large_d": 32, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
-               "prefetch_v": False, "ablate": 0}
+# Attention launch: autotuned on the GPU over ATTN_TUNE_SPACE (per shape class and length bucket), else the
+# fixed config below (interpreter, group_size < 32, or autotune=False). ablate != 0 gives wrong results on
+# purpose: timing of the kernel with one stage left out (bench only).
+ATTN_CONFIG = {"autotune": True, "block_n": 64, "split_dot": True, "programs_per_sm": 2, "num_warps": 4,
+               "num_stages": 3, "ablate": 0}
+ATTN_TUNE_SPACE = [  # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages)
+    (64, True, 2, 4, 3), (64, False, 2, 4, 3), (64, True, 4, 4, 3), (128, True, 2, 4, 3),
+    (32, True, 4, 4, 3), (32, True, 8, 2, 4),
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_N"] <= args["G"] and c.kwargs["BLOCK_N"] * args["BLOCK_P"] <= 8192]
+    return keep or configs[-1:]
+
+
+polar_attn_fwd_tuned = triton.autotune(
+    configs=[triton.Config(dict(BLOCK_N=bn, SPLIT_DOT=sd, PPS=pps), num_warps=w, num_stages=st)
+             for bn, sd, pps, w, st in ATTN_TUNE_SPACE],
+    key=["tune_key", "P", "NB", "RB", "AB", "G", "BLOCK_M", "BLOCK_DV", "HAS_MASK", "CAUSAL", "SOFTCAP"],
+    prune_configs_by={"early_config_prune": _prune},
+)(polar_attn_fwd_kernel)
 
 
 def _interpret() -> bool:
@@ -220,46 +240,57 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
     rows = RG * S
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     MB = triton.cdiv(rows, block_m)
-    block_n = min(G, cfg["block_n"] if D <= 128 else cfg["block_n_large_d"])
     block_p, block_dv = triton.next_power_of_2(P), max(16, triton.next_power_of_2(Dv))
-    n_code = Tc // block_n
-    n_blocks = n_code + triton.cdiv(seq_len - Tc, block_n)
-    if num_splits is None:
-        num_splits = triton.cdiv(cfg["programs_per_sm"] * _sm_count(q.device), B * NQG * MB)
-    per = triton.cdiv(n_blocks, max(1, min(num_splits, n_blocks)))
-    splits = triton.cdiv(n_blocks, per)
+    L, n_prog = seq_len - Tc, B * NQG * MB
+    sms = _sm_count(q.device)
+
+    def n_splits(block_n: int, pps: int) -> int:
+        n_blocks = Tc // block_n + triton.cdiv(L, block_n)
+        want = num_splits if num_splits is not None else triton.cdiv(pps * sms, n_prog)
+        return triton.cdiv(n_blocks, triton.cdiv(n_blocks, max(1, min(want, n_blocks))))
 
     on_gpu = q.is_cuda and not _interpret()
+    tuned = on_gpu and cfg["autotune"] and G >= 32 and not cfg["ablate"]
+    if tuned:
+        kernel, meta = polar_attn_fwd_tuned, {}
+        max_splits = max(n_splits(c.kwargs["BLOCK_N"], c.kwargs["PPS"]) for c in kernel.configs)
+    else:
+        block_n = min(G, cfg["block_n"], max(16, 8192 // block_p))
+        kernel = polar_attn_fwd_kernel
+        meta = dict(BLOCK_N=block_n, SPLIT_DOT=cfg["split_dot"], PPS=cfg["programs_per_sm"],
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        max_splits = n_splits(block_n, cfg["programs_per_sm"])
+
+    def grid(m):
+        return n_prog // MB, n_splits(m["BLOCK_N"], m["PPS"]), MB
+
     qt = _TL[q.dtype] if on_gpu else tl.float32
     vt = _TL[v.dtype] if on_gpu else tl.float32
     xi, yi = _pair_index(codec.pairing, D, q.device)
     out = torch.empty(B, Hq, S, Dv, dtype=q.dtype, device=q.device)
-    direct = splits == 1
-    if direct:
-        o_arg, m_part, l_part = out, out, out
-    else:
-        o_arg = torch.empty(B * NQG * MB, splits, block_m, block_dv, dtype=torch.float32, device=q.device)
-        m_part = torch.empty(B * NQG * MB, splits, block_m, dtype=torch.float32, device=q.device)
-        l_part = torch.empty_like(m_part)
+    o_part = torch.empty(n_prog * max_splits * block_m * block_dv, dtype=torch.float32, device=q.device)
+    m_part = torch.empty(n_prog * max_splits * block_m, dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
     m_arg, m_strides = (mask, mask.stride()) if mask is not None else (q, (0, 0, 0, 0))
-    polar_attn_fwd_kernel[(B * NQG, splits, MB)](
+    kernel[grid](
         q, *q.stride(), codes, *codes.stride()[:3], params, *params.stride()[:4], tail, *tail.stride(),
-        v, *v.stride()[:3], m_arg, *m_strides, xi, yi, o_arg, *out.stride()[:3], m_part, l_part,
-        seq_len, n_code, n_blocks, per, splits, NQG, S, R, RG, Dv,
-        float(D ** -0.5 if scale is None else scale), float(softcap) if softcap else 1.0,
+        v, *v.stride()[:3], m_arg, *m_strides, xi, yi, out, *out.stride()[:3], o_part, m_part, l_part,
+        seq_len, Tc, NQG, S, R, RG, Dv, float(D ** -0.5 if scale is None else scale),
+        float(softcap) if softcap else 1.0, seq_len.bit_length() * 64 + n_prog.bit_length(),
         P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_DV=block_dv, DIRECT=direct,
+        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_DV=block_dv,
         HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.uint8,
-        SOFTCAP=bool(softcap), CAUSAL=bool(is_causal) and S > 1, FAST=on_gpu, QT=qt, VT=vt,
-        PREFETCH_V=cfg["prefetch_v"], ABLATE=cfg["ablate"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        SOFTCAP=bool(softcap), CAUSAL=bool(is_causal) and S > 1, FAST=on_gpu, QT=qt, VT=vt, ABLATE=cfg["ablate"],
+        **meta,
     )
-    if not direct:
-        polar_attn_reduce_kernel[(B * NQG * MB,)](
-            o_arg, m_part, l_part, out, *out.stride()[:3], NQG, MB, S, RG, Dv, splits,
+    used = kernel.best_config.kwargs if tuned else meta
+    splits = n_splits(used["BLOCK_N"], used["PPS"])
+    if splits > 1:
+        polar_attn_reduce_kernel[(n_prog,)](
+            o_part, m_part, l_part, out, *out.stride()[:3], NQG, MB, S, RG, Dv, splits,
             BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
         )
     return out
 
 
-__all__ = ["append", "attention", "encode_groups", "encode_groups_into", "ATTN_CONFIG"]
+__all__ = ["append", "attention", "encode_groups", "encode_groups_into", "ATTN_CONFIG", "ENCODE_CONFIG"]

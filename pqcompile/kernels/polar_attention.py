@@ -4,9 +4,10 @@ Grid (B * NQG, SPLITS, MB). A program serves RG query heads (all heads of a GQA 
 heads, one head when V was already repeated to Hq heads) times S query positions = up to BLOCK_M rows,
 over one contiguous range of BLOCK_N-token blocks of its kv-head. Encoded blocks are dequantized in
 registers (r, phi from the bin centers; cos/sin through the hardware approximations on the GPU) into
-their x and y halves [N, P], scored by two tl.dots (q_x k_x^T + q_y k_y^T) shared by all rows; the next
-block's codes and params are loaded while this one computes. The full-precision tail blocks are scored
-the same way from the tail buffer. Online softmax in
+their x and y halves [N, P] and scored with tl.dot shared by all rows (two dots q_x k_x^T + q_y k_y^T,
+or one over x/y interleaved: SPLIT_DOT). The full-precision tail blocks are scored the same way from the
+tail buffer. BLOCK_N, SPLIT_DOT, PPS (programs per SM, sets the split count) and the warp/stage counts
+are autotuned on the GPU. Online softmax in
 fp32, P @ V with dense V, then either the final output (one split) or per-split partials (acc, max, sum)
 reduced by polar_attn_reduce_kernel. Dense dequantized keys never leave registers.
 """
@@ -98,7 +99,7 @@ def block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_le
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["seq_len", "n_code_blocks", "n_blocks", "blocks_per_split", "n_splits"])
+@triton.jit(do_not_specialize=["seq_len", "Tc", "tune_key"])
 def polar_attn_fwd_kernel(
     Qp, sq_b, sq_h, sq_s, sq_d,  # q [B, Hq, S, D]
     Cp, sc_b, sc_h, sc_t,  # codes uint8 [B, Hkv, Tc, NB], byte stride 1
@@ -107,24 +108,25 @@ def polar_attn_fwd_kernel(
     Vp, sv_b, sv_h, sv_t,  # v [B, Hkv | Hq, T, Dv], dv stride 1
     Mk, sm_b, sm_h, sm_s, sm_t,  # mask, broadcast to [B, Hq, S, T] (stride 0 where broadcast)
     XI, YI,  # int32 [BLOCK_P]: the x and y dim of each pair (zero-padded)
-    Out, so_b, so_h, so_s,  # [B, Hq, S, Dv] (DIRECT) or fp32 partials [rows, n_splits, BLOCK_M, BLOCK_DV]
-    Mpart, Lpart,  # fp32 [rows, n_splits, BLOCK_M]
-    seq_len, n_code_blocks, n_blocks, blocks_per_split, n_splits, NQG, S_len, R, RG, Dv, scale, softcap,
+    Out, so_b, so_h, so_s,  # [B, Hq, S, Dv]: written directly when the grid has one split
+    Opart, Mpart, Lpart,  # fp32 [rows, splits, BLOCK_M, BLOCK_DV], [rows, splits, BLOCK_M] otherwise
+    seq_len, Tc, NQG, S_len, R, RG, Dv, scale, softcap, tune_key,
     P: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DIRECT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
-    CAUSAL: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, VT: tl.constexpr,
-    PREFETCH_V: tl.constexpr, ABLATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
+    CAUSAL: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, VT: tl.constexpr, ABLATE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_DOT: tl.constexpr, PPS: tl.constexpr,  # tuned (PPS: grid only)
 ):
     W: tl.constexpr = RB + AB
     pid_q = tl.program_id(0)
     split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
     mb = tl.program_id(2)
     b = (pid_q // NQG).to(tl.int64)
     qg = pid_q % NQG
     kvh = ((qg * RG) // R).to(tl.int64)
 
-    # rows: RG query heads x S positions; q split into its x and y halves of every pair
+    # rows: RG query heads x S positions; q split into the x and y halves of every pair
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < RG * S_len
     si = offs_m % S_len
@@ -137,6 +139,8 @@ def polar_attn_fwd_kernel(
     qmask = row_ok[:, None] & jmask[None, :]
     qx = tl.load(Qrow + xi[None, :] * sq_d, mask=qmask, other=0.0).to(QT)  # [M, P]
     qy = tl.load(Qrow + yi[None, :] * sq_d, mask=qmask, other=0.0).to(QT)
+    if not SPLIT_DOT:
+        qxy = tl.reshape(tl.join(qx, qy), [BLOCK_M, 2 * BLOCK_P])  # [M, 2P], x/y interleaved
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -148,47 +152,26 @@ def polar_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
-    first = split * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, n_blocks)
-    code_end = tl.minimum(last, n_code_blocks)
+    # this split's range of BLOCK_N-token blocks: encoded blocks first, then the tail's
+    n_code = Tc // BLOCK_N
+    n_blocks = n_code + tl.cdiv(seq_len - Tc, BLOCK_N)
+    per = tl.cdiv(n_blocks, n_splits)
+    first = split * per
+    last = tl.minimum(first + per, n_blocks)
     Crow = Cp + b * sc_b + kvh * sc_h + offs_n.to(tl.int64)[:, None] * sc_t
     Pbase = Pp + b * sp_b + kvh * sp_h + offs_j
-    # software prefetch: block i + 1's codes, params (and V) load while block i computes
-    ok = first < code_end
-    t0 = first * BLOCK_N
-    raw_n = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, ok, NB, W, BLOCK_P)
-    pg = Pbase + (t0 // G).to(tl.int64) * sp_g
-    r_min_n = tl.load(pg, mask=offs_j < tl.where(ok, P, 0), other=0.0)
-    r_s_n = tl.load(pg + sp_k, mask=offs_j < tl.where(ok, P, 0), other=0.0)
-    a_min_n = tl.load(pg + 2 * sp_k, mask=offs_j < tl.where(ok, P, 0), other=0.0)
-    a_s_n = tl.load(pg + 3 * sp_k, mask=offs_j < tl.where(ok, P, 0), other=0.0)
-    if PREFETCH_V:
-        v_n = tl.load(Vrow + (t0 + offs_n).to(tl.int64)[:, None] * sv_t, mask=(offs_dv < tl.where(ok, Dv, 0))[None, :], other=0.0)
-    for blk in range(first, code_end):
+    for blk in range(first, tl.minimum(last, n_code)):
         t0 = blk * BLOCK_N
         tt = t0 + offs_n
-        raw = raw_n
-        r_min = r_min_n.to(tl.float32)
-        r_s = r_s_n.to(tl.float32)
-        a_min = a_min_n.to(tl.float32)
-        a_s = a_s_n.to(tl.float32)
-        ok = blk + 1 < code_end
-        t1 = t0 + BLOCK_N
-        raw_n = load_codes(Crow + t1.to(tl.int64) * sc_t, offs_j, ok, NB, W, BLOCK_P)
-        pg = Pbase + (t1 // G).to(tl.int64) * sp_g
-        r_min_n = tl.load(pg, mask=offs_j < tl.where(ok, P, 0), other=0.0)
-        r_s_n = tl.load(pg + sp_k, mask=offs_j < tl.where(ok, P, 0), other=0.0)
-        a_min_n = tl.load(pg + 2 * sp_k, mask=offs_j < tl.where(ok, P, 0), other=0.0)
-        a_s_n = tl.load(pg + 3 * sp_k, mask=offs_j < tl.where(ok, P, 0), other=0.0)
-        if PREFETCH_V:
-            v = v_n
-            v_n = tl.load(Vrow + (t1 + offs_n).to(tl.int64)[:, None] * sv_t, mask=(offs_dv < tl.where(ok, Dv, 0))[None, :], other=0.0)
-        else:
-            v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=dv_mask[None, :], other=0.0)
-
+        pg = Pbase + (t0 // G).to(tl.int64) * sp_g
+        r_min = tl.load(pg, mask=jmask, other=0.0).to(tl.float32)
+        r_s = tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32)
+        a_min = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32)
+        a_s = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32)
         if ABLATE == 2:  # timing only: no code stream
             code = tl.zeros([BLOCK_N, BLOCK_P], tl.int32) + offs_n[:, None]
         else:
+            raw = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, t0 >= 0, NB, W, BLOCK_P)
             code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P)
         rad = r_min[None, :] + half_up(code & ((1 << RB) - 1)) * r_s[None, :]
         phi = a_min[None, :] + half_up(code >> RB) * a_s[None, :]
@@ -196,15 +179,19 @@ def polar_attn_fwd_kernel(
             c, s = phi, rad
         else:
             c, s = cos_sin(phi, FAST)
-        qk = tl.dot(qx, tl.trans((rad * c).to(QT)))
-        qk = tl.dot(qy, tl.trans((rad * s).to(QT)), qk)
+        if SPLIT_DOT:
+            qk = tl.dot(qx, tl.trans((rad * c).to(QT)))
+            qk = tl.dot(qy, tl.trans((rad * s).to(QT)), qk)
+        else:
+            k = tl.reshape(tl.join((rad * c).to(QT), (rad * s).to(QT)), [BLOCK_N, 2 * BLOCK_P])
+            qk = tl.dot(qxy, tl.trans(k))
+        v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=dv_mask[None, :], other=0.0)
         m_i, l_i, acc = block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale,
                                      softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE)
 
     # the full-precision tail, scored the same way
-    Tc = n_code_blocks * BLOCK_N
     Tbase = Kt + b * st_b + kvh * st_h
-    for blk in range(tl.maximum(first, n_code_blocks), last):
+    for blk in range(tl.maximum(first, n_code), last):
         tt = blk * BLOCK_N + offs_n
         krow = Tbase + (tt - Tc).to(tl.int64)[:, None] * st_t
         kmask = (tt < seq_len)[:, None] & jmask[None, :]
@@ -217,16 +204,16 @@ def polar_attn_fwd_kernel(
         m_i, l_i, acc = block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale,
                                      softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE)
 
-    if DIRECT:  # a single split: normalize and store the output
+    if n_splits == 1:  # normalize and store the output
         o = acc / tl.where(row_ok, l_i, 1.0)[:, None]
         optr = Out + b * so_b + qh[:, None] * so_h + si[:, None] * so_s + offs_dv[None, :]
         tl.store(optr, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_mask[None, :])
-    else:
+    else:  # partials for polar_attn_reduce_kernel
         row = (pid_q * tl.num_programs(2) + mb).to(tl.int64) * n_splits + split
-        tl.store(Out + row * (BLOCK_M * BLOCK_DV) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_DV + offs_dv[None, :],
-                 acc)
-        tl.store(Mpart + row * BLOCK_M + tl.arange(0, BLOCK_M), m_i)
-        tl.store(Lpart + row * BLOCK_M + tl.arange(0, BLOCK_M), l_i)
+        offs_mm = tl.arange(0, BLOCK_M)
+        tl.store(Opart + row * (BLOCK_M * BLOCK_DV) + offs_mm[:, None] * BLOCK_DV + offs_dv[None, :], acc)
+        tl.store(Mpart + row * BLOCK_M + offs_mm, m_i)
+        tl.store(Lpart + row * BLOCK_M + offs_mm, l_i)
 
 
 @triton.jit(do_not_specialize=["n_splits"])
