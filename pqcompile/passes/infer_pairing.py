@@ -26,28 +26,47 @@ _STACK = (torch.stack,)
 
 
 def _slice_of(node) -> tuple[int | None, int | None, int | None] | None:
-    """x[..., a:b:c] on the last dim -> (a, b, c)."""
-    if not is_call(node, *GETITEM):
+    """x[..., a:b:c] or x[:, :, :, a:b:c] (GPT-J indexes every dim) on the last dim -> (a, b, c)."""
+    if not is_call(node, *GETITEM) or not isinstance(node.args[0], fx.Node):
         return None
-    index = node.args[1]
-    if isinstance(index, tuple) and index and index[0] is Ellipsis and len(index) == 2 and isinstance(index[1], slice):
-        s = index[1]
-        return s.start, s.stop, s.step
-    return None
+    index, base = node.args[1], val(node.args[0])
+    if not (isinstance(index, tuple) and index and isinstance(index[-1], slice)):
+        return None
+    lead = index[:-1]
+    if not all(i is Ellipsis or i == slice(None) for i in lead):
+        return None
+    if Ellipsis not in lead and (base is None or len(index) != base.dim()):
+        return None
+    s = index[-1]
+    return s.start, s.stop, s.step
 
 
 def _rotate_layout(node: fx.Node) -> tuple[PairingMode, int] | None:
-    """Recognize rotate_half / rotate_every_two output; returns (layout, rotated dims)."""
-    if is_call(node, "flatten"):
+    """Recognize rotate_half / rotate_every_two output; returns (layout, rotated dims).
+
+    half-split   cat([-x[..., h:], x[..., :h]], -1)                 HF rotate_half (Llama, NeoX, Phi, ...)
+    interleaved  stack([-x[..., 1::2], x[..., ::2]], -1).flatten(-2)  GPT-J / Cohere rotate_every_two
+    Both slices must cut the same tensor, with the bounds of that layout.
+    """
+    flat = is_call(node, "flatten")
+    if flat:
         node = node.args[0]
-    if is_call(node, *CAT, *_STACK):
-        parts = node.args[0]
-        if len(parts) == 2 and is_call(parts[0], *_NEG):
-            hi, lo = _slice_of(parts[0].args[0]), _slice_of(parts[1])
-            width = val(parts[0].args[0].args[0])
-            if hi and lo and width is not None:
-                layout = PairingMode.INTERLEAVED if hi[2] == 2 else PairingMode.HALF
-                return layout, int(width.shape[-1])
+    if not is_call(node, *CAT, *_STACK):
+        return None
+    parts = arg(node, 0, "tensors")
+    if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and is_call(parts[0], *_NEG)):
+        return None
+    hi_node, lo_node = parts[0].args[0], parts[1]
+    hi, lo = _slice_of(hi_node), _slice_of(lo_node)
+    if not (hi and lo) or hi_node.args[0] is not lo_node.args[0] or val(hi_node.args[0]) is None:
+        return None
+    width = int(val(hi_node.args[0]).shape[-1])
+    h = width // 2
+    if flat and hi[:3] == (1, None, 2) and lo[0] in (None, 0) and lo[1:] == (None, 2):
+        return PairingMode.INTERLEAVED, width
+    if not flat and hi[0] == h and hi[1] in (None, width) and lo[0] in (None, 0) and lo[1] == h \
+            and hi[2] in (None, 1) and lo[2] in (None, 1):
+        return PairingMode.HALF, width
     return None
 
 
@@ -69,10 +88,12 @@ def infer(new_key: fx.Node) -> tuple[Pairing, str]:
     while is_call(node, *_PASSTHROUGH):
         node = node.args[0]
     head_dim = int(val(new_key).shape[-1])
-    # partial rotary: cat([rope(k_rot), k_pass], -1)
+    # partial rotary: cat([rope(k[..., :r]), k[..., r:]], -1)     GPT-NeoX, Phi, StableLM, GPT-J
     if is_call(node, *CAT) and len(arg(node, 0, "tensors")) == 2 and arg(node, 1, "dim", 0) in (-1, 3):
-        rot = _find_rope(arg(node, 0, "tensors")[0])
-        if rot:
+        rot_part, pass_part = arg(node, 0, "tensors")
+        rot = _find_rope(rot_part)
+        cut = _slice_of(pass_part)
+        if rot and cut and cut[0] == rot[1] and cut[1] is None and cut[2] in (None, 1):
             layout, r = rot
             return Pairing(layout, r if r < head_dim else None), f"partial rotary ({layout.value}, {r} of {head_dim})"
     rot = _find_rope(node)
@@ -85,7 +106,7 @@ def infer(new_key: fx.Node) -> tuple[Pairing, str]:
 def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
     result = PassResult("infer_pairing")
     for site in sites(gm):
-        if site.status == "declined":
+        if site.status == "declined" or site.kind == "static":  # static: fixed when the cache was allocated
             continue
         result.matched += 1
         past = val(site.append.args[0][0])
