@@ -35,7 +35,7 @@ MAX_HEAD_DIM = 256
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 ENCODE_CONFIG = {"num_warps": 8}
-# Attention launch: autotuned on the GPU over ATTN_TUNE_SPACE (per shape class and length bucket), else the
+# Attention launch: tuned on the GPU over ATTN_TUNE_SPACE (per shape class and length bucket, see _tune), else the
 # fixed config below (interpreter, group_size < 32, or autotune=False). ablate != 0 gives wrong results on
 # purpose: timing of the kernel with one stage left out (bench only).
 ATTN_CONFIG = {"autotune": True, "block_n": 64, "split_dot": True, "programs_per_sm": 2, "num_warps": 4,
@@ -46,19 +46,33 @@ ATTN_TUNE_SPACE = [  # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages)
 ]
 
 
-def _prune(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    keep = [c for c in configs
-            if c.kwargs["BLOCK_N"] <= args["G"] and c.kwargs["BLOCK_N"] * args["BLOCK_P"] <= 8192]
-    return keep or configs[-1:]
+LAST_CONFIG = [None]  # the config the last tuned attention call used (bench reports it)
+_TUNED: dict = {}  # shape class -> best (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages)
 
 
-polar_attn_fwd_tuned = triton.autotune(
-    configs=[triton.Config(dict(BLOCK_N=bn, SPLIT_DOT=sd, PPS=pps), num_warps=w, num_stages=st)
-             for bn, sd, pps, w, st in ATTN_TUNE_SPACE],
-    key=["tune_key", "P", "NB", "RB", "AB", "G", "BLOCK_M", "BLOCK_DV", "HAS_MASK", "CAUSAL", "SOFTCAP"],
-    prune_configs_by={"early_config_prune": _prune},
-)(polar_attn_fwd_kernel)
+def _tune(key, launch, space):
+    """Time every config of `space` once per shape class (do_bench median) and remember the fastest.
+
+    Plain dict lookup on later calls: triton.autotune's per-call bookkeeping cost ~100 us of host time.
+    Never tunes while a CUDA graph is being captured (uses the first config then).
+    """
+    best = _TUNED.get(key)
+    if best is not None:
+        return best
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return space[0]
+    from triton.testing import do_bench
+
+    times = []
+    for c in space:
+        try:
+            times.append((do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median"), c))
+        except Exception as e:  # noqa: BLE001 - a config that does not compile here is skipped
+            log.debug("polar attention config %s failed: %s", c, e)
+    best = min(times)[1]
+    _TUNED[key] = best
+    log.info("polar attention tuned %s -> %s (%.1f us)", key, best, min(times)[0] * 1e3)
+    return best
 
 
 def _interpret() -> bool:
@@ -250,47 +264,50 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
         return triton.cdiv(n_blocks, triton.cdiv(n_blocks, max(1, min(want, n_blocks))))
 
     on_gpu = q.is_cuda and not _interpret()
-    tuned = on_gpu and cfg["autotune"] and G >= 32 and not cfg["ablate"]
-    if tuned:
-        kernel, meta = polar_attn_fwd_tuned, {}
-        max_splits = max(n_splits(c.kwargs["BLOCK_N"], c.kwargs["PPS"]) for c in kernel.configs)
-    else:
-        block_n = min(G, cfg["block_n"], max(16, 8192 // block_p))
-        kernel = polar_attn_fwd_kernel
-        meta = dict(BLOCK_N=block_n, SPLIT_DOT=cfg["split_dot"], PPS=cfg["programs_per_sm"],
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        max_splits = n_splits(block_n, cfg["programs_per_sm"])
-
-    def grid(m):
-        return n_prog // MB, n_splits(m["BLOCK_N"], m["PPS"]), MB
-
     qt = _TL[q.dtype] if on_gpu else tl.float32
     vt = _TL[v.dtype] if on_gpu else tl.float32
     xi, yi = _pair_index(codec.pairing, D, q.device)
     out = torch.empty(B, Hq, S, Dv, dtype=q.dtype, device=q.device)
-    o_part = torch.empty(n_prog * max_splits * block_m * block_dv, dtype=torch.float32, device=q.device)
-    m_part = torch.empty(n_prog * max_splits * block_m, dtype=torch.float32, device=q.device)
-    l_part = torch.empty_like(m_part)
     m_arg, m_strides = (mask, mask.stride()) if mask is not None else (q, (0, 0, 0, 0))
-    kernel[grid](
-        q, *q.stride(), codes, *codes.stride()[:3], params, *params.stride()[:4], tail, *tail.stride(),
-        v, *v.stride()[:3], m_arg, *m_strides, xi, yi, out, *out.stride()[:3], o_part, m_part, l_part,
-        seq_len, Tc, NQG, S, R, RG, Dv, float(D ** -0.5 if scale is None else scale),
-        float(softcap) if softcap else 1.0, seq_len.bit_length() * 64 + n_prog.bit_length(),
-        P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_DV=block_dv,
-        HAS_MASK=mask is not None, MASK_BOOL=mask is not None and mask.dtype == torch.uint8,
-        SOFTCAP=bool(softcap), CAUSAL=bool(is_causal) and S > 1, FAST=on_gpu, QT=qt, VT=vt, ABLATE=cfg["ablate"],
-        **meta,
-    )
-    used = kernel.best_config.kwargs if tuned else meta
-    splits = n_splits(used["BLOCK_N"], used["PPS"])
-    if splits > 1:
-        polar_attn_reduce_kernel[(n_prog,)](
-            o_part, m_part, l_part, out, *out.stride()[:3], NQG, MB, S, RG, Dv, splits,
-            BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
+    has_mask, mask_bool = mask is not None, mask is not None and mask.dtype == torch.uint8
+    causal = bool(is_causal) and S > 1
+    part = {}
+
+    def launch(c):
+        block_n, split_dot, pps, warps, stages = c
+        splits = n_splits(block_n, pps)
+        if splits > 1 and part.get("n", 0) < splits:
+            part.update(n=splits, o=torch.empty(n_prog * splits * block_m * block_dv, dtype=torch.float32,
+                                                device=q.device),
+                        ml=torch.empty(2, n_prog * splits * block_m, dtype=torch.float32, device=q.device))
+        o_part, ml = (part["o"], part["ml"]) if splits > 1 else (out, (out, out))
+        polar_attn_fwd_kernel[(n_prog // MB, splits, MB)](
+            q, *q.stride(), codes, *codes.stride()[:3], params, *params.stride()[:4], tail, *tail.stride(),
+            v, *v.stride()[:3], m_arg, *m_strides, xi, yi, out, *out.stride()[:3], o_part, ml[0], ml[1],
+            seq_len, Tc, NQG, S, R, RG, Dv, float(D ** -0.5 if scale is None else scale),
+            float(softcap) if softcap else 1.0, 0,
+            P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits,
+            BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_DV=block_dv, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+            SOFTCAP=bool(softcap), CAUSAL=causal, FAST=on_gpu, QT=qt, VT=vt, ABLATE=cfg["ablate"],
+            BLOCK_N=block_n, SPLIT_DOT=split_dot, PPS=pps, num_warps=warps, num_stages=stages,
         )
+        if splits > 1:
+            polar_attn_reduce_kernel[(n_prog,)](
+                o_part, ml[0], ml[1], out, *out.stride()[:3], NQG, MB, S, RG, Dv, splits,
+                BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
+            )
+
+    if on_gpu and cfg["autotune"] and num_splits is None and not cfg["ablate"]:
+        space = [c for c in ATTN_TUNE_SPACE if c[0] <= G and c[0] * block_p <= 8192] or [ATTN_TUNE_SPACE[-1]]
+        key = (seq_len.bit_length(), n_prog.bit_length(), P, NB, codec.radius_bits, G, block_m, block_dv,
+               has_mask, mask_bool, causal, bool(softcap), q.dtype, v.dtype, tail.dtype)
+        LAST_CONFIG[0] = _tune(key, launch, space)
+        launch(LAST_CONFIG[0])
+    else:
+        block_n = min(G, cfg["block_n"], max(16, 8192 // block_p))
+        launch((block_n, cfg["split_dot"], cfg["programs_per_sm"], cfg["num_warps"], cfg["num_stages"]))
     return out
 
 
-__all__ = ["append", "attention", "encode_groups", "encode_groups_into", "ATTN_CONFIG", "ENCODE_CONFIG"]
+__all__ = ["append", "attention", "encode_groups", "encode_groups_into", "ATTN_CONFIG", "ATTN_TUNE_SPACE",
+           "ENCODE_CONFIG"]
