@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from . import counters
-from .config import InnerBackend, PolarQuantConfig
+from . import counters, report, verify
+from .config import InnerBackend, PolarQuantConfig, VerifyMode
 from .passes import run_all
 
 log = logging.getLogger(__name__)
@@ -29,13 +29,29 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: list, cfg: PolarQua
     return compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
+class _Lazy:
+    """Formats on demand: logging calls str() only when the record is emitted."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __str__(self) -> str:
+        return self.fn()
+
+
 def polarquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | None = None,
                options: dict[str, Any] | None = None):
     """torch.compile backend entry point (registered as "polarquant" through an entry point)."""
     cfg = PolarQuantConfig.from_options(options)
-    original = copy.deepcopy(gm) if cfg.verify.value != "off" or cfg.report else None  # noqa: F841 (verify/report)
+    checking, report_dir = cfg.verify is not VerifyMode.OFF, report.target_dir(cfg)
+    original = copy.deepcopy(gm) if checking or report_dir else None  # untouched, for verify and the diff
     results, sites = run_all(gm, cfg)
     counters.record(results, sites)
-    rewritten = sum(s.status == "rewritten" for s in sites)
-    log.info("polarquant: %d/%d attention sites rewritten", rewritten, len(sites))
-    return _inner_compile(gm, example_inputs, cfg, mode)
+    rewritten = verify.snapshot(gm) if checking else None  # the inner compiler may change gm in place
+    rep = report.GraphReport.create(report_dir, original, gm, sites, results, cfg) if report_dir else None
+    facts = rep.data if rep else None
+    log.info("%s", _Lazy(lambda: report.one_line(facts or report.build(gm, gm, sites, results, cfg, "?"))))
+    compiled = _inner_compile(gm, example_inputs, cfg, mode)
+    if not checking:
+        return compiled
+    return verify.Checked(compiled, original, rewritten, sites, cfg, on_event=rep.update if rep else None)

@@ -66,7 +66,8 @@ def _generate_demo(args: argparse.Namespace) -> list[list]:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    return {"radius_bits": args.radius_bits, "angle_bits": args.angle_bits}
+    return {"radius_bits": args.radius_bits, "angle_bits": args.angle_bits, "verify": args.verify,
+            "report": args.report}
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -80,6 +81,24 @@ def demo(args: argparse.Namespace) -> int:
     print(f"\n2. torch.compile(model, backend='polarquant', options={_options(args)}), prefill "
           f"{args.prompt_len} + {args.steps} decode steps with an unmodified DynamicCache:")
     print(tabulate(_generate_demo(args), tablefmt="plain"))
+    print(f"\n3. Report (one folder per compiled graph: summary.txt, before.py/after.py, diff.html, report.json): "
+          f"{args.report}/\n   print it with: pqcompile report {args.report}")
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """Print the summaries of a report folder (DIR of options={"report": DIR}, or one graph's folder)."""
+    from .report import ReportError, latest_run, load, render_summary
+
+    try:
+        reports = load(args.dir)
+    except ReportError as e:
+        print(f"pqcompile report: error: {e}", file=sys.stderr)
+        return 2
+    shown = reports if args.all else latest_run(reports)
+    print("\n".join(render_summary(d) for d in shown), end="")
+    if len(shown) < len(reports):
+        print(f"({len(reports) - len(shown)} graph report(s) from earlier runs in {args.dir} not shown; --all shows them)")
     return 0
 
 
@@ -91,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--radius-bits", type=int, default=4)
     p.add_argument("--angle-bits", type=int, default=4)
+    p.add_argument("--verify", default="first", help="off | first | every:N | shadow:N")
+    p.add_argument("--report", default="pqcompile-report", help="folder for the graph-diff reports")
     p.set_defaults(func=demo)
+    p = sub.add_parser("report", help="print the summary of a report folder written with options={'report': DIR}")
+    p.add_argument("dir")
+    p.add_argument("--all", action="store_true", help="also graphs from earlier runs into the same folder")
+    p.set_defaults(func=report)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,416 @@
+"""Graph-diff reports: what the passes did to one compiled graph, what it saves, and what verify measured.
+
+Written when options={"report": DIR} or the env var PQCOMPILE_REPORT=DIR is set: one folder per compiled
+graph, DIR/compile-<frame>_<n>/ (dynamo's compile id), files named by content:
+  summary.txt   tables (tabulate): sites, key-cache bytes per token, verify results
+  before.py     the graph as dynamo captured it (print_readable: runnable Python)
+  after.py      the graph after the passes
+  diff.html     standalone page: before/after side by side, rewritten nodes highlighted and linked to sites
+  report.json   the same facts, schema SCHEMA (documented in README "Reports")
+The facts live in one dict (the JSON); summary and HTML are rendered from it, so `pqcompile report DIR`
+re-renders any folder. Verify results arrive after compilation: the files are rewritten on each check.
+Also emitted through torch._logging.trace_structured("artifact") for tlparse. An unwritable DIR gives one
+warning per folder and compilation proceeds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import html
+import json
+import logging
+import os
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from tabulate import tabulate
+
+from . import cache, codec
+from .config import PolarQuantConfig
+from .passes.common import arg, module_path, val
+
+log = logging.getLogger(__name__)
+SCHEMA = "pqcompile.report/1"
+FILES = ("summary.txt", "before.py", "after.py", "diff.html", "report.json")
+_RUN = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+_used: set[Path] = set()  # folders this process wrote (dynamo.reset restarts compile ids)
+_warned: set[str] = set()
+
+
+def target_dir(cfg: PolarQuantConfig) -> str | None:
+    return cfg.report or os.environ.get("PQCOMPILE_REPORT") or None
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def _int(x) -> int | str:
+    return int(x) if isinstance(x, int) else str(x)
+
+
+def _site_facts(i: int, site, cfg: PolarQuantConfig) -> dict[str, Any]:
+    key = val(site.append) if site.append is not None else val(arg(site.sdpa, 1, "key"))
+    facts = {"index": i, "module": site.module, "node": site.sdpa.name, "kind": site.kind or None,
+             "kv_append": site.append.name if site.append is not None else None, "pairing": site.pairing or None,
+             "pairing_source": site.pairing_source or None, "gqa": site.gqa, "status": site.status,
+             "reason": site.reason or None, "radius_bits": None, "angle_bits": None, "group_size": None,
+             "kv_heads": None, "head_dim": None, "key_dtype": None, "key_bytes_per_token_before": None,
+             "key_bytes_per_token_after": None}
+    if not isinstance(key, torch.Tensor) or key.dim() != 4:
+        return facts
+    c = key.codec if isinstance(key, cache.PolarKeys) else codec.Codec(cfg.radius_bits, cfg.angle_bits,
+                                                                        cfg.group_size)
+    H, D = _int(key.shape[1]), _int(key.shape[-1])
+    facts.update(kv_heads=H, head_dim=D, key_dtype=str(key.dtype).replace("torch.", ""))
+    if isinstance(H, int) and isinstance(D, int):
+        before = H * D * key.dtype.itemsize
+        facts["key_bytes_per_token_before"] = before
+        facts["key_bytes_per_token_after"] = before
+        if site.status == "rewritten":
+            facts.update(radius_bits=c.radius_bits, angle_bits=c.angle_bits, group_size=c.group_size,
+                         key_bytes_per_token_after=codec.steady_bits_per_element(c, D) * H * D / 8)
+    return facts
+
+
+def _changed_nodes(before: fx.GraphModule, after: fx.GraphModule, sites: list) -> dict[str, dict[str, int | None]]:
+    """Nodes the passes added / removed, each linked to the site of its module (None if no site matches)."""
+    by_module = {s.module: i for i, s in enumerate(sites)}
+    names_b = {n.name: n for n in before.graph.nodes}
+    names_a = {n.name: n for n in after.graph.nodes}
+    added = {k: by_module.get(module_path(n)) for k, n in names_a.items() if k not in names_b}
+    removed = {k: by_module.get(module_path(n)) for k, n in names_b.items() if k not in names_a}
+    return {"added": added, "removed": removed}
+
+
+def build(before: fx.GraphModule, after: fx.GraphModule, sites: list, results: list, cfg: PolarQuantConfig,
+          compile_id: str) -> dict[str, Any]:
+    """The report dict (report.json) of one compiled graph; verify fills in "verify" later."""
+    facts = [_site_facts(i, s, cfg) for i, s in enumerate(sites)]
+    rewritten = [f for f in facts if f["status"] == "rewritten"]
+    kinds = sorted({f["kind"] for f in rewritten})
+    before_b = sum(f["key_bytes_per_token_before"] or 0 for f in facts)
+    after_b = sum(f["key_bytes_per_token_after"] or 0 for f in facts)
+    return {
+        "schema": SCHEMA,
+        "compile_id": compile_id,
+        "run": _RUN,
+        "versions": {"torch": torch.__version__, "pqcompile": _version()},
+        "config": {k: (v.value if hasattr(v, "value") else v) for k, v in vars(cfg).items()} | {
+            "verify": cfg.verify_spec},
+        "graph": {"kind": "/".join(kinds) or "unchanged", "nodes_before": len(before.graph.nodes),
+                  "nodes_after": len(after.graph.nodes), **_changed_nodes(before, after, sites)},
+        "sites": facts,
+        "totals": {"sites": len(facts), "rewritten": len(rewritten), "declined": len(facts) - len(rewritten),
+                   "key_bytes_per_token_before": before_b, "key_bytes_per_token_after": after_b,
+                   "key_ratio": after_b / before_b if before_b else None},
+        "passes": [{"name": r.name, "matched": r.matched, "rewritten": r.rewritten,
+                    "skipped": [list(s) for s in r.skipped]} for r in results],
+        "verify": {"mode": cfg.verify_spec, "status": "off" if cfg.verify_spec == "off" else "pending",
+                   "events": []},
+    }
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pqcompile")
+    except Exception:  # noqa: BLE001 (not installed: running from a checkout)
+        return "unknown"
+
+
+def one_line(data: dict[str, Any]) -> str:
+    """'polarquant: 2/2 attention sites rewritten, keys 0.27x' (the INFO line per graph)."""
+    t = data["totals"]
+    line = f"polarquant: {t['rewritten']}/{t['sites']} attention sites rewritten"
+    dtypes = sorted({f["key_dtype"] for f in data["sites"] if f["key_dtype"]})
+    if t["key_ratio"] is not None:
+        line += f", keys {t['key_ratio']:.2f}x of {'/'.join(dtypes)}"
+    return line
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _num(x, fmt: str = ".3g") -> str:
+    if x is None:
+        return "-"
+    return format(x, fmt) if isinstance(x, float) else str(x)
+
+
+def _sqnr(x) -> str:
+    return "exact" if x is None else f"{x:.1f}"
+
+
+def _site_verify(data: dict[str, Any], index: int) -> str:
+    kernel = [e for e in data["verify"]["events"] if e["check"] == "kernel"]
+    if not kernel:
+        return data["verify"].get("skipped") and "skipped" or data["verify"]["status"]
+    checks = [c for c in kernel[-1]["checks"] if c.get("site") == index]
+    if not checks:
+        return "-"
+    worst = min((c["sqnr_db"] for c in checks if c["sqnr_db"] is not None), default=None)
+    return ("ok" if all(c["ok"] for c in checks) else "MISMATCH") + (
+        " (exact)" if worst is None else f" (SQNR {worst:.1f} dB)")
+
+
+def render_summary(data: dict[str, Any]) -> str:
+    """summary.txt, rendered from the report dict alone."""
+    cfg, t, g = data["config"], data["totals"], data["graph"]
+    lines = [f"polarquant report · graph {data['compile_id']} ({g['kind']}) · torch {data['versions']['torch']}",
+             one_line(data),
+             f"config: {cfg['radius_bits']}+{cfg['angle_bits']} bits, group {cfg['group_size']}, pairing "
+             f"{cfg['pairing']}, backend {cfg['backend']}, verify {cfg['verify']} (on_mismatch {cfg['on_mismatch']})",
+             f"graph: {g['nodes_before']} -> {g['nodes_after']} nodes; added {', '.join(g['added']) or '-'}; "
+             f"removed {', '.join(g['removed']) or '-'}", "", "Attention sites"]
+    rows = [[f["index"], f["module"], f["kind"] or "-", f["kv_append"] or "-",
+             f"{f['pairing'] or '-'} ({f['pairing_source'] or '-'})", f["gqa"],
+             f"{f['radius_bits']}+{f['angle_bits']}/g{f['group_size']}" if f["radius_bits"] else "-",
+             f["status"], _site_verify(data, f["index"])] for f in data["sites"]]
+    lines.append(tabulate(rows, headers=["#", "module", "kind", "KV-append", "pairing (source)", "GQA", "bits",
+                                         "status", "verify"]) if rows else "(no attention site in this graph)")
+    lines += [f"  #{f['index']} declined: {f['reason']}" for f in data["sites"] if f["status"] == "declined"]
+    lines += ["", "Key cache bytes per token and batch row (steady state: group parameters included, tail amortized)"]
+    rows = [[f["index"], f["module"], f["key_dtype"] or "-", f["kv_heads"] or "-", f["head_dim"] or "-",
+             _num(f["key_bytes_per_token_before"]), _num(f["key_bytes_per_token_after"], ".1f"),
+             _ratio(f["key_bytes_per_token_after"], f["key_bytes_per_token_before"])] for f in data["sites"]]
+    rows.append(["", "total", "", "", "", _num(t["key_bytes_per_token_before"]),
+                 _num(float(t["key_bytes_per_token_after"]), ".1f"),
+                 _ratio(t["key_bytes_per_token_after"], t["key_bytes_per_token_before"])])
+    lines.append(tabulate(rows, headers=["#", "module", "dtype", "kv heads", "head dim", "before", "after", "ratio"]))
+    lines += ["", *_render_verify(data["verify"])]
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.3f}x" if a is not None and b else "-"
+
+
+def _render_verify(v: dict[str, Any]) -> list[str]:
+    head = f"Verify: {v['mode']}: {v['status']}"
+    if v.get("skipped"):
+        head += f" ({v['skipped']})"
+    if v.get("fallback"):
+        head += "; FALLBACK: the original graph runs from now on"
+    if "checked" in v:
+        head += f"; checked {v['checked']}, failed {v['failed']}"
+    lines = [head]
+    kernel = [e for e in v["events"] if e["check"] == "kernel"]
+    shown = [e for e in kernel if not e["ok"]][:3] + ([kernel[-1]] if kernel and kernel[-1]["ok"] else [])
+    for e in shown:
+        lines.append(f"kernel check, call {e['call']}: {'ok' if e['ok'] else 'MISMATCH'}, action {e['action']}")
+        rows = [[c["name"], c.get("what", ""), _num(c["max_abs"]), _num(c["rel_l2"]), _sqnr(c["sqnr_db"]),
+                 _num(c["cosine"], ".6f"), "ok" if c["ok"] else "MISMATCH"] for c in e["checks"]]
+        lines.append(tabulate(rows, headers=["compared", "what", "max abs", "rel L2", "SQNR dB", "cosine", ""]))
+    drift = [e for e in v["events"] if e["check"] == "drift"]
+    if drift:
+        lines.append("drift vs a full-precision shadow (step 0 = prefill: compressed vs dense keys)")
+        rows = [[e["step"], c["name"], _num(c["rel_l2"]), _num(c["cosine"], ".6f"), _num(c.get("kl")),
+                 _num(c.get("top1"))] for e in drift for c in e["checks"]]
+        lines.append(tabulate(rows, headers=["step", "compared", "rel L2", "cosine", "KL", "top-1"]))
+    return lines
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#1d1d1f}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:18px 0 6px}
+table{border-collapse:collapse} td,th{border:1px solid #ccd;padding:2px 6px;text-align:left;vertical-align:top}
+th{background:#eef} .ok{background:#e3f6e3} .bad{background:#fbd5d5;font-weight:bold}
+table.diff{width:100%;table-layout:fixed;font:12px/1.35 ui-monospace,monospace}
+table.diff td{border:none;border-right:1px solid #dde;white-space:pre-wrap;word-break:break-all;padding:0 4px}
+table.diff td.ln{width:3.5em;color:#889;text-align:right} table.diff col.code{width:calc(50% - 3.5em)}
+td.added{background:#c8f0c8} td.removed{background:#f8c8c8} td.changed{background:#fff3c4}
+td.comment{color:#778} a.tag{background:#335;color:#fff;border-radius:3px;padding:0 4px;margin-right:4px;
+text-decoration:none;font-size:11px} .legend span{padding:0 6px;margin-right:8px}
+"""
+_ASSIGN = re.compile(r"^\s+([A-Za-z_]\w*)(?::\s*\"[^\"]*\")?\s*=\s")
+
+
+def _code_cell(line: str, side: str, marks: dict[str, int | None], changed: bool) -> str:
+    m = _ASSIGN.match(line)
+    name = m.group(1) if m else None
+    cls, tag, anchor = "", "", ""
+    if name in marks:
+        cls = "added" if side == "after" else "removed"
+        anchor = f' id="{side}-{html.escape(name)}"'
+        if marks[name] is not None:
+            tag = f'<a class="tag" href="#site-{marks[name]}">site {marks[name]}</a>'
+    elif changed:
+        cls = "changed"
+    elif line.lstrip().startswith("#"):
+        cls = "comment"
+    return f'<td class="{cls}"{anchor}>{tag}{html.escape(line)}</td>'
+
+
+def render_html(data: dict[str, Any], before: str, after: str) -> str:
+    """diff.html: standalone (inline CSS, no scripts, no external assets)."""
+    esc = html.escape
+    g = data["graph"]
+    out = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>polarquant {esc(data['compile_id'])}"
+           f"</title><style>{_CSS}</style></head><body>",
+           f"<h1>polarquant · graph {esc(data['compile_id'])} ({esc(g['kind'])})</h1><p>{esc(one_line(data))}</p>",
+           "<h2>Attention sites</h2><table><tr><th>#</th><th>module</th><th>kind</th><th>KV-append</th>"
+           "<th>pairing</th><th>GQA</th><th>bits</th><th>status</th><th>nodes</th><th>verify</th></tr>"]
+    for f in data["sites"]:
+        nodes = [f'<a href="#{side}-{esc(n)}">{esc(n)}</a>' for side in ("after", "before")
+                 for n, i in g["added" if side == "after" else "removed"].items() if i == f["index"]]
+        status = f["status"] + (f": {f['reason']}" if f["reason"] else "")
+        ver = _site_verify(data, f["index"])
+        out.append(f'<tr id="site-{f["index"]}"><td>{f["index"]}</td><td>{esc(f["module"])}</td>'
+                   f'<td>{esc(f["kind"] or "-")}</td><td>{esc(f["kv_append"] or "-")}</td>'
+                   f'<td>{esc(f["pairing"] or "-")} ({esc(f["pairing_source"] or "-")})</td><td>{f["gqa"]}</td>'
+                   f'<td>{f["radius_bits"] or "-"}+{f["angle_bits"] or "-"}</td>'
+                   f'<td class="{"ok" if f["status"] == "rewritten" else ""}">{esc(status)}</td>'
+                   f'<td>{" ".join(nodes)}</td><td class="{_cls(ver)}">{esc(ver)}</td></tr>')
+    out.append("</table>")
+    v = data["verify"]
+    out.append(f"<h2>Numerics</h2><p>{esc(_render_verify(v)[0])}</p>")
+    rows = [(e, c) for e in v["events"] for c in e["checks"]][-200:]
+    if rows:
+        out.append("<table><tr><th>call</th><th>check</th><th>compared</th><th>max abs</th><th>rel L2</th>"
+                   "<th>SQNR dB</th><th>cosine</th><th>KL</th><th>top-1</th><th>result</th></tr>")
+        for e, c in rows:
+            ok = c.get("ok", True)
+            site = f' <a href="#site-{c["site"]}">site {c["site"]}</a>' if c.get("site") is not None else ""
+            label = e["check"] + (f" step {e['step']}" if "step" in e else "")
+            out.append(f"<tr><td>{e['call']}</td><td>{label}</td><td>{esc(c['name'])}{site}</td>"
+                       f"<td>{_num(c['max_abs'])}</td><td>{_num(c['rel_l2'])}</td><td>{_sqnr(c['sqnr_db'])}</td>"
+                       f"<td>{_num(c['cosine'], '.6f')}</td><td>{_num(c.get('kl'))}</td><td>{_num(c.get('top1'))}</td>"
+                       f'<td class="{"ok" if ok else "bad"}">{"ok" if ok else "MISMATCH"}</td></tr>')
+        out.append("</table>")
+    out.append('<h2>Graph diff</h2><p class="legend"><span class="added" style="background:#c8f0c8">added by '
+               'the passes</span><span style="background:#f8c8c8">removed</span><span style="background:#fff3c4">'
+               'changed arguments</span></p><table class="diff"><colgroup><col class="ln"><col class="code">'
+               '<col class="ln"><col class="code"></colgroup><tr><th></th><th>before.py</th><th></th><th>after.py'
+               '</th></tr>')
+    b_lines, a_lines = before.splitlines(), after.splitlines()
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, b_lines, a_lines, autojunk=False).get_opcodes():
+        for k in range(max(i2 - i1, j2 - j1)):
+            i, j = i1 + k, j1 + k
+            left = (f'<td class="ln">{i + 1}</td>' + _code_cell(b_lines[i], "before", g["removed"], op != "equal")
+                    if i < i2 else '<td class="ln"></td><td></td>')
+            right = (f'<td class="ln">{j + 1}</td>' + _code_cell(a_lines[j], "after", g["added"], op != "equal")
+                     if j < j2 else '<td class="ln"></td><td></td>')
+            out.append(f"<tr>{left}{right}</tr>")
+    out.append("</table></body></html>")
+    return "\n".join(out)
+
+
+def _cls(verify_text: str) -> str:
+    return "ok" if verify_text.startswith("ok") else "bad" if verify_text.startswith("MISMATCH") else ""
+
+
+# --------------------------------------------------------------------------- files
+
+
+class GraphReport:
+    """One compiled graph's report folder; `update(verify_state)` is verify's on_event hook."""
+
+    def __init__(self, root: str, data: dict[str, Any], before: str, after: str):
+        self.root, self.data, self.before, self.after = root, data, before, after
+        folder = Path(root) / ("compile-" + data["compile_id"].replace("/", "_"))
+        base, n = folder, 1
+        while folder.resolve() in _used:
+            n += 1
+            folder = base.with_name(f"{base.name}-{n}")
+        _used.add(folder.resolve())
+        self.folder = folder
+
+    @classmethod
+    def create(cls, root: str, before: fx.GraphModule, after: fx.GraphModule, sites: list, results: list,
+               cfg: PolarQuantConfig) -> "GraphReport":
+        data = build(before, after, sites, results, cfg, _compile_id())
+        rep = cls(root, data, before.print_readable(print_output=False), after.print_readable(print_output=False))
+        rep.write()
+        _artifact("pqcompile_report", "json", lambda: json.dumps(rep.data))
+        _artifact("pqcompile_summary", "string", lambda: render_summary(rep.data))
+        return rep
+
+    def update(self, verify_state: dict[str, Any]) -> None:
+        self.data["verify"] = verify_state
+        self.write()
+        _artifact("pqcompile_verify", "json", lambda: json.dumps({"compile_id": self.data["compile_id"],
+                                                                  **verify_state}))
+
+    def write(self) -> bool:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            files = {"summary.txt": render_summary(self.data), "before.py": self.before, "after.py": self.after,
+                     "diff.html": render_html(self.data, self.before, self.after),
+                     "report.json": json.dumps(self.data, indent=1, default=str)}
+            for name, text in files.items():
+                (self.folder / name).write_text(text, encoding="utf-8")
+            return True
+        except OSError as e:
+            if self.root not in _warned:
+                _warned.add(self.root)
+                warnings.warn(f"pqcompile: cannot write reports to {self.root!r} ({e}); compilation proceeds "
+                              "without reports", stacklevel=2)
+            return False
+
+
+def _compile_id() -> str:
+    from torch._guards import CompileContext
+
+    cid = CompileContext.current_compile_id()
+    if cid is not None:
+        return str(cid)
+    _compile_id.count = getattr(_compile_id, "count", 0) + 1
+    return f"x/{_compile_id.count - 1}"
+
+
+def _artifact(name: str, encoding: str, payload_fn) -> None:
+    torch._logging.trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": encoding},
+                                    payload_fn=payload_fn)
+
+
+# --------------------------------------------------------------------------- reading (CLI)
+
+
+class ReportError(Exception):
+    """A folder that is not a (readable) pqcompile report."""
+
+
+def load(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The report dicts of a report root (DIR) or of one graph folder, sorted by compile id."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ReportError(f"{root} is not a folder")
+    paths = [root / "report.json"] if (root / "report.json").exists() else sorted(root.glob("*/report.json"))
+    if not paths:
+        raise ReportError(f"{root} is not a pqcompile report folder (no report.json in it or in its subfolders)")
+    reports = []
+    for p in paths:
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ReportError(f"{p} is corrupt: {e}") from None
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise ReportError(f"{p} is not a pqcompile report (schema {found!r}, expected {SCHEMA!r})")
+        missing = [k for k in ("compile_id", "config", "graph", "sites", "totals", "verify") if k not in data]
+        if missing:
+            raise ReportError(f"{p} is corrupt: missing {', '.join(missing)}")
+        try:
+            render_summary(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ReportError(f"{p} is corrupt: {type(e).__name__}: {e}") from None
+        reports.append(data)
+    return sorted(reports, key=lambda d: [int(x) if x.isdigit() else 0 for x in d["compile_id"].split("/")])
+
+
+def latest_run(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The reports written by the most recent process (a DIR reused across runs keeps older folders)."""
+    def run(d):
+        r = d.get("run") or {}
+        return str(r.get("started", "")), int(r.get("pid", 0) or 0)
+
+    last = max((run(d) for d in reports), default=None)
+    return [d for d in reports if run(d) == last]

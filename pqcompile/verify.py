@@ -1,0 +1,323 @@
+"""Numerics checks of a rewritten graph against the untouched original graph the backend kept.
+
+kernel check (verify="first" | "every:N"): on the selected calls the original graph also runs (eager, in
+  Python, through an fx.Interpreter) on the same inputs. A decode graph's key-cache inputs are the same
+  PolarKeys, so the original's own cat/SDPA run on them through PolarKeys' dense fallback, i.e. on the dense
+  keys the codes stand for. Compared on every graph output and at every rewritten attention site (the polar
+  op's output vs the original SDPA's): max-abs error, relative L2, SQNR (dB), cosine. Both sides use the same
+  codes, so they must agree to kernel rounding; a check passes when max|a - b| <= atol + rtol * max|b| and
+  SQNR >= min_sqnr_db. A prefill graph returns PolarKeys where the original returns dense keys: those are
+  compared with the reference codec's encode+decode of the dense keys (this checks the encode kernel).
+  A failed check is handled per on_mismatch: "raise" (VerifyMismatch), "warn" (the compiled result is
+  returned), "fallback" (the original graph's result is returned, and the original graph runs, in eager,
+  for every later call: exactly what the graph computes without the rewrite).
+drift check (verify="shadow:N"): quantization-induced drift, not a bug check. The prefill's original graph
+  yields the dense keys; each graph output gets a full-precision shadow (a side table keyed by the output
+  tensor's identity, held weakly). For the first N decode steps the original graph runs again on the shadow
+  inputs (dense keys, and values computed from the dense keys), so the shadow is a complete full-precision
+  run of the model fed the same tokens. Reported per layer (keys and attention output vs the shadow) and on
+  the logits (cosine, KL(shadow || compressed), top-1 agreement). Shadows stop after step N.
+Not checked, with the reason reported: graphs without a rewritten site (nothing changed) and graphs that
+mutate an input in place (StaticCache: running them twice would apply the mutation twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import operator
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import cache, codec
+from .cache import PolarKeys
+from .config import InnerBackend, OnMismatch, PolarQuantConfig, VerifyMode
+from .passes.common import SDPA_TARGETS, SITES_KEY, is_call
+
+log = logging.getLogger(__name__)
+MAX_EVENTS = 64  # events kept per graph (counters keep counting)
+_SHADOW: WeakIdKeyDictionary = WeakIdKeyDictionary()  # output tensor -> (full-precision shadow, decode step)
+_VIEWS = ("view", "reshape", "transpose", "permute", "expand", "narrow", "select", "unsqueeze", "squeeze",
+          "flatten", "t", "as_strided", "contiguous", "__getitem__", operator.getitem)
+
+
+class VerifyMismatch(RuntimeError):
+    """The rewritten graph disagrees with the original graph beyond kernel rounding: a bug."""
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def metrics(test: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+    """max_abs, rel_l2, sqnr_db (None = exact), cosine, ref_absmax of `test` against `ref` (same shape)."""
+    a, b = test.detach().double(), ref.detach().double()
+    if a.shape != b.shape:
+        return {"max_abs": math.inf, "rel_l2": math.inf, "sqnr_db": -math.inf, "cosine": 0.0, "ref_absmax": 0.0,
+                "note": f"shape {tuple(a.shape)} vs {tuple(b.shape)}"}
+    diff = torch.where(a == b, torch.zeros_like(a), a - b)  # equal infinities are no error
+    finite_b = torch.where(torch.isfinite(b), b, torch.zeros_like(b))
+    err2, sig2 = float(diff.pow(2).sum()), float(finite_b.pow(2).sum())
+    norm = math.sqrt(float(a.nan_to_num(0, 0, 0).pow(2).sum()) * sig2)
+    return {
+        "max_abs": float(diff.abs().max()) if diff.numel() else 0.0,
+        "rel_l2": math.sqrt(err2 / sig2) if sig2 > 0 else (0.0 if err2 == 0 else math.inf),
+        "sqnr_db": None if err2 == 0 else (10 * math.log10(sig2 / err2) if sig2 > 0 else -math.inf),
+        "cosine": float((a.nan_to_num(0, 0, 0) * finite_b).sum()) / norm if norm > 0 else float(err2 == 0),
+        "ref_absmax": float(finite_b.abs().max()) if b.numel() else 0.0,
+    }
+
+
+def passes(m: dict[str, Any], cfg: PolarQuantConfig, sqnr_only: bool = False) -> bool:
+    """A kernel-check comparison passes: max|a - b| <= atol + rtol * max|b| (unless sqnr_only) and
+    SQNR >= min_sqnr_db."""
+    if math.isnan(m["max_abs"]) or (m["sqnr_db"] is not None and m["sqnr_db"] < cfg.min_sqnr_db):
+        return False
+    return sqnr_only or m["max_abs"] <= cfg.atol + cfg.rtol * m["ref_absmax"]
+
+
+def reference_roundtrip(dense: torch.Tensor, keys: PolarKeys) -> torch.Tensor:
+    """dense keys [B, H, T, D] -> encode + decode with the pure-PyTorch codec and `keys`' codec."""
+    return codec.decode(codec.encode(dense, keys.codec), dense.shape[2], keys.codec)
+
+
+def _as_dense(x: torch.Tensor) -> torch.Tensor:
+    return x.dequantize() if isinstance(x, PolarKeys) else x
+
+
+def kl_top1(test: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Logits [..., V]: mean KL(softmax(ref) || softmax(test)) in nats and top-1 agreement."""
+    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(test.double(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
+    return {"kl": float(kl), "top1": float((ref.argmax(-1) == test.argmax(-1)).double().mean())}
+
+
+# --------------------------------------------------------------------------- running graphs
+
+
+class _Capture(fx.Interpreter):
+    """Runs a GraphModule node by node and keeps the values of the named nodes."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names, self.seen = names, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.seen[n.name] = out
+        return out
+
+
+def _run(gm: fx.GraphModule, args, names: set[str]) -> tuple[Any, dict[str, Any]]:
+    interp = _Capture(gm, names)
+    return interp.run(*args), interp.seen
+
+
+@contextlib.contextmanager
+def _quiet_dense_fallback():
+    """The original graph runs HF's ops on PolarKeys by design here: keep PolarKeys' one-time warnings for
+    the user's own code (restore the set of already-warned ops afterwards)."""
+    saved = set(cache._warned)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        cache._warned.clear()
+        cache._warned.update(saved)
+
+
+def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a (rewritten) graph for checking: the inner compiler may transform `gm` in place."""
+    sites = gm.meta.pop(SITES_KEY, None)
+    try:
+        return copy.deepcopy(gm)
+    finally:
+        if sites is not None:
+            gm.meta[SITES_KEY] = sites
+
+
+def mutated_inputs(gm: fx.GraphModule) -> list[str]:
+    """Placeholders written in place (through views), e.g. StaticCache's index_copy_ and add_."""
+    found = []
+    for n in gm.graph.nodes:
+        target = n.target
+        mutates = (n.op == "call_method" and target.endswith("_") and not target.startswith("_")) or (
+            n.op == "call_function" and (target is operator.setitem or getattr(
+                getattr(target, "_schema", None), "is_mutable", False)))
+        base = n.args[0] if mutates and n.args else None
+        while isinstance(base, fx.Node) and base.op != "placeholder" and is_call(base, *_VIEWS):
+            base = base.args[0]
+        if isinstance(base, fx.Node) and base.op == "placeholder" and base.name not in found:
+            found.append(base.name)
+    return found
+
+
+# --------------------------------------------------------------------------- the checked callable
+
+
+class Checked:
+    """What the backend returns when verify is on: calls the compiled graph and checks the selected calls.
+
+    `state` is the verify part of the report (report.json "verify"); `on_event(state)` runs after each check.
+    """
+
+    def __init__(self, compiled: Callable, original: fx.GraphModule, rewritten: fx.GraphModule, sites: list,
+                 cfg: PolarQuantConfig, on_event: Callable[[dict], None] | None = None):
+        self.compiled, self.original, self.rewritten, self.cfg = compiled, original, rewritten, cfg
+        self.on_event = on_event
+        orig_sdpa = [n.name for n in original.graph.nodes if is_call(n, *SDPA_TARGETS)]
+        self.sites = [(i, s.module, s.kind, orig, s.sdpa.name, s.append.name if s.append is not None else None)
+                      for i, (s, orig) in enumerate(zip(sites, orig_sdpa)) if s.status == "rewritten"]
+        out_node = next(n for n in original.graph.nodes if n.op == "output")
+        self.out_names = [a.name if isinstance(a, fx.Node) else repr(a) for a in tree_leaves(out_node.args)]
+        self.key_site = {s[5]: s[0] for s in self.sites if s[5]}
+        mutated = mutated_inputs(original)
+        skipped = ("no rewritten attention site: the graph is unchanged" if not self.sites else
+                   f"the graph mutates its inputs in place ({', '.join(mutated)}); running it twice would apply "
+                   "the mutation twice" if mutated else None)
+        self.state = {"mode": cfg.verify_spec, "on_mismatch": cfg.on_mismatch.value,
+                      "tolerance": {"atol": cfg.atol, "rtol": cfg.rtol, "min_sqnr_db": cfg.min_sqnr_db},
+                      "status": "skipped" if skipped else "pending", "skipped": skipped, "fallback": False,
+                      "calls": 0, "checked": 0, "failed": 0, "events": []}
+
+    # ------------------------------------------------------------------ call
+
+    def __call__(self, *args):
+        st = self.state
+        st["calls"] += 1
+        if st["fallback"]:
+            return self.original(*args)
+        if st["skipped"]:
+            return self._compiled(args)
+        if self.cfg.verify is VerifyMode.SHADOW:
+            return self._drift(args)
+        every = self.cfg.verify_n if self.cfg.verify is VerifyMode.EVERY else 0
+        if st["calls"] == 1 or (every and (st["calls"] - 1) % every == 0):
+            return self._kernel_check(args)
+        return self._compiled(args)
+
+    def _compiled(self, args):
+        return self.compiled(*args)  # dynamo calls backends' results unboxed
+
+    def _names(self, which: str) -> set[str]:
+        col = 3 if which == "original" else 4
+        return {s[col] for s in self.sites} | {s[5] for s in self.sites if s[5]}
+
+    # ------------------------------------------------------------------ kernel check
+
+    def _kernel_check(self, args):
+        out = self._compiled(args)
+        with _quiet_dense_fallback(), torch.no_grad():
+            ref_out, ref_seen = _run(self.original, args, self._names("original"))
+            rew_out, rew_seen = _run(self.rewritten, args, self._names("rewritten"))
+        checks = []  # rewritten graph vs original graph, both eager: only the rewritten sites differ
+        for i, module, kind, orig, rew, _ in self.sites:
+            what = "polar attention vs SDPA on dequantized keys" if kind != "prefill" else "SDPA (unchanged)"
+            checks.append(self._check(f"{module} ({rew})", i, what, rew_seen[rew], ref_seen[orig]))
+        for name, o, r in zip(self.out_names, tree_leaves(rew_out), tree_leaves(ref_out)):
+            if isinstance(o, torch.Tensor) and isinstance(r, torch.Tensor):
+                checks.append(self._check(name, self.key_site.get(name), "output", o, r))
+        if self.cfg.backend is not InnerBackend.EAGER:  # what the inner compiler made of it: SQNR only
+            for name, o, r in zip(self.out_names, tree_leaves(out), tree_leaves(ref_out)):
+                if name.startswith("logits") and isinstance(o, torch.Tensor) and o.is_floating_point():
+                    checks.append(self._check(f"{name} (compiled)", None, f"{self.cfg.backend.value} output", o, r,
+                                              sqnr_only=True))
+        ok = all(c["ok"] for c in checks)
+        st = self.state
+        st["checked"] += 1
+        st["failed"] += not ok
+        event = {"call": st["calls"], "check": "kernel", "ok": ok, "action": "none", "checks": checks}
+        if ok:
+            st["status"] = "passed" if st["status"] in ("pending", "passed") else st["status"]
+            self._emit(event)
+            return out
+        st["status"] = "failed"
+        bad = sorted((c for c in checks if not c["ok"]),  # worst first: the site that is wrong, not its effects
+                     key=lambda c: math.inf if c["sqnr_db"] is None else c["sqnr_db"])
+        msg = (f"polarquant verify: call {st['calls']}: {len(bad)}/{len(checks)} comparisons disagree with the "
+               "original graph beyond kernel rounding: " + "; ".join(
+                   f"{c['name']} max_abs={c['max_abs']:.3g} sqnr={_db(c['sqnr_db'])}" for c in bad[:4]))
+        if self.cfg.on_mismatch is OnMismatch.RAISE:
+            event["action"] = "raised"
+            self._emit(event)
+            raise VerifyMismatch(msg)
+        if self.cfg.on_mismatch is OnMismatch.WARN:
+            event["action"] = "warned"
+            self._emit(event)
+            warnings.warn(msg, stacklevel=2)
+            return out
+        event["action"] = "fallback"
+        st["fallback"] = True
+        self._emit(event)
+        log.warning("%s; falling back to the original graph from now on", msg)
+        return ref_out
+
+    def _check(self, name: str, site: int | None, what: str, o: torch.Tensor, r: torch.Tensor,
+               sqnr_only: bool = False) -> dict[str, Any]:
+        if isinstance(o, PolarKeys) and not isinstance(r, PolarKeys):  # prefill: dense keys became PolarKeys
+            o, r, what = o.dequantize(), reference_roundtrip(r, o), "keys vs reference encode+decode"
+        elif isinstance(o, PolarKeys):
+            what = "keys (dequantized)"
+        # Keys: a value at a bin edge may round to the next code when its inputs differ in the last bit, one
+        # code in millions, so they are judged on SQNR (noise power), not on the largest single error.
+        sqnr_only = sqnr_only or what.startswith("keys")
+        o, r = _as_dense(o), _as_dense(r)
+        m = metrics(o, r) if o.is_floating_point() else metrics(o.double(), r.double())
+        return {"name": name, "site": site, "what": what, **m, "ok": passes(m, self.cfg, sqnr_only)}
+
+    # ------------------------------------------------------------------ drift check
+
+    def _drift(self, args):
+        out = self._compiled(args)
+        polar_in = [a for a in args if isinstance(a, PolarKeys)]
+        shadows = [_SHADOW.get(a) for a in polar_in]
+        if polar_in and (None in shadows or max(s[1] for s in shadows) >= self.cfg.verify_n):
+            return out  # not shadowed (cache built before verify, or past step N)
+        step = max((s[1] for s in shadows), default=-1) + 1
+        shadow_args = [(_SHADOW[a][0] if isinstance(a, torch.Tensor) and a in _SHADOW else a) for a in args]
+        with _quiet_dense_fallback(), torch.no_grad():
+            ref_out, ref_seen = _run(self.original, shadow_args, self._names("original"))
+            _, rew_seen = _run(self.rewritten, args, self._names("rewritten")) if step else (None, {})
+        if step < self.cfg.verify_n:
+            for o, r in zip(tree_leaves(out), tree_leaves(ref_out)):
+                if isinstance(o, torch.Tensor) and isinstance(r, torch.Tensor):
+                    _SHADOW[o] = (r, step)
+        checks = []
+        for i, module, kind, orig, rew, append in self.sites:
+            if step == 0:  # prefill: the compressed keys against the dense keys they replace
+                o = next((o for n, o in zip(self.out_names, tree_leaves(out)) if n == append), None)
+                if isinstance(o, PolarKeys):
+                    checks.append({"name": f"{module} keys", "site": i, **metrics(o.dequantize(), ref_seen[append])})
+                continue
+            checks.append({"name": f"{module} keys", "site": i,
+                           **metrics(_as_dense(rew_seen[append]), _as_dense(ref_seen[append]))})
+            checks.append({"name": f"{module} attention", "site": i, **metrics(rew_seen[rew], ref_seen[orig])})
+        for name, o, r in zip(self.out_names, tree_leaves(out), tree_leaves(ref_out)):
+            if name.startswith("logits") and isinstance(o, torch.Tensor) and o.is_floating_point():
+                checks.append({"name": name, "site": None, **metrics(o, r), **kl_top1(o, r)})
+        st = self.state
+        st["checked"] += 1
+        st["status"] = "drift"
+        self._emit({"call": st["calls"], "check": "drift", "step": step, "ok": True, "action": "none",
+                    "checks": checks})
+        return out
+
+    def _emit(self, event: dict) -> None:
+        events = self.state["events"]
+        events.append(event)
+        del events[:-MAX_EVENTS]
+        log.debug("polarquant verify event: call %s %s ok=%s", event["call"], event["check"], event["ok"])
+        if self.on_event is not None:
+            self.on_event(self.state)
+
+
+def _db(x) -> str:
+    return "exact" if x is None else f"{x:.1f}dB"
