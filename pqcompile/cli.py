@@ -98,7 +98,7 @@ def report(args: argparse.Namespace) -> int:
     shown = reports if args.all else latest_run(reports)
     print("\n".join(render_summary(d) for d in shown), end="")
     if len(shown) < len(reports):
-        print(f"({len(reports) - len(shown)} graph report(s) from earlier runs in {args.dir} not shown; --all shows them)")
+        print(f"({len(reports) - len(shown)} graph report(s) from earlier runs in {args.dir} not shown: --all)")
     return 0
 
 
