@@ -119,7 +119,7 @@ def _is_fake(t: torch.Tensor) -> bool:
 def _dense_fallback(func, args, kwargs):
     """Any op without a compressed implementation: run it on the dequantized keys (correct, lossy, slow)."""
     def unwrap(x):
-        if isinstance(x, PolarKeys):
+        if isinstance(x, COMPRESSED_TYPES):
             if func not in _warned and not _is_fake(x.codes):
                 _warned.add(func)
                 warnings.warn(f"pqcompile: {func} has no compressed implementation; it runs on dequantized keys "
@@ -130,6 +130,9 @@ def _dense_fallback(func, args, kwargs):
     args = torch.utils._pytree.tree_map(unwrap, args)
     kwargs = torch.utils._pytree.tree_map(unwrap, kwargs)
     return func(*args, **kwargs)
+
+
+COMPRESSED_TYPES: tuple = (PolarKeys,)  # static_cache.py adds StaticPolarKeys
 
 
 def _map(x: PolarKeys, fn, seq_len=None) -> PolarKeys:

@@ -126,3 +126,95 @@ def _(q, codes, params, tail, v, seq_len, mask, scale, softcap, is_causal, radiu
       pairing):
     B, Hq, S, _ = q.shape
     return q.new_empty(B, Hq, S, v.shape[-1])
+
+
+# --------------------------------------------------------------------------- static (preallocated) state
+# codes [B, H, Tcap, NB], params [B, H, (Tcap/G)*4, P], ring [B, H, G, D], length int64 [1] (static_cache.py)
+
+
+def _static_view(codes, params, ring, L: int, c: Codec) -> PolarData:
+    """The first L tokens of a static state, in codec.py's layout (views, plus a padded tail)."""
+    G, n = c.group_size, L // c.group_size
+    tail = torch.cat([ring[:, :, : L % G], ring.new_zeros(*ring.shape[:2], TAIL_PAD, ring.shape[3])], dim=2)
+    return PolarData(codes[:, :, : n * G], unflat(params[:, :, : n * 4]), tail)
+
+
+@torch.library.custom_op(f"{_LIB}::static_write_", mutates_args=("codes", "params", "ring", "length"))
+def static_write_(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor, length: torch.Tensor,
+                  new_keys: torch.Tensor, positions: torch.Tensor, radius_bits: int, angle_bits: int,
+                  group_size: int, pairing: str) -> None:
+    """In place: write new_keys [B, H, S, D] at token positions [S] (contiguous, starting at or before
+    `length`), encoding each group that completes. Positions before `length` rewind (HF crop)."""
+    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    G, S = c.group_size, new_keys.shape[2]
+    start, L = int(positions[0]), int(length[0])
+    end = start + S
+    if end > codes.shape[2]:
+        raise IndexError(f"index {end - 1} is out of bounds for dimension 2 with size {codes.shape[2]}: the static "
+                         "cache is too small for the requested tokens")
+    if start > L or not torch.equal(positions.cpu(), torch.arange(start, end)):
+        raise ValueError(f"static cache writes must be contiguous from the current length {L}; got positions "
+                         f"[{start}, ..] of {S}")
+    if start < (L // G) * G:  # rewind into an encoded group: its kept tokens move back to the ring
+        g0 = start // G
+        kept = ref.decode(_static_view(codes, params, ring, (g0 + 1) * G, c), (g0 + 1) * G, c)[:, :, g0 * G: start]
+        ring[:, :, : start - g0 * G] = kept.to(ring.dtype)
+    pending = torch.cat([ring[:, :, : start % G], new_keys.to(ring.dtype)], dim=2)
+    first = start // G
+    done = (pending.shape[2] // G) * G
+    if done:
+        if _use_kernels(new_keys):
+            from . import kernels
+
+            k_codes, k_params = kernels.encode_groups(pending[:, :, :done], c)
+        else:
+            k_codes, k_params = ref.encode_groups(pending[:, :, :done], c)
+        codes[:, :, first * G: first * G + done] = k_codes
+        params[:, :, first * 4: first * 4 + done // G * 4] = flat(k_params)
+    ring[:, :, : pending.shape[2] - done] = pending[:, :, done:]
+    length.fill_(end)
+
+
+@static_write_.register_fake
+def _(codes, params, ring, length, new_keys, positions, radius_bits, angle_bits, group_size, pairing):
+    return None
+
+
+@torch.library.custom_op(f"{_LIB}::static_attention", mutates_args=())
+def static_attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
+                     length: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                     is_causal: bool, radius_bits: int, angle_bits: int, group_size: int, pairing: str
+                     ) -> torch.Tensor:
+    """Attention of q [B, Hq, S, D] over the first `length` tokens of a static state; v [B, Hkv|Hq, Tmax, Dv],
+    mask broadcastable to [B, Hq, S, Tmax] (HF's static mask)."""
+    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    L = int(length[0])
+    data = _static_view(codes, params, ring, L, c)
+    mask = None if mask is None else mask[..., :L]
+    if _use_kernels(q):
+        from . import kernels
+
+        return kernels.attention(q, data, L, v[:, :, :L], c, mask=mask, scale=scale, is_causal=is_causal).contiguous()
+    return ref.attention(q, data, L, v[:, :, :L], c, mask=mask, scale=scale, is_causal=is_causal).contiguous()
+
+
+@static_attention.register_fake
+def _(q, codes, params, ring, length, v, mask, scale, is_causal, radius_bits, angle_bits, group_size, pairing):
+    B, Hq, S, _ = q.shape
+    return q.new_empty(B, Hq, S, v.shape[-1])
+
+
+@torch.library.custom_op(f"{_LIB}::static_decode", mutates_args=())
+def static_decode(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor, length: torch.Tensor,
+                  radius_bits: int, angle_bits: int, group_size: int, pairing: str, max_len: int) -> torch.Tensor:
+    """Dense [B, H, max_len, D]: the first `length` tokens reconstructed, zeros after."""
+    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    L = int(length[0])
+    out = ring.new_zeros(*ring.shape[:2], max_len, ring.shape[3])
+    out[:, :, :L] = ref.decode(_static_view(codes, params, ring, L, c), L, c)
+    return out
+
+
+@static_decode.register_fake
+def _(codes, params, ring, length, radius_bits, angle_bits, group_size, pairing, max_len):
+    return ring.new_empty(*ring.shape[:2], max_len, ring.shape[3])

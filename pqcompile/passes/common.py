@@ -23,6 +23,8 @@ class Site:
     new_key: fx.Node | None = None  # the post-RoPE key fed to the append
     value: fx.Node | None = None  # the value operand with any GQA repeat stripped
     gqa: int = 1  # query heads per kv head
+    write: fx.Node | None = None  # static caches: the in-place KV-append (keys.index_copy_(2, pos, new))
+    causal: bool = False  # SDPA is_causal over a static cache sliced to the written length (HF prefill)
     kind: str = ""  # "prefill" (dense past, keys get compressed) | "decode" (past is PolarKeys)
     pairing: str = ""  # codec.Pairing spec inferred from the graph
     pairing_source: str = ""  # the RoPE pattern the pairing was read from
@@ -97,6 +99,8 @@ def normalized_dim(dim: int, ndim: int) -> int:
 def _is_impure(node: fx.Node) -> bool:
     """Keep in-place methods (add_, index_copy_, copy_) alive: fx's DCE would drop them (DESIGN §3)."""
     if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_"):
+        return True
+    if getattr(node.target, "mutates_inputs", False):  # e.g. static_cache.static_write
         return True
     return node.is_impure()
 

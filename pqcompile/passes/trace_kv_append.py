@@ -9,6 +9,7 @@ The value operand is stripped of the same repeat, so the polar op reads Hkv valu
 A site is declined (and stays exactly as it was) when:
   - its key is not a KV-append written back to the cache (use_cache=False, cross-attention, StaticCache
     index_copy_, which this release keeps dense),
+  - the cache keeps only a window of the appended key (sliding-window layers: cat(...)[:, :, -w:]),
   - the appended key feeds other ops than this attention (the compressed key would be dequantized),
   - dropout_p is not 0, or is_causal is used with several queries over a cache (SDPA aligns that mask
     top-left, a shape no decoder uses; refusing is safer than guessing).
@@ -51,6 +52,18 @@ def kv_append(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return tensors[0], tensors[1]
 
 
+def _window_kept(key: fx.Node, outputs: set[fx.Node]) -> int | None:
+    """cat(...)[:, :, -w:] written back to the cache (HF DynamicSlidingWindowLayer: Mistral v0.1, Gemma2/3
+    sliding layers) -> w."""
+    for user in key.users:
+        if user in outputs and is_call(user, *GETITEM) and isinstance(user.args[1], tuple):
+            index = user.args[1]
+            if len(index) >= 3 and isinstance(index[2], slice) and isinstance(index[2].start, int) \
+                    and index[2].start < 0 and index[2].stop is None:
+                return -index[2].start
+    return None
+
+
 def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
     result = PassResult("trace_kv_append")
     outputs = graph_outputs(gm)
@@ -78,6 +91,10 @@ def _trace(site: Site, outputs: set[fx.Node]) -> None:
         return site.decline("key is not a KV-append torch.cat([past, new], dim=-2) (no cache, cross-attention, "
                             "or a StaticCache index_copy_, kept dense in this release)")
     if key not in outputs:
+        window = _window_kept(key, outputs)
+        if window:
+            return site.decline(f"sliding-window layer: the cache keeps only the newest {window} keys "
+                                f"(cat(...)[:, :, -{window}:]); compressed groups cannot drop single tokens")
         return site.decline("the concatenated key is not written back to the cache (not a graph output)")
     key_users = set(key.users) - {next(iter(n for n in key.graph.nodes if n.op == "output"))}
     allowed = {node} | ({k, k.args[0], k.args[0].args[0]} if k is not key else set())

@@ -1,0 +1,245 @@
+"""Coverage of Hugging Face decoder families: tiny random-weight models built from configs (no downloads),
+run through `model.compile(backend="polarquant")` + `generate`, measured against eager and against the
+reference codec. tests/models/ asserts on these measurements; `pqcompile coverage --markdown` writes the
+README's support table from them.
+
+How a family is judged (one prompt of PROMPT tokens, then `steps` greedy decode steps with DynamicCache):
+  sites       pqcompile.counters: attention sites rewritten / declined (with the reason), graphs compiled.
+  pairing     the pairing the compiler inferred vs the family's RoPE layout (Family.rope).
+  reference   eager HF, teacher-forced on the compiled run's tokens, whose decode attention reads keys
+              passed through codec.decode(codec.encode(k)) with the *true* pairing: the same quantized keys
+              the compiled run holds (groups flushed at the same lengths, the same exact tail). Compiled vs
+              reference differs only by fp32 reassociation (LUT scores vs dense dequantized keys) and by keys
+              that sit on a bin edge in one graph but not the other: err_ref (relative L2 error of the
+              logits, max over steps) is ~1e-7, far below err_ref_eager (what the codec itself changes).
+  eager       plain eager HF teacher-forced on the same tokens: err_eager and top-1 agreement show what the
+              4+4 codec itself costs on this model (random models: attention is near uniform, so small).
+              Teacher forcing compares every step on the same prefix; free-running tokens would compare
+              different prefixes after the first near-tie flip.
+  tokens      free-running greedy tokens of the compiled run vs eager generate: the common prefix length
+              (reported only: on a random model one near-tie flips every later token).
+  bytes       key-cache bytes per token over all layers, as held by PolarKeys (== codec.state_bits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import transformers as T
+
+from . import codec, counters
+from .cache import PolarKeys
+from .codec import Codec, Pairing
+
+PROMPT = 37  # 2 complete groups of 16 + a 5-token tail: decode steps flush groups at 48, 64, 80, 96
+OPTIONS = {"group_size": 16}  # radius 4 + angle 4 bits, the reference configuration but for the group size
+VOCAB, HIDDEN, HEADS, LAYERS = 256, 64, 4, 2  # head_dim 16
+
+
+def _common(**kw) -> dict:
+    d = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+             num_attention_heads=HEADS, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+             pad_token_id=0)
+    d.update(kw)
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    make: Callable[[], tuple]  # -> (config, model class)
+    rope: str  # the pairing that matches the model's RoPE (codec.Pairing spec)
+    rope_note: str  # the RoPE layout in words
+    declined: int = 0  # attention layers expected to be declined (per graph)
+    decline_reason: str = ""  # a substring of their reason
+    inductor: bool = False  # run through the default inductor path in the tests (others use aot_eager)
+
+    def build(self, attn: str = "sdpa", seed: int = 0, **overrides) -> torch.nn.Module:
+        cfg, cls = self.make()
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        cfg._attn_implementation = attn
+        torch.manual_seed(seed)
+        return cls(cfg).eval()
+
+
+FAMILIES = [
+    Family("llama", lambda: (T.LlamaConfig(**_common(num_key_value_heads=2)), T.LlamaForCausalLM),
+           "half", "rotate_half, GQA 4/2", inductor=True),
+    # Mistral v0.2+ (sliding_window null); v0.1's 4096 window is a declined case (tests/models/test_declined.py)
+    Family("mistral", lambda: (T.MistralConfig(**_common(num_key_value_heads=2, sliding_window=None)),
+                               T.MistralForCausalLM), "half", "rotate_half, GQA"),
+    Family("mixtral", lambda: (T.MixtralConfig(**_common(num_key_value_heads=2, num_local_experts=4,
+                                                         num_experts_per_tok=2, sliding_window=None)),
+                               T.MixtralForCausalLM), "half", "rotate_half, MoE"),
+    Family("qwen2", lambda: (T.Qwen2Config(**_common(num_key_value_heads=2)), T.Qwen2ForCausalLM),
+           "half", "rotate_half, qkv bias"),
+    Family("qwen3", lambda: (T.Qwen3Config(**_common(num_key_value_heads=2, head_dim=16)), T.Qwen3ForCausalLM),
+           "half", "rotate_half after q/k RMSNorm"),
+    Family("gemma", lambda: (T.GemmaConfig(**_common(num_key_value_heads=1, head_dim=16)), T.GemmaForCausalLM),
+           "half", "rotate_half, MQA"),
+    Family("gemma3", lambda: (T.Gemma3TextConfig(**_common(num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                                           layer_types=["sliding_attention", "full_attention"])),
+                              T.Gemma3ForCausalLM), "half", "rotate_half, q/k norms, sliding + full layers",
+           declined=1, decline_reason="sliding-window layer"),
+    Family("phi3", lambda: (T.Phi3Config(**_common(num_key_value_heads=2)), T.Phi3ForCausalLM),
+           "half", "rotate_half, fused qkv (slices)"),
+    Family("phi", lambda: (T.PhiConfig(**_common(partial_rotary_factor=0.5)), T.PhiForCausalLM),
+           "half@8", "partial rotary 50%, rotate_half", inductor=True),
+    Family("gpt_neox", lambda: (T.GPTNeoXConfig(**_common(rotary_pct=0.25)), T.GPTNeoXForCausalLM),
+           "half@4", "partial rotary 25%, fused qkv (chunk)"),
+    Family("stablelm", lambda: (T.StableLmConfig(**_common(num_key_value_heads=2, partial_rotary_factor=0.25)),
+                                T.StableLmForCausalLM), "half@4", "partial rotary 25%"),
+    Family("falcon", lambda: (T.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                             num_attention_heads=HEADS, multi_query=True,
+                                             new_decoder_architecture=False, bos_token_id=1, eos_token_id=2),
+                              T.FalconForCausalLM), "half", "rotate_half, MQA, fused qkv, default scale"),
+    Family("gpt2", lambda: (T.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                                         n_positions=512, bos_token_id=1, eos_token_id=2), T.GPT2LMHeadModel),
+           "half", "no RoPE (learned positions), fused c_attn", inductor=True),
+    Family("opt", lambda: (T.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=2 * HIDDEN,
+                                       num_hidden_layers=LAYERS, num_attention_heads=HEADS, word_embed_proj_dim=HIDDEN,
+                                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+                           T.OPTForCausalLM), "half", "no RoPE, pre-scaled q (scale=1.0)"),
+    Family("gptj", lambda: (T.GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, rotary_dim=8,
+                                         n_positions=512, bos_token_id=1, eos_token_id=2), T.GPTJForCausalLM),
+           "interleaved@8", "interleaved (rotate_every_two), partial 8 of 16"),
+    Family("olmo", lambda: (T.OlmoConfig(**_common(num_key_value_heads=2)), T.OlmoForCausalLM),
+           "half", "rotate_half, non-parametric norm"),
+    Family("olmo2", lambda: (T.Olmo2Config(**_common(num_key_value_heads=2)), T.Olmo2ForCausalLM),
+           "half", "rotate_half, q/k norms before RoPE"),
+    Family("granite", lambda: (T.GraniteConfig(**_common(num_key_value_heads=2, attention_multiplier=0.2)),
+                               T.GraniteForCausalLM), "half", "rotate_half, attention_multiplier scale"),
+]
+BY_NAME = {f.name: f for f in FAMILIES}
+
+
+# --------------------------------------------------------------------------- the reference: eager + codec
+
+
+@contextlib.contextmanager
+def reference_keys(model: torch.nn.Module, modules: dict[str, str], cfg: Codec):
+    """Eager SDPA calls with one query (decode) in `modules` ({module path: pairing spec}) attend over
+    codec.decode(codec.encode(keys)): the quantized keys the compiled run holds, with the given pairing."""
+    current: list[str | None] = [None]
+    hooks = [model.get_submodule(path).register_forward_pre_hook(lambda m, a, p=path: current.__setitem__(0, p))
+             for path in modules]
+    sdpa = F.scaled_dot_product_attention
+
+    def quantized_sdpa(q, k, v, *args, **kwargs):
+        if current[0] in modules and q.shape[-2] == 1:
+            c = dataclasses.replace(cfg, pairing=Pairing.parse(modules[current[0]]))
+            k = codec.decode(codec.encode(k, c), k.shape[2], c)
+        return sdpa(q, k, v, *args, **kwargs)
+
+    F.scaled_dot_product_attention = quantized_sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def teacher_forced(model: torch.nn.Module, seq: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Eager (uncompiled) prefill of seq[:, :prompt], then one token at a time: logits [steps, V]."""
+    cache = T.DynamicCache(config=model.config)
+    out = model.forward(seq[:, :prompt], past_key_values=cache, use_cache=True)
+    logits = [out.logits[0, -1]]
+    for t in range(prompt, seq.shape[1] - 1):
+        out = model.forward(seq[:, t:t + 1], past_key_values=cache, use_cache=True)
+        logits.append(out.logits[0, -1])
+    return torch.stack(logits)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max over steps of ||a - b|| / ||b|| (logits [steps, V])."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
+
+
+def top1(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+
+# --------------------------------------------------------------------------- one family, measured
+
+
+@dataclasses.dataclass
+class Measurement:
+    family: str
+    steps: int
+    graphs: int
+    rewritten: int  # attention layers rewritten (prefill graph)
+    declined: int  # attention layers declined (prefill graph)
+    reasons: list[str]
+    pairings: list[str]  # inferred, per rewritten prefill site
+    err_ref: float  # logits rel. error (max over steps), compiled vs eager + reference codec (true pairing)
+    err_eager: float  # compiled vs plain eager
+    err_ref_eager: float  # eager + reference codec vs plain eager: what the codec itself costs
+    top1_eager: float  # teacher-forced argmax agreement, compiled vs eager
+    top1_ref: float  # compiled vs eager + reference codec
+    top1_ref_eager: float  # eager + reference codec vs plain eager
+    common_prefix: int  # free-running: tokens equal to eager generate before the first difference
+    key_bytes_per_token: float  # all layers, as held
+    dense_fp16_bytes_per_token: float
+    bytes_accounted: bool  # every PolarKeys holds exactly B*H*codec.state_bits bits
+    compile_s: float  # wall time of the compiled generate (compiles + run)
+
+
+@torch.no_grad()
+def measure(family: Family, steps: int = 64, inner: str = "aot_eager", options: dict | None = None,
+            model: torch.nn.Module | None = None, seed: int = 1) -> Measurement:
+    """Run one family eager and compiled; see the module docstring for what each number means."""
+    torch._dynamo.reset()  # the recompile limit is per code object, shared by every instance of a class
+    counters.clear()
+    model = model or family.build()
+    opts = {**OPTIONS, **(options or {}), "backend": inner}
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (1, PROMPT), generator=gen)
+    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, return_dict_in_generate=True)
+    eager_seq = model.generate(ids, **kw).sequences
+
+    model.compile(backend="polarquant", options=opts)
+    t0 = time.perf_counter()
+    out = model.generate(ids, output_logits=True, **kw)
+    compile_s = time.perf_counter() - t0
+    model._compiled_call_impl = None  # back to eager for the references
+    seq, polar = out.sequences, torch.stack(out.logits)[:, 0]  # [steps, V]
+
+    prefill = counters.graphs[0]["sites"]
+    rewritten = {m: p for m, kind, status, _, p in prefill if status == "rewritten"}
+    c = Codec(4, 4, opts["group_size"]) if "radius_bits" not in opts else \
+        Codec(opts["radius_bits"], opts["angle_bits"], opts["group_size"])
+    eager = teacher_forced(model, seq, PROMPT)
+    with reference_keys(model, {m: family.rope for m in rewritten}, c):
+        ref = teacher_forced(model, seq, PROMPT)
+
+    held, accounted = 0, True
+    keys = [layer.keys for layer in out.past_key_values.layers]
+    for k in keys:
+        B, H, n, D = k.shape
+        if isinstance(k, PolarKeys):
+            held += k.nbytes_held()
+            accounted &= k.nbytes_held() * 8 == B * H * codec.state_bits(k.codec, n, D, k.tail.element_size() * 8)
+        else:
+            held += k.numel() * k.element_size()
+    n_tok = out.past_key_values.get_seq_length()
+    dense16 = sum(k.shape[0] * k.shape[1] * k.shape[3] * 2 for k in keys)
+    differ = (seq[0, PROMPT:] != eager_seq[0, PROMPT:]).nonzero()
+    return Measurement(
+        family=family.name, steps=steps, graphs=counters.totals["graphs"],
+        rewritten=len(rewritten), declined=sum(s[2] == "declined" for s in prefill),
+        reasons=sorted({s[3] for s in prefill if s[2] == "declined"}), pairings=sorted(set(rewritten.values())),
+        err_ref=rel_err(polar, ref), err_eager=rel_err(polar, eager), err_ref_eager=rel_err(ref, eager),
+        top1_eager=top1(polar, eager), top1_ref=top1(polar, ref), top1_ref_eager=top1(ref, eager),
+        common_prefix=int(differ[0, 0]) if len(differ) else steps,
+        key_bytes_per_token=held / n_tok, dense_fp16_bytes_per_token=dense16, bytes_accounted=accounted,
+        compile_s=compile_s,
+    )

@@ -1,0 +1,166 @@
+"""The key-cache quantizers compared by the quality eval, and their true bits per key element.
+
+Two kinds of method:
+  - product: the polarquant backend itself (`torch.compile(model, backend="polarquant", options=...)`);
+    the compressed cache lives in HF's DynamicCache and attention reads the codes.
+  - reference (fake quantization, eval only, not a product path): complete groups of cached keys are
+    quantized and dequantized once, when the group completes; the tail stays exact. Dense SDPA follows.
+Every scalar quantizer here is the codec's own (per-group min / scale in bf16, min rounded down and scale up,
+code = floor((v - min) / scale), reconstruction at the bin midpoint), so the methods differ only in what
+they quantize: (radius, angle) pairs, x/y channels (KIVI-style per-channel), or tokens (KIVI-style per-token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Callable
+
+import torch
+
+from .. import codec
+from ..codec import Codec, Pairing
+
+PARAM_BITS = 16  # every method stores its group min and scale in bf16
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    kind: str  # "fp" | "product" | "reference"
+    bits: float  # steady-state bits per key element (codes + group parameters, tail amortized away)
+    quantize: Callable[[torch.Tensor], torch.Tensor] | None = None  # keys [B, H, n*G, D] -> same, dequantized
+    options: dict | None = None  # polarquant options (product methods)
+    group_size: int = 128
+
+
+# --------------------------------------------------------------------------- quantizers (complete groups)
+
+
+def _uniform(v: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Quantize-dequantize v with one (min, scale) per slice along `dim` (the codec's quantizer)."""
+    v = v.float().movedim(dim, -2)
+    vmin, scale = codec.group_params(v, bits)  # [..., P] bf16
+    vmin, scale = vmin.float().unsqueeze(-2), scale.float().unsqueeze(-2)
+    return codec.bin_center(codec.bin_index(v, vmin, scale, bits), vmin, scale).movedim(-2, dim)
+
+
+def _groups(keys: torch.Tensor, G: int) -> torch.Tensor:
+    B, H, T, D = keys.shape
+    if T % G:
+        raise ValueError(f"keys length {T} is not a multiple of the group size {G}")
+    return keys.reshape(B, H, T // G, G, D)
+
+
+def per_channel(bits: int, G: int = 128):
+    """KIVI-style keys: per channel, one (min, scale) per group of G tokens."""
+    def quantize(keys: torch.Tensor) -> torch.Tensor:
+        return _uniform(_groups(keys, G), bits, dim=-2).reshape(keys.shape).to(keys.dtype)
+
+    return quantize
+
+
+def per_token(bits: int):
+    """KIVI-style per-token keys: one (min, scale) per token over its head_dim channels."""
+    def quantize(keys: torch.Tensor) -> torch.Tensor:
+        return _uniform(keys.unsqueeze(-1), bits, dim=-2).squeeze(-1).to(keys.dtype)
+
+    return quantize
+
+
+def polar(radius_bits: int, angle_bits: int, G: int = 128, pairing: Pairing = Pairing()):
+    """The product codec, decoded densely (equals the LUT attention up to float rounding)."""
+    c = Codec(radius_bits, angle_bits, G, pairing)
+
+    def quantize(keys: torch.Tensor) -> torch.Tensor:
+        return codec.decode(codec.encode(keys, c), keys.shape[2], c)
+
+    return quantize
+
+
+def circular_arc(phi: torch.Tensor, dim: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shortest arc holding all angles along `dim`: (start, width), start in [-pi, pi], width in [0, 2pi).
+
+    The arc begins right after the largest gap between circularly sorted angles.
+    """
+    s, _ = phi.sort(dim=dim)
+    n = s.shape[dim]
+    nxt = torch.cat([s.narrow(dim, 1, n - 1), s.narrow(dim, 0, 1) + 2 * math.pi], dim=dim)
+    gap = nxt - s  # gap after each sorted angle (the last one wraps around)
+    g, i = gap.max(dim=dim, keepdim=True)
+    start = nxt.gather(dim, i)
+    start = torch.where(start > math.pi, start - 2 * math.pi, start)
+    return start.squeeze(dim), (2 * math.pi - g).squeeze(dim)
+
+
+def polar_circular(radius_bits: int, angle_bits: int, G: int = 128, pairing: Pairing = Pairing()):
+    """Polar with a circular angle range (beyond the paper): per group and pair the angle codes span the
+    shortest arc holding all angles, so a cluster straddling +-pi is not given the whole circle. Same bits:
+    the arc start replaces phi_min and its width / 2^a the scale."""
+    def quantize(keys: torch.Tensor) -> torch.Tensor:
+        B, H, T, D = keys.shape
+        xs, ys = pairing.indices(D)
+        r, phi = codec.to_polar(_groups(keys, G), pairing)  # [B, H, n, G, P]
+        r_hat = _uniform(r, radius_bits, dim=-2)
+        start, width = circular_arc(phi)
+        a_min = codec.round_bf16(start, up=False).float().unsqueeze(-2)
+        a_s = codec.round_bf16(width / (1 << angle_bits), up=True).float().unsqueeze(-2)
+        rel = torch.remainder(phi - a_min, 2 * math.pi)  # in [0, 2pi): position along the arc
+        rel = torch.where(rel > a_s * (1 << angle_bits) + 1e-6, rel - 2 * math.pi, rel)  # rounding below min
+        phi_hat = codec.bin_center(codec.bin_index(rel, torch.zeros_like(a_min), a_s, angle_bits), a_min, a_s)
+        out = torch.empty(B, H, T // G, G, D, dtype=torch.float32, device=keys.device)
+        out[..., xs] = r_hat * torch.cos(phi_hat)
+        out[..., ys] = r_hat * torch.sin(phi_hat)
+        return out.reshape(keys.shape).to(keys.dtype)
+
+    return quantize
+
+
+# --------------------------------------------------------------------------- registry
+
+PATTERNS = {  # name pattern -> what it is (R, A, B: bits)
+    "fp": "no quantization (the baseline)",
+    "polar-R+A": "the product: polarquant-compiled model, R radius + A angle bits (R + A <= 8)",
+    "polar-R+A-deq": "the same codec decoded densely inside a fake-quant cache (reference, cheap on CPU)",
+    "polar-circ-R+A": "polar with a circular angle range, fake quant (reference)",
+    "kivi-ch-intB": "KIVI-style per-channel keys, B bits, groups of G tokens (reference)",
+    "kivi-tok-intB": "KIVI-style per-token keys, B bits, one group of head_dim channels (reference)",
+}
+_NAME = re.compile(r"^(?:(fp)|polar-(circ-)?([1-7])\+([1-7])(-deq)?|kivi-(ch|tok)-int([1-8]))$")
+
+DEFAULT = ("fp", "polar-4+4", "polar-3+3", "polar-2+2", "polar-4+4-deq", "polar-3+3-deq", "polar-2+2-deq",
+           "polar-circ-4+4", "polar-circ-3+3", "kivi-ch-int4", "kivi-ch-int3", "kivi-ch-int2", "kivi-tok-int4")
+
+
+def method(name: str, head_dim: int = 64, G: int = 128) -> Method:
+    """A method by name (see PATTERNS). bits: codes + bf16 group parameters per key element."""
+    m = _NAME.match(name)
+    if m is None or (m.group(3) and int(m.group(3)) + int(m.group(4)) > 8):
+        patterns = "; ".join(f"{k} ({v})" for k, v in PATTERNS.items())
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(DEFAULT)}; or any of the patterns: {patterns}")
+    fp, circ, rb, ab, deq, axis, b = m.groups()
+    if fp:
+        return Method("fp", "fp baseline", "fp", 16.0)
+    if rb:
+        rb, ab = int(rb), int(ab)
+        bits = codec.steady_bits_per_element(Codec(rb, ab, G), head_dim)
+        if circ:
+            return Method(name, f"polar {rb}+{ab} circular range", "reference", bits, polar_circular(rb, ab, G),
+                          group_size=G)
+        if deq:
+            return Method(name, f"polar {rb}+{ab} dequantized", "reference", bits, polar(rb, ab, G), group_size=G)
+        return Method(name, f"polar {rb}+{ab} compiled", "product", bits,
+                      options={"radius_bits": rb, "angle_bits": ab, "group_size": G}, group_size=G)
+    b = int(b)
+    if axis == "ch":
+        return Method(name, f"per-channel int{b} g{G}", "reference", b + 2 * PARAM_BITS / G, per_channel(b, G),
+                      group_size=G)
+    return Method(name, f"per-token int{b} g{head_dim}", "reference", b + 2 * PARAM_BITS / head_dim, per_token(b),
+                  group_size=G)
+
+
+def select(names, head_dim: int = 64, G: int = 128) -> list[Method]:
+    """Methods by name, in order; an unknown name raises listing the valid ones."""
+    return [method(n, head_dim, G) for n in names]
