@@ -29,6 +29,7 @@ import logging
 import math
 import operator
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -46,6 +47,14 @@ MAX_EVENTS = 64  # events kept per graph (counters keep counting)
 _SHADOW: WeakIdKeyDictionary = WeakIdKeyDictionary()  # output tensor -> (full-precision shadow, decode step)
 _VIEWS = ("view", "reshape", "transpose", "permute", "expand", "narrow", "select", "unsqueeze", "squeeze",
           "flatten", "t", "as_strided", "contiguous", "__getitem__", operator.getitem)
+
+
+_live: list[weakref.ref] = []  # the Checked callables alive (held by dynamo's cache entries)
+
+
+def states() -> list[dict[str, Any]]:
+    """The verify state (report.json "verify") of every live checked graph, in compile order."""
+    return [c.state for c in (r() for r in _live) if c is not None]
 
 
 class VerifyMismatch(RuntimeError):
@@ -187,6 +196,7 @@ class Checked:
                       "tolerance": {"atol": cfg.atol, "rtol": cfg.rtol, "min_sqnr_db": cfg.min_sqnr_db},
                       "status": "skipped" if skipped else "pending", "skipped": skipped, "fallback": False,
                       "calls": 0, "checked": 0, "failed": 0, "events": []}
+        _live[:] = [r for r in _live if r() is not None] + [weakref.ref(self)]
 
     # ------------------------------------------------------------------ call
 
