@@ -1,0 +1,86 @@
+"""The static path: PolarStaticCache keeps compressed buffers; one compiled graph serves every decode step."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from pqcompile import counters
+from pqcompile.models import tiny_llama
+from pqcompile.static_cache import PolarStaticCache, StaticPolarKeys
+
+G, MAX_LEN, PROMPT, STEPS = 16, 128, 40, 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(layers=2, hidden=256, heads=8, kv_heads=2, qk_gain=3.0)
+
+
+def _decode(forward, cache, ids):
+    out = forward(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+    logits = [out.logits[0, -1]]
+    for t in range(PROMPT, PROMPT + STEPS):
+        logits.append(forward(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1])
+    return torch.stack(logits)
+
+
+@torch.no_grad()
+def test_one_graph_for_all_decode_steps_and_matches_eager(model):
+    ids = torch.randint(0, model.config.vocab_size, (1, PROMPT + STEPS))
+    compiled = torch.compile(model, backend="polarquant")
+    polar_cache = PolarStaticCache(config=model.config, max_cache_len=MAX_LEN, group_size=G)
+    polar = _decode(compiled, polar_cache, ids)
+    assert counters.totals["graphs"] == 2  # prefill + one decode graph for all 64 steps
+    assert counters.totals["rewritten_static"] == 2 * model.config.num_hidden_layers
+    assert counters.totals["sites_declined"] == 0
+    # the same compressed cache run eagerly (dispatch-level ops) gives the same numbers
+    eager_polar = _decode(model, PolarStaticCache(config=model.config, max_cache_len=MAX_LEN, group_size=G), ids)
+    torch.testing.assert_close(polar, eager_polar, rtol=1e-4, atol=1e-4)
+    # and stays close to the dense model
+    dense = _decode(model, transformers.StaticCache(config=model.config, max_cache_len=MAX_LEN), ids)
+    cos = F.cosine_similarity(polar, dense, dim=-1).mean().item()
+    top1 = (polar.argmax(-1) == dense.argmax(-1)).float().mean().item()
+    assert cos >= 0.99 and top1 >= 0.85, (cos, top1)
+
+
+@torch.no_grad()
+def test_holds_no_dense_key_buffer(model):
+    cache = PolarStaticCache(config=model.config, max_cache_len=1024, group_size=128)
+    model(torch.randint(0, 256, (1, 8)), past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        keys = layer.keys
+        assert isinstance(keys, StaticPolarKeys) and keys.shape == (1, 2, 1024, 32)
+        dense = keys.numel() * keys.element_size()  # the fp32 buffer a StaticCache would allocate
+        inner = keys.nbytes_held()
+        # codes 1 B/pair + bf16 params 4 per group-pair + one group of fp32 ring: 0.27x + ring
+        expected = 1 * 2 * (1024 * 16 + 8 * 4 * 16 * 2 + 128 * 32 * 4) + 8  # + the int64 length
+        assert inner == expected and inner < 0.30 * dense
+
+
+@torch.no_grad()
+def test_generate_with_compiled_model_and_capacity_error(model):
+    compiled = tiny_llama(layers=2, hidden=256, heads=8, kv_heads=2, qk_gain=3.0)
+    compiled.compile(backend="polarquant")
+    ids = torch.randint(0, 256, (1, PROMPT))
+    cache = PolarStaticCache(config=model.config, max_cache_len=MAX_LEN, group_size=G)
+    out = compiled.generate(ids, past_key_values=cache, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert out.shape[1] == PROMPT + 32
+    assert int(cache.layers[0].keys.length) == PROMPT + 31
+    assert counters.totals["rewritten_static"] >= 2
+    full = PolarStaticCache(config=model.config, max_cache_len=PROMPT, group_size=G)
+    model(ids, past_key_values=full, use_cache=True)
+    with pytest.raises(IndexError, match="out of bounds"):
+        model(ids[:, :1], past_key_values=full, use_cache=True)
+
+
+@torch.no_grad()
+def test_dense_static_cache_is_declined_with_a_reason(model):
+    compiled = torch.compile(model, backend="polarquant")
+    cache = transformers.StaticCache(config=model.config, max_cache_len=MAX_LEN)
+    ids = torch.randint(0, 256, (1, 12))
+    out = compiled(ids, past_key_values=cache, use_cache=True)
+    torch.testing.assert_close(out.logits, model(ids, past_key_values=transformers.StaticCache(
+        config=model.config, max_cache_len=MAX_LEN), use_cache=True).logits, rtol=1e-4, atol=1e-4)
+    assert counters.totals["sites_rewritten"] == 0
+    assert all("PolarStaticCache" in reason for _, _, _, reason, _ in counters.graphs[0]["sites"])
