@@ -197,6 +197,8 @@ class Checked:
                       "status": "skipped" if skipped else "pending", "skipped": skipped, "fallback": False,
                       "calls": 0, "checked": 0, "failed": 0, "events": []}
         _live[:] = [r for r in _live if r() is not None] + [weakref.ref(self)]
+        if skipped and on_event is not None:
+            on_event(self.state)
 
     # ------------------------------------------------------------------ call
 
