@@ -75,6 +75,11 @@ def _tune(key, launch, space):
     return best
 
 
+def _alloc(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the wrappers hand to a kernel comes from here (tests poison it to catch unwritten data)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -156,8 +161,8 @@ def encode_groups_into(keys: torch.Tensor, codes: torch.Tensor, params: torch.Te
 def encode_groups(keys: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, torch.Tensor]:
     """Like codec.encode_groups: keys [B, H, n*G, D] -> codes [B, H, n*G, NB], params [B, H, n, 4, D/2]."""
     B, H, T, D = keys.shape
-    codes = torch.empty(B, H, T, codec.code_bytes(D), dtype=torch.uint8, device=keys.device)
-    params = torch.empty(B, H, T // codec.group_size, 4, D // 2, dtype=PARAM_DTYPE, device=keys.device)
+    codes = _alloc((B, H, T, codec.code_bytes(D)), torch.uint8, keys.device)
+    params = _alloc((B, H, T // codec.group_size, 4, D // 2), PARAM_DTYPE, keys.device)
     encode_groups_into(keys, codes, params, 0, codec)
     return codes, params
 
@@ -180,11 +185,11 @@ def append(data: PolarData, seq_len: int, new_keys: torch.Tensor, codec: Codec) 
         _check_device(name, t, new_keys.device)
     done = (filled + S) // G * G
     rest = filled + S - done
-    new_codes = codes.new_empty(B, H, Tc + done, NB)
-    new_params = params.new_empty(B, H, (Tc + done) // G, 4, D // 2)
+    new_codes = _alloc((B, H, Tc + done, NB), codes.dtype, codes.device)
+    new_params = _alloc((B, H, (Tc + done) // G, 4, D // 2), params.dtype, params.device)
     new_codes[:, :, :Tc].copy_(codes)
     new_params[:, :, : Tc // G].copy_(params)
-    new_tail = tail.new_empty(B, H, rest + TAIL_PAD, D)
+    new_tail = _alloc((B, H, rest + TAIL_PAD, D), tail.dtype, tail.device)
     new_tail[:, :, rest:].zero_()
     keys = new_keys.to(tail.dtype)
     if done:
@@ -267,7 +272,7 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
     qt = _TL[q.dtype] if on_gpu else tl.float32
     vt = _TL[v.dtype] if on_gpu else tl.float32
     xi, yi = _pair_index(codec.pairing, D, q.device)
-    out = torch.empty(B, Hq, S, Dv, dtype=q.dtype, device=q.device)
+    out = _alloc((B, Hq, S, Dv), q.dtype, q.device)
     m_arg, m_strides = (mask, mask.stride()) if mask is not None else (q, (0, 0, 0, 0))
     has_mask, mask_bool = mask is not None, mask is not None and mask.dtype == torch.uint8
     causal = bool(is_causal) and S > 1
@@ -277,9 +282,8 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
         block_n, split_dot, pps, warps, stages = c
         splits = n_splits(block_n, pps)
         if splits > 1 and part.get("n", 0) < splits:
-            part.update(n=splits, o=torch.empty(n_prog * splits * block_m * block_dv, dtype=torch.float32,
-                                                device=q.device),
-                        ml=torch.empty(2, n_prog * splits * block_m, dtype=torch.float32, device=q.device))
+            part.update(n=splits, o=_alloc((n_prog * splits * block_m * block_dv,), torch.float32, q.device),
+                        ml=_alloc((2, n_prog * splits * block_m), torch.float32, q.device))
         o_part, ml = (part["o"], part["ml"]) if splits > 1 else (out, (out, out))
         polar_attn_fwd_kernel[(n_prog // MB, splits, MB)](
             q, *q.stride(), codes, *codes.stride()[:3], params, *params.stride()[:4], tail, *tail.stride(),
