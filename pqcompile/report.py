@@ -225,11 +225,15 @@ table{border-collapse:collapse} td,th{border:1px solid #ccd;padding:2px 6px;text
 th{background:#eef} .ok{background:#e3f6e3} .bad{background:#fbd5d5;font-weight:bold}
 table.diff{width:100%;table-layout:fixed;font:12px/1.35 ui-monospace,monospace}
 table.diff td{border:none;border-right:1px solid #dde;white-space:pre-wrap;word-break:break-all;padding:0 4px}
-table.diff td.ln{width:3.5em;color:#889;text-align:right} table.diff col.code{width:calc(50% - 3.5em)}
+table.diff td.ln{color:#889;text-align:right} td.fold{padding:0;background:#f4f4f8}
+summary{cursor:pointer;color:#557;font-style:italic;padding:1px 6px}
 td.added{background:#c8f0c8} td.removed{background:#f8c8c8} td.changed{background:#fff3c4}
 td.comment{color:#778} a.tag{background:#335;color:#fff;border-radius:3px;padding:0 4px;margin-right:4px;
 text-decoration:none;font-size:11px} .legend span{padding:0 6px;margin-right:8px}
 """
+_COLS = ('<colgroup><col style="width:3.5em"><col style="width:calc(50% - 3.5em)"><col style="width:3.5em">'
+         '<col style="width:calc(50% - 3.5em)"></colgroup>')
+_CONTEXT = 3  # unchanged lines shown around a change
 _ASSIGN = re.compile(r"^\s+([A-Za-z_]\w*)(?::\s*\"[^\"]*\")?\s*=\s")
 
 
@@ -285,20 +289,25 @@ def render_html(data: dict[str, Any], before: str, after: str) -> str:
                        f"<td>{_num(c['cosine'], '.6f')}</td><td>{_num(c.get('kl'))}</td><td>{_num(c.get('top1'))}</td>"
                        f'<td class="{"ok" if ok else "bad"}">{"ok" if ok else "MISMATCH"}</td></tr>')
         out.append("</table>")
-    out.append('<h2>Graph diff</h2><p class="legend"><span class="added" style="background:#c8f0c8">added by '
-               'the passes</span><span style="background:#f8c8c8">removed</span><span style="background:#fff3c4">'
-               'changed arguments</span></p><table class="diff"><colgroup><col class="ln"><col class="code">'
-               '<col class="ln"><col class="code"></colgroup><tr><th></th><th>before.py</th><th></th><th>after.py'
-               '</th></tr>')
+    out.append('<h2>Graph diff</h2><p class="legend"><span style="background:#c8f0c8">added by the passes</span>'
+               '<span style="background:#f8c8c8">removed</span><span style="background:#fff3c4">changed arguments'
+               f'</span></p><table class="diff">{_COLS}<tr><th></th><th>before.py</th><th></th><th>after.py</th></tr>')
     b_lines, a_lines = before.splitlines(), after.splitlines()
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, b_lines, a_lines, autojunk=False).get_opcodes():
+        rows = []
         for k in range(max(i2 - i1, j2 - j1)):
             i, j = i1 + k, j1 + k
             left = (f'<td class="ln">{i + 1}</td>' + _code_cell(b_lines[i], "before", g["removed"], op != "equal")
                     if i < i2 else '<td class="ln"></td><td></td>')
             right = (f'<td class="ln">{j + 1}</td>' + _code_cell(a_lines[j], "after", g["added"], op != "equal")
                      if j < j2 else '<td class="ln"></td><td></td>')
-            out.append(f"<tr>{left}{right}</tr>")
+            rows.append(f"<tr>{left}{right}</tr>")
+        if op == "equal" and len(rows) > 2 * _CONTEXT + 2:  # fold unchanged runs (no anchors live in them)
+            hidden = rows[_CONTEXT:-_CONTEXT]
+            rows[_CONTEXT:-_CONTEXT] = [f'<tr><td colspan="4" class="fold"><details><summary>{len(hidden)} unchanged '
+                                        f'lines</summary><table class="diff">{_COLS}{"".join(hidden)}</table>'
+                                        '</details></td></tr>']
+        out.extend(rows)
     out.append("</table></body></html>")
     return "\n".join(out)
 
