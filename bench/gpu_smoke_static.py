@@ -5,6 +5,7 @@ import torch
 import transformers
 
 from pqcompile import counters
+from pqcompile.backend import polarquant
 from pqcompile.static_cache import PolarStaticCache
 
 
@@ -19,7 +20,7 @@ def main() -> None:
     with torch.no_grad():
         eager_cache = PolarStaticCache(config=cfg, max_cache_len=512)
         ref = model.generate(ids, past_key_values=eager_cache, max_new_tokens=64, min_new_tokens=64, do_sample=False)
-        model.compile(backend="polarquant")
+        model.compile(backend=polarquant)
         cache = PolarStaticCache(config=cfg, max_cache_len=512)
         out = model.generate(ids, past_key_values=cache, max_new_tokens=64, min_new_tokens=64, do_sample=False)
     keys = cache.layers[0].keys
