@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pqcompile import codec as ref  # noqa: E402
-from pqcompile import kernels  # noqa: E402
+from pqcompile import codec as ref
+from pqcompile import kernels
 
 SCRIPT_VERSION = 3
 DEFAULT_CONFIG = dict(kernels.ATTN_CONFIG)
@@ -45,7 +45,6 @@ def copy_bandwidth() -> float:
     x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     t = us(lambda: y.copy_(x)) * 1e-6
-    del x, y
     return 2 * 2 * 1024**3 / t
 
 
@@ -85,7 +84,7 @@ def check(log: list) -> bool:
             mask[..., -1] = True
         elif mk == "float":
             mask = torch.randn(B, Hq, S, T, device="cuda")
-        kw = dict(mask=mask, is_causal=causal, softcap=softcap)
+        kw = {"mask": mask, "is_causal": causal, "softcap": softcap}
         o_r = ref.attention(q, rd, T, v, c, **kw)
         if len(log) == 0:  # every config of the tuning space, fixed, on the first case
             for bn, sd, pps, w, st in kernels.ATTN_TUNE_SPACE:
@@ -102,10 +101,10 @@ def check(log: list) -> bool:
         good = (err < tol and torch.isfinite(o_k).all().item() and code_mis < 1e-3 and code_far <= 1
                 and par_eq > 0.999 and tail_eq)
         ok &= good
-        row = dict(case=f"B{B} Hq{Hq} Hkv{H} T{T} D{D} S{S} {bits[0]}+{bits[1]} {pairing} v{vh} mask={mk} "
+        row = {"case": f"B{B} Hq{Hq} Hkv{H} T{T} D{D} S{S} {bits[0]}+{bits[1]} {pairing} v{vh} mask={mk} "
                         f"causal={causal} softcap={softcap} {str(dt)[6:]}",
-                   attn_rel_err=err, code_mismatch=code_mis, code_max_diff=code_far, params_equal=par_eq,
-                   tail_equal=tail_eq, ok=bool(good))
+                   "attn_rel_err": err, "code_mismatch": code_mis, "code_max_diff": code_far, "params_equal": par_eq,
+                   "tail_equal": tail_eq, "ok": bool(good)}
         log.append(row)
         print(("ok  " if good else "BAD ") + row["case"], f"err={err:.2e} code_mis={code_mis:.1e} "
               f"params_eq={par_eq:.4f}", flush=True)
@@ -138,7 +137,7 @@ def graph_us(fn) -> float | None:
 
     try:
         return do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
-    except Exception as e:  # noqa: BLE001 - report, do not fail the run
+    except Exception as e:  # noqa: BLE001 (report it, keep the run)
         print(f"  cuda graph timing failed: {str(e)[:80]}", flush=True)
         return None
 
@@ -165,7 +164,7 @@ def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=
     q = torch.randn(B, Hq, 1, D, device="cuda", dtype=dt)
     k = torch.randn(B, H, T, D, device="cuda", dtype=dt)
     v = torch.randn(B, H, T, D, device="cuda", dtype=dt)
-    row = dict(B=B, T=T, Hq=Hq, Hkv=H, D=D)
+    row = {"B": B, "T": T, "Hq": Hq, "Hkv": H, "D": D}
     row["flash_us"] = dense_us(q, k, v, "flash")
     row["cudnn_us"] = dense_us(q, k, v, "cudnn")
     dense_best = min(x for x in (row["flash_us"], row["cudnn_us"]) if x is not None)
@@ -189,7 +188,7 @@ def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=
             if cfg:
                 kernels.ATTN_CONFIG.update(cfg)
             try:
-                def fn():
+                def fn(data=data, c=c):
                     return kernels.attention(q, data, T, v, c)
                 t = us(fn)
                 key = f"polar{rb}{ab}{name}"
@@ -210,7 +209,6 @@ def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=
             row[key + "_TBps"] = nbytes / t * 1e-6
             row[key + "_floor_frac"] = nbytes / bw * 1e6 / t
         row[f"polar{rb}{ab}_floor_us"] = nbytes / bw * 1e6
-        del data
     if encode:  # encode vs prefill of the same tokens
         c = ref.Codec(4, 4, 128, ref.Pairing())
         row["encode44_us"] = us(lambda: kernels.encode_groups(k, c))
@@ -219,9 +217,7 @@ def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=
             pre = [x for x in (dense_us(qp, k, v, "flash", True), dense_us(qp, k, v, "cudnn", True)) if x]
             row["prefill_best_us"] = min(pre)
             row["encode_frac_of_prefill"] = row["encode44_us"] / row["prefill_best_us"]
-            del qp
-    del q, k, v
-    torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # the caches go when the function returns
     return row
 
 
@@ -230,12 +226,12 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
-    from tabulate import tabulate
     import triton
+    from tabulate import tabulate
 
-    meta = dict(script_version=SCRIPT_VERSION, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                attn_config=dict(kernels.ATTN_CONFIG))
+    meta = {"script_version": SCRIPT_VERSION, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                "attn_config": dict(kernels.ATTN_CONFIG)}
     checks: list = []
     ok = check(checks)
     bw = copy_bandwidth()
@@ -243,12 +239,12 @@ def main() -> None:
     print(f"copy bandwidth {bw * 1e-12:.2f} TB/s; correctness {'OK' if ok else 'FAILED'}", flush=True)
     rows = []
     if args.tune:
-        base = dict(autotune=False, block_n=64, num_warps=4, num_stages=3, programs_per_sm=2, split_dot=True,
-                    ablate=0)
-        variants = {"": {}, "_join": dict(split_dot=False), "_p4": dict(programs_per_sm=4),
-                    "_n128": dict(block_n=128), "_n32p4": dict(block_n=32, programs_per_sm=4),
-                    "_n32p8w2": dict(block_n=32, programs_per_sm=8, num_warps=2, num_stages=4),
-                    "_notrig": dict(ablate=1), "_nocodes": dict(ablate=2), "_noV": dict(ablate=3)}
+        base = {"autotune": False, "block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "split_dot": True,
+                    "ablate": 0}
+        variants = {"": {}, "_join": {"split_dot": False}, "_p4": {"programs_per_sm": 4},
+                    "_n128": {"block_n": 128}, "_n32p4": {"block_n": 32, "programs_per_sm": 4},
+                    "_n32p8w2": {"block_n": 32, "programs_per_sm": 8, "num_warps": 2, "num_stages": 4},
+                    "_notrig": {"ablate": 1}, "_nocodes": {"ablate": 2}, "_noV": {"ablate": 3}}
         configs = {k: {**base, **v} for k, v in variants.items()}
         for B, T in [(1, 4096), (8, 32768), (32, 32768)]:
             rows.append(time_shape(32, 8, 128, B, T, bw, configs, bits=[(4, 4)], encode=False, graphs=B == 1))
@@ -279,7 +275,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     name = f"attention-{datetime.date.today().isoformat()}{'-tune' if args.tune else ''}.json"
     with open(os.path.join(args.out, name), "w") as f:
-        json.dump(dict(meta=meta, checks=checks, rows=rows), f, indent=1)
+        json.dump({"meta": meta, "checks": checks, "rows": rows}, f, indent=1)
     if not ok:
         sys.exit(1)
 
