@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 
 import torch
@@ -24,8 +23,8 @@ import triton
 import triton.language as tl
 
 from .. import codec as ref
-from ..config import PairingMode
 from ..codec import KEY_DTYPES, PARAM_DTYPE, TAIL_PAD, Codec, PolarData
+from ..config import PairingMode
 from .polar_attention import polar_attn_fwd_kernel, polar_attn_reduce_kernel
 from .polar_encode import polar_encode_kernel
 
@@ -66,9 +65,11 @@ def _tune(key, launch, space):
     times = []
     for c in space:
         try:
-            times.append((do_bench(lambda: launch(c), warmup=5, rep=20, return_mode="median"), c))
-        except Exception as e:  # noqa: BLE001 - a config that does not compile here is skipped
+            times.append((do_bench(lambda c=c: launch(c), warmup=5, rep=20, return_mode="median"), c))
+        except Exception as e:  # noqa: BLE001 (a config that fails to compile here is skipped)
             log.debug("polar attention config %s failed: %s", c, e)
+    if not times:  # nothing compiled: launch the first config and let its error surface
+        return space[0]
     best = min(times)[1]
     _TUNED[key] = best
     log.info("polar attention tuned %s -> %s (%.1f us)", key, best, min(times)[0] * 1e3)
@@ -99,7 +100,7 @@ def _check_codec(codec: Codec) -> None:
         raise ValueError(f"group_size {G} unsupported: need a power of two >= 16")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pair_index(pairing: ref.Pairing, head_dim: int, device: torch.device):
     """(x dims, y dims) of the pairs, int32 on device, zero-padded to next_pow2(D/2)."""
     xs, ys = pairing.indices(head_dim)
@@ -108,7 +109,7 @@ def _pair_index(pairing: ref.Pairing, head_dim: int, device: torch.device):
             torch.tensor(ys + pad, dtype=torch.int32, device=device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
@@ -313,5 +314,12 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
     return out
 
 
-__all__ = ["append", "attention", "encode_groups", "encode_groups_into", "ATTN_CONFIG", "ATTN_TUNE_SPACE",
-           "ENCODE_CONFIG"]
+__all__ = [
+    "ATTN_CONFIG",
+    "ATTN_TUNE_SPACE",
+    "ENCODE_CONFIG",
+    "append",
+    "attention",
+    "encode_groups",
+    "encode_groups_into",
+]

@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit
 def cos_sin(phi, FAST: tl.constexpr):
     if FAST:

@@ -107,7 +107,7 @@ def polar_encode_kernel(
     a_min = round_bf16_bits(tl.min(phi, axis=0), False)
     a_s = round_bf16_bits((tl.max(phi, axis=0) - a_min) * (1.0 / (1 << AB)), True)
     # a non-finite key poisons its pair's params (NaN) instead of yielding plausible garbage codes
-    bad = tl.max(((r != r) | (r == float("inf"))).to(tl.int32), axis=0) > 0
+    bad = tl.max((~(r < float("inf"))).to(tl.int32), axis=0) > 0  # NaN or inf
     r_min = tl.where(bad, float("nan"), r_min)
 
     c_r = bin_codes(r, r_min, r_s, RB, ON_GPU)

@@ -1,0 +1,112 @@
+"""Fused polar decode attention kernel vs pqcompile.codec.attention (the ground truth), fresh random inputs.
+
+On CPU the kernel runs in the Triton interpreter (fp32 dots); on a GPU the dots use q's dtype (bf16/fp16
+operands, tf32 for fp32), hence the per-device tolerances. Outputs and split partials start poisoned.
+"""
+
+import pytest
+import torch
+
+from pqcompile import codec as ref
+from pqcompile import kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the kernels run in the Triton interpreter
+TOL = {torch.float32: 1e-4 if DEVICE == "cpu" else 3e-3, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+def run_case(B, Hq, H, T, D, S, *, bits=(4, 4), pairing="half", G=16, v_heads=None, mask=None, causal=False,
+             softcap=None, dtype=torch.float32, splits=None, scale=None, seed=0):
+    torch.manual_seed(seed)
+    c = ref.Codec(bits[0], bits[1], G, ref.Pairing.parse(pairing))
+    keys = (torch.randn(B, H, T, D, device=DEVICE) * 2).to(dtype)
+    data = ref.encode(keys, c)
+    q = torch.randn(B, Hq, S, D, device=DEVICE).to(dtype)
+    v = torch.randn(B, v_heads or H, T, D, device=DEVICE).to(dtype)
+    m = None
+    if mask == "bool":  # per (batch, query) with some keys hidden; the newest key always visible
+        m = torch.rand(B, 1, S, T, device=DEVICE) > 0.3
+        m[..., -1] = True
+    elif mask == "pad":  # 2D padding mask broadcast over heads and queries: left padding per sequence
+        m = torch.ones(B, 1, 1, T, dtype=torch.bool, device=DEVICE)
+        for b in range(B):
+            m[b, ..., : b * (T // 3)] = False
+    elif mask == "float":
+        m = torch.randn(B, Hq, S, T, device=DEVICE)
+    kw = {"mask": m, "is_causal": causal, "softcap": softcap, "scale": scale}
+    out = kernels.attention(q, data, T, v, c, num_splits=splits, **kw)
+    want = ref.attention(q, data, T, v, c, **kw)
+    assert out.shape == want.shape == (B, Hq, S, D) and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("Hq, H", [(4, 4), (6, 2), (8, 2), (8, 1)])  # GQA ratios 1, 3, 4, 8
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("S, T", [(1, 37), (1, 11), (4, 32), (4, 53)])  # odd T, T < G, T = k*G
+def test_gqa_head_dims_lengths(Hq, H, D, S, T, poisoned):
+    run_case(2, Hq, H, T, D, S, causal=S > 1, splits=2, seed=Hq * D + S + T)
+
+
+@pytest.mark.parametrize("splits", [None, 1, 3, 64])  # heuristic, direct store, reduce, more than blocks
+def test_splits(splits, poisoned):
+    run_case(1, 4, 2, 75, 64, 1, splits=splits)
+
+
+@pytest.mark.parametrize("bits, pairing", [((4, 4), "interleaved"), ((3, 3), "half"), ((2, 2), "half"),
+                                           ((2, 2), "interleaved"), ((4, 3), "half@32"), ((1, 7), "half"),
+                                           ((5, 2), "interleaved@32")])
+def test_bits_and_pairings(bits, pairing, poisoned):
+    run_case(1, 4, 2, 45, 64, 2, bits=bits, pairing=pairing, causal=True, splits=2)
+
+
+@pytest.mark.parametrize("mask", ["bool", "pad", "float"])
+@pytest.mark.parametrize("S", [1, 4])
+def test_masks(mask, S, poisoned):
+    run_case(3, 4, 2, 40, 64, S, mask=mask, causal=S > 1, splits=2, seed=S)
+
+
+def test_values_repeated_to_query_heads(poisoned):
+    run_case(2, 6, 2, 29, 64, 3, v_heads=6, causal=True, splits=2)
+
+
+def test_softcap_and_scale(poisoned):
+    run_case(1, 4, 1, 33, 64, 1, softcap=3.0, scale=0.3, splits=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype, poisoned):
+    run_case(2, 8, 2, 50, 128, 1, dtype=dtype, splits=2)
+
+
+def test_long_query_block_splits_rows(poisoned):
+    """Rows = heads x queries beyond one row block (64): several row blocks per kv head."""
+    run_case(1, 16, 1, 20, 64, 16, causal=True, splits=1)
+
+
+def test_group_size_32_and_head_dim_96(poisoned):
+    run_case(1, 4, 2, 70, 96, 1, G=32, splits=2)
+
+
+def test_rejects_bad_input():
+    c = ref.Codec(4, 4, 16, ref.Pairing())
+    data = ref.encode(torch.randn(1, 2, 20, 64, device=DEVICE), c)
+    q, v = torch.randn(1, 4, 1, 64, device=DEVICE), torch.randn(1, 2, 20, 64, device=DEVICE)
+    with pytest.raises(TypeError):
+        kernels.attention(q.to(torch.int32), data, 20, v, c)
+    with pytest.raises(ValueError, match=r"\(1, 3, 20, 64\)") as e:
+        kernels.attention(q, data, 20, v[:, :1].expand(1, 3, 20, 64), c)
+    assert "tensor(" not in str(e.value)
+    with pytest.raises(ValueError, match="broadcastable"):
+        kernels.attention(q, data, 20, v, c, mask=torch.ones(1, 1, 1, 7, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="does not hold"):
+        kernels.attention(q, data, 36, torch.randn(1, 2, 36, 64, device=DEVICE), c)
+    with pytest.raises(TypeError, match="mask"):
+        kernels.attention(q, data, 20, v, c, mask=torch.ones(1, 1, 1, 20, dtype=torch.int64, device=DEVICE))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real shapes need a CUDA GPU (bench/attention.py runs them too)")
+@pytest.mark.parametrize("bits", [(4, 4), (3, 3), (2, 2)])
+def test_gpu_real_shapes(bits, poisoned):
+    run_case(2, 32, 8, 4096 + 77, 128, 1, bits=bits, G=128, dtype=torch.bfloat16)
+    run_case(2, 8, 1, 1000, 256, 4, bits=bits, G=128, dtype=torch.bfloat16, causal=True)
