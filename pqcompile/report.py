@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from tabulate import tabulate
 
-from . import cache, codec
+from . import codec
 from .config import PolarQuantConfig
 from .passes.common import arg, module_path, val
 
@@ -63,8 +63,7 @@ def _site_facts(i: int, site, cfg: PolarQuantConfig) -> dict[str, Any]:
              "key_bytes_per_token_after": None}
     if not isinstance(key, torch.Tensor) or key.dim() != 4:
         return facts
-    c = key.codec if isinstance(key, cache.PolarKeys) else codec.Codec(cfg.radius_bits, cfg.angle_bits,
-                                                                        cfg.group_size)
+    c = getattr(key, "codec", None) or codec.Codec(cfg.radius_bits, cfg.angle_bits, cfg.group_size)  # compressed
     H, D = _int(key.shape[1]), _int(key.shape[-1])
     facts.update(kv_heads=H, head_dim=D, key_dtype=str(key.dtype).replace("torch.", ""))
     if isinstance(H, int) and isinstance(D, int):

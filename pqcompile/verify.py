@@ -17,8 +17,10 @@ drift check (verify="shadow:N"): quantization-induced drift, not a bug check. Th
   inputs (dense keys, and values computed from the dense keys), so the shadow is a complete full-precision
   run of the model fed the same tokens. Reported per layer (keys and attention output vs the shadow) and on
   the logits (cosine, KL(shadow || compressed), top-1 agreement). Shadows stop after step N.
-Not checked, with the reason reported: graphs without a rewritten site (nothing changed) and graphs that
-mutate an input in place (StaticCache: running them twice would apply the mutation twice).
+Graphs that mutate an input in place (StaticCache, PolarStaticCache): the checking runs get copies of those
+inputs (wrapper subclasses copied through their inner tensors), so the mutation is applied once; after a
+fallback the original run's state is copied into them. The drift check skips such graphs (it follows graph
+outputs), and graphs without a rewritten site are not checked (nothing changed); the report says why.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -45,8 +48,10 @@ from .passes.common import SDPA_TARGETS, SITES_KEY, is_call
 log = logging.getLogger(__name__)
 MAX_EVENTS = 64  # events kept per graph (counters keep counting)
 _SHADOW: WeakIdKeyDictionary = WeakIdKeyDictionary()  # output tensor -> (full-precision shadow, decode step)
+# ops whose result may share memory with their first argument (`.to` to the same device/dtype is the tensor)
 _VIEWS = ("view", "reshape", "transpose", "permute", "expand", "narrow", "select", "unsqueeze", "squeeze",
-          "flatten", "t", "as_strided", "contiguous", "__getitem__", operator.getitem)
+          "flatten", "t", "as_strided", "contiguous", "detach", "to", "type_as", "view_as", "reshape_as",
+          "expand_as", "__getitem__", operator.getitem)
 
 
 _live: list[weakref.ref] = []  # the Checked callables alive (held by dynamo's cache entries)
@@ -153,6 +158,27 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
             gm.meta[SITES_KEY] = sites
 
 
+def _clone(t: torch.Tensor) -> torch.Tensor:
+    """A deep copy of a tensor, or of a wrapper subclass (PolarKeys, StaticPolarKeys) through its inner tensors."""
+    if is_traceable_wrapper_subclass(t):
+        names, ctx = t.__tensor_flatten__()
+        return type(t).__tensor_unflatten__({n: _clone(getattr(t, n)) for n in names}, ctx, t.shape, t.stride())
+    return t.detach().clone()
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if is_traceable_wrapper_subclass(dst):
+        for n in dst.__tensor_flatten__()[0]:
+            _copy_into(getattr(dst, n), getattr(src, n))
+    else:
+        with torch.no_grad():
+            dst.copy_(src)
+
+
+def _with_clones(args, indices: list[int]) -> list:
+    return [_clone(a) if i in indices else a for i, a in enumerate(args)]
+
+
 def mutated_inputs(gm: fx.GraphModule) -> list[str]:
     """Placeholders written in place (through views), e.g. StaticCache's index_copy_ and add_."""
     found = []
@@ -189,9 +215,11 @@ class Checked:
         self.out_names = [a.name if isinstance(a, fx.Node) else repr(a) for a in tree_leaves(out_node.args)]
         self.key_site = {s[5]: s[0] for s in self.sites if s[5]}
         mutated = mutated_inputs(original)
+        placeholders = [n.name for n in original.graph.nodes if n.op == "placeholder"]
+        self.mutated = [placeholders.index(name) for name in mutated]  # cloned for the checking runs
         skipped = ("no rewritten attention site: the graph is unchanged" if not self.sites else
-                   f"the graph mutates its inputs in place ({', '.join(mutated)}); running it twice would apply "
-                   "the mutation twice" if mutated else None)
+                   f"the drift check follows graph outputs; this graph mutates its inputs in place "
+                   f"({', '.join(mutated)})" if mutated and cfg.verify is VerifyMode.SHADOW else None)
         self.state = {"mode": cfg.verify_spec, "on_mismatch": cfg.on_mismatch.value,
                       "tolerance": {"atol": cfg.atol, "rtol": cfg.rtol, "min_sqnr_db": cfg.min_sqnr_db},
                       "status": "skipped" if skipped else "pending", "skipped": skipped, "fallback": False,
@@ -226,10 +254,12 @@ class Checked:
     # ------------------------------------------------------------------ kernel check
 
     def _kernel_check(self, args):
+        # In-place inputs (static caches): each checking run gets its own copy, taken before any run.
+        ref_args, rew_args = (_with_clones(args, self.mutated) for _ in range(2)) if self.mutated else (args, args)
         out = self._compiled(args)
         with _quiet_dense_fallback(), torch.no_grad():
-            ref_out, ref_seen = _run(self.original, args, self._names("original"))
-            rew_out, rew_seen = _run(self.rewritten, args, self._names("rewritten"))
+            ref_out, ref_seen = _run(self.original, ref_args, self._names("original"))
+            rew_out, rew_seen = _run(self.rewritten, rew_args, self._names("rewritten"))
         checks = []  # rewritten graph vs original graph, both eager: only the rewritten sites differ
         for i, module, kind, orig, rew, _ in self.sites:
             what = "polar attention vs SDPA on dequantized keys" if kind != "prefill" else "SDPA (unchanged)"
@@ -268,6 +298,8 @@ class Checked:
             return out
         event["action"] = "fallback"
         st["fallback"] = True
+        for i in self.mutated:  # the state the original graph left, as if only it had run
+            _copy_into(args[i], ref_args[i])
         self._emit(event)
         log.warning("%s; falling back to the original graph from now on", msg)
         return ref_out

@@ -234,3 +234,26 @@ def test_drift_grows_when_bits_drop(model, ids):
         mean_err[bits] = sum(c["rel_l2"] for e in events for c in e["checks"] if c["name"].endswith(" keys")) / \
             sum(c["name"].endswith(" keys") for e in events for c in e["checks"])
     assert mean_err[2] > 2 * mean_err[4] > 0, mean_err
+
+
+@torch.no_grad()
+def test_static_cache_graphs_are_checked_and_fall_back_exactly(model, ids, monkeypatch):
+    """PolarStaticCache graphs write their inputs in place: the checking runs get copies, and after a fallback
+    the cache holds the state the original graph left (the compiled run's writes are replaced)."""
+    from pqcompile.static_cache import PolarStaticCache
+
+    _angle_off_by_one_bin(monkeypatch)
+    compiled = _compile(model, verify="first", on_mismatch="fallback")
+    # the original graphs, run by dynamo without the passes (HF's traced code differs from its eager code in
+    # mask construction, by rounding only)
+    original = torch.compile(model, backend="eager")
+    cache, reference = (PolarStaticCache(config=model.config, max_cache_len=64, group_size=G) for _ in range(2))
+    outs = [compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True).logits]
+    refs = [original(ids[:, :PROMPT], past_key_values=reference, use_cache=True).logits]
+    for t in range(PROMPT, PROMPT + 4):
+        outs.append(_step(compiled, ids, t, cache))
+        refs.append(_step(original, ids, t, reference))
+    assert all(torch.equal(o, r) for o, r in zip(outs, refs)), [(o - r).abs().max() for o, r in zip(outs, refs)]
+    states = verify.states()
+    assert any(st["fallback"] for st in states) and all(st["skipped"] is None for st in states)
+    assert int(cache.layers[0].keys.length) == PROMPT + 4  # each write applied once
