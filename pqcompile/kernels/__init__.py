@@ -290,7 +290,7 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
             q, *q.stride(), codes, *codes.stride()[:3], params, *params.stride()[:4], tail, *tail.stride(),
             v, *v.stride()[:3], m_arg, *m_strides, xi, yi, out, *out.stride()[:3], o_part, ml[0], ml[1],
             seq_len, Tc, NQG, S, R, RG, Dv, float(D ** -0.5 if scale is None else scale),
-            float(softcap) if softcap else 1.0, 0,
+            float(softcap) if softcap else 1.0,
             P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits,
             BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_DV=block_dv, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
             SOFTCAP=bool(softcap), CAUSAL=causal, FAST=on_gpu, QT=qt, VT=vt, ABLATE=cfg["ablate"],
@@ -302,8 +302,8 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
                 BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
             )
 
-    if on_gpu and cfg["autotune"] and num_splits is None and not cfg["ablate"]:
-        space = [c for c in ATTN_TUNE_SPACE if c[0] <= G and c[0] * block_p <= 8192] or [ATTN_TUNE_SPACE[-1]]
+    space = [c for c in ATTN_TUNE_SPACE if c[0] <= G and c[0] * block_p <= 8192]  # a block never spans groups
+    if on_gpu and cfg["autotune"] and num_splits is None and not cfg["ablate"] and space:
         key = (seq_len.bit_length(), n_prog.bit_length(), P, NB, codec.radius_bits, G, block_m, block_dv,
                has_mask, mask_bool, causal, bool(softcap), q.dtype, v.dtype, tail.dtype)
         LAST_CONFIG[0] = _tune(key, launch, space)

@@ -1,13 +1,13 @@
 """Triton: fused split-K flash-decoding attention over PolarQuant keys (jit code only).
 
-Grid (B * NQG, SPLITS, MB). A program serves RG query heads (all heads of a GQA group when V has Hkv
+Grid (B * NQG, splits, MB). A program serves RG query heads (all heads of a GQA group when V has Hkv
 heads, one head when V was already repeated to Hq heads) times S query positions = up to BLOCK_M rows,
 over one contiguous range of BLOCK_N-token blocks of its kv-head. Encoded blocks are dequantized in
 registers (r, phi from the bin centers; cos/sin through the hardware approximations on the GPU) into
 their x and y halves [N, P] and scored with tl.dot shared by all rows (two dots q_x k_x^T + q_y k_y^T,
 or one over x/y interleaved: SPLIT_DOT). The full-precision tail blocks are scored the same way from the
 tail buffer. BLOCK_N, SPLIT_DOT, PPS (programs per SM, sets the split count) and the warp/stage counts
-are autotuned on the GPU. Online softmax in
+are tuned on the GPU by the host wrapper. Online softmax in
 fp32, P @ V with dense V, then either the final output (one split) or per-split partials (acc, max, sum)
 reduced by polar_attn_reduce_kernel. Dense dequantized keys never leave registers.
 """
@@ -98,7 +98,7 @@ def block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_le
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["seq_len", "Tc", "tune_key"])
+@triton.jit(do_not_specialize=["seq_len", "Tc"])
 def polar_attn_fwd_kernel(
     Qp, sq_b, sq_h, sq_s, sq_d,  # q [B, Hq, S, D]
     Cp, sc_b, sc_h, sc_t,  # codes uint8 [B, Hkv, Tc, NB], byte stride 1
@@ -109,7 +109,7 @@ def polar_attn_fwd_kernel(
     XI, YI,  # int32 [BLOCK_P]: the x and y dim of each pair (zero-padded)
     Out, so_b, so_h, so_s,  # [B, Hq, S, Dv]: written directly when the grid has one split
     Opart, Mpart, Lpart,  # fp32 [rows, splits, BLOCK_M, BLOCK_DV], [rows, splits, BLOCK_M] otherwise
-    seq_len, Tc, NQG, S_len, R, RG, Dv, scale, softcap, tune_key,
+    seq_len, Tc, NQG, S_len, R, RG, Dv, scale, softcap,
     P: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
