@@ -205,7 +205,7 @@ def _render_verify(v: dict[str, Any]) -> list[str]:
         lines.append(f"kernel check, call {e['call']}: {'ok' if e['ok'] else 'MISMATCH'}, action {e['action']}")
         rows = [[c["name"], c.get("what", ""), _num(c["max_abs"]), _num(c["rel_l2"]), _sqnr(c["sqnr_db"]),
                  _num(c["cosine"], ".6f"), "ok" if c["ok"] else "MISMATCH"] for c in e["checks"]]
-        lines.append(tabulate(rows, headers=["compared", "what", "max abs", "rel L2", "SQNR dB", "cosine", ""]))
+        lines.append(tabulate(rows, headers=["compared", "what", "max abs", "rel L2", "SQNR dB", "cosine", "result"]))
     drift = [e for e in v["events"] if e["check"] == "drift"]
     if drift:
         lines.append("drift vs a full-precision shadow (step 0 = prefill: compressed vs dense keys)")

@@ -240,7 +240,8 @@ class Checked:
         if self.cfg.verify is VerifyMode.SHADOW:
             return self._drift(args)
         every = self.cfg.verify_n if self.cfg.verify is VerifyMode.EVERY else 0
-        if st["calls"] == 1 or (every and (st["calls"] - 1) % every == 0):
+        again = st["status"] == "failed" and self.cfg.on_mismatch is OnMismatch.RAISE  # a caught raise: keep raising
+        if st["calls"] == 1 or (every and (st["calls"] - 1) % every == 0) or again:
             return self._kernel_check(args)
         return self._compiled(args)
 

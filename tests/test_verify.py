@@ -141,6 +141,8 @@ def test_planted_wrong_kernel_is_caught(model, ids, monkeypatch):
     assert verify.states()[0]["status"] == "passed"
     with pytest.raises(verify.VerifyMismatch, match=r"model\.layers\.\d\.self_attn \(polar_sdpa"):
         _step(compiled, ids, PROMPT, cache)
+    with pytest.raises(verify.VerifyMismatch, match="call 2"):  # caught once: the graph keeps being checked
+        _step(compiled, ids, PROMPT, cache)
     st = verify.states()[-1]
     assert st["status"] == "failed" and st["events"][-1]["action"] == "raised"
     bad = [c for c in st["events"][-1]["checks"] if not c["ok"]]
