@@ -1,6 +1,15 @@
 import os
 
-import torch
+# Two pytest-xdist workers share the machine's 2 cores: one intra-op thread each, and inductor compiles in
+# process (its subprocess pool costs more than it saves here). Set before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # Triton kernels run on CPU tensors through the interpreter when there is no GPU. It must be set before
 # any @triton.jit decorator runs, so here, before test modules import pqcompile.kernels.
