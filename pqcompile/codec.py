@@ -189,7 +189,7 @@ def empty(codec: Codec, batch: int, heads: int, head_dim: int, dtype: torch.dtyp
 def encode_groups(keys: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, torch.Tensor]:
     """Complete groups only: keys [B, H, n*G, D] -> codes [B, H, n*G, NB], params [B, H, n, 4, P]."""
     B, H, T, D = keys.shape
-    G, P = codec.group_size, D // 2
+    G = codec.group_size
     r, phi = to_polar(keys.view(B, H, T // G, G, D), codec.pairing)  # [B, H, n, G, P]
     r_min, r_s = group_params(r, codec.radius_bits)
     a_min, a_s = group_params(phi, codec.angle_bits)
@@ -204,7 +204,7 @@ def encode_groups(keys: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, torch
 def append(data: PolarData, seq_len: int, new_keys: torch.Tensor, codec: Codec) -> PolarData:
     """State of seq_len tokens + new_keys [B, H, S, D] -> state of seq_len + S tokens (group flush)."""
     check_keys("new_keys", new_keys)
-    B, H, S, D = new_keys.shape
+    B, H, _, D = new_keys.shape
     G = codec.group_size
     filled = seq_len % G
     if data.tail.shape != (B, H, filled + TAIL_PAD, D):
@@ -288,14 +288,16 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
     mask: bool (True = attend) or additive float, broadcastable to [B, Hq, S, T]. is_causal aligns the
     S queries with the last S keys (decode / chunked prefill). Returns [B, Hq, S, Dv] in q's dtype.
     """
+    H = data.tail.shape[1]
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, Hq, S, D], got shape {tuple(q.shape)}")
     B, Hq, S, D = q.shape
-    H, G = data.tail.shape[1], codec.group_size
-    if q.dim() != 4 or data.tail.shape[0] != B or data.tail.shape[-1] != D or Hq % H:
+    if data.tail.shape[0] != B or data.tail.shape[-1] != D or Hq % H:
         raise ValueError(f"q shape {tuple(q.shape)} does not fit keys [B={data.tail.shape[0]}, H={H}, "
                          f"T={seq_len}, D={data.tail.shape[-1]}]")
     if v.dim() != 4 or v.shape[0] != B or v.shape[2] != seq_len or v.shape[1] not in (H, Hq):
         raise ValueError(f"v shape {tuple(v.shape)} does not fit keys [B={B}, H={H}, T={seq_len}]")
-    Tc, L = data.codes.shape[2], seq_len - data.codes.shape[2]
+    L = seq_len - data.codes.shape[2]
     R = Hq // H
     tail = data.tail[:, :, :L].float().repeat_interleave(R, dim=1)
     s = torch.cat([polar_scores(q, data, codec), q.float() @ tail.transpose(-1, -2)], dim=-1)
