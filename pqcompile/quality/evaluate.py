@@ -71,9 +71,10 @@ def compile_for(model, method: Method, inner: str = "inductor"):
 
 
 @torch.no_grad()
-def window_logits(forward, model, ids: torch.Tensor, method: Method) -> torch.Tensor:
-    """Logits [B, T, V] of windows ids [B, T] under the chunked decode schedule of `method`."""
-    cache = make_cache(model, method)
+def window_logits(forward, model, ids: torch.Tensor, method: Method, cache=None) -> torch.Tensor:
+    """Logits [B, T, V] of windows ids [B, T] under the chunked decode schedule of `method` (a fresh cache
+    unless one is given)."""
+    cache = make_cache(model, method) if cache is None else cache
     out = []
     for s, e in chunk_bounds(ids.shape[1], method.group_size):
         out.append(forward(ids[:, s:e], past_key_values=cache, use_cache=True).logits.float())

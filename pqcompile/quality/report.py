@@ -1,0 +1,174 @@
+"""`pqcompile eval`: run the methods, then write the table, a JSON file and a PNG plot."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+
+from .. import counters
+from . import data, evaluate
+from .methods import Method, select
+
+log = logging.getLogger(__name__)
+HEADERS = ["method", "path", "bits/elem", "tokens", "ppl", "Δppl vs fp (same windows)", "attn err (mean over layers)",
+           "key err", "seconds"]
+
+
+def run(method_names: list[str], *, text: str = "wiki", tokens: int = 16384, compiled_tokens: int = 2048,
+        window: int = 1024, error_windows: int = 2, inner: str = "aot_eager", batch: int = 4,
+        progress: bool = True, partial: Path | None = None) -> dict:
+    """Evaluate every method on `tokens // window` windows of `text` (product methods, which run the CPU
+    reference attention inside the compiled model, on the first `compiled_tokens // window`). fp always runs."""
+    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+    names = list(dict.fromkeys(["fp", *method_names]))
+    select(names)  # unknown names fail before the model loads
+    data.require("gguf", "accelerate", "gensim", "matplotlib", data.GGUF_PACKAGE)
+    model, tok = data.load_model()
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    methods = select(names, head_dim=head_dim)
+    n = max(tokens // window, 1)
+    windows = data.token_windows(tok, text, n, window)
+    n_compiled = min(max(compiled_tokens // window, 1), n)
+    rows, t0 = {}, time.perf_counter()
+    for m in methods:
+        w = windows[:n_compiled] if m.kind == "product" else windows
+        counters.clear()
+        res = evaluate.perplexity(model, w, m, inner=inner, batch=batch, progress=progress)
+        res.update(kind=m.kind, label=m.label, bits=m.bits, windows=w.shape[0])
+        if m.kind == "product":
+            res["compile"] = {k: v for k, v in counters.totals.items()}
+            res["inner_backend"] = inner
+        rows[m.name] = res
+        log.info("%s: ppl %.4f over %d tokens (%.0f s)", m.name, res["ppl"], res["tokens"], res["seconds"])
+        if partial is not None:  # long runs: keep what is done
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(rows, indent=1) + "\n")
+    fp = rows["fp"]["window_nll"]
+    for res in rows.values():
+        k = res["windows"]
+        base = sum(fp[:k]) / k
+        res["fp_ppl_same_windows"] = math.exp(base)
+        res["delta_ppl_pct"] = 100 * (math.exp(res["nll"] - base) - 1)
+    err_methods = [m for m in methods if m.kind != "fp"
+                   and not (m.kind == "product" and f"{m.name}-deq" in rows)]
+    errors = evaluate.layer_errors(model, windows[:error_windows], err_methods, progress=progress) if err_methods else {}
+    for name, e in errors.items():
+        rows[name]["layer_errors"] = e
+    for m in methods:  # a product method shares the errors of its dequantized twin (same reconstruction)
+        twin = rows.get(f"{m.name}-deq", {}).get("layer_errors")
+        if m.kind == "product" and twin:
+            rows[m.name]["layer_errors"] = twin
+    return {
+        "model": data.MODEL_NAME, "text": text, "window": window, "windows": n, "group_size": 128, "tail": 127,
+        "error_windows": min(error_windows, n), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "seconds": time.perf_counter() - t0,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "methods": rows,
+    }
+
+
+def add_arguments(p) -> None:
+    """The options of `pqcompile eval` (argparse subparser)."""
+    from .methods import DEFAULT, PATTERNS
+
+    p.add_argument("--methods", default=",".join(DEFAULT),
+                   help="comma-separated; patterns: " + "; ".join(f"{k}: {v}" for k, v in PATTERNS.items()))
+    p.add_argument("--text", default="wiki", choices=data.TEXTS, help="wiki: report; lee: choose settings")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens (whole 1024-token windows) per method")
+    p.add_argument("--compiled-tokens", type=int, default=2048,
+                   help="tokens for the compiled polar methods (CPU reference LUT attention is slow: ~1-2 min "
+                        "per window on 2 cores); --compiled-tokens 16384 for the full run")
+    p.add_argument("--error-windows", type=int, default=2, help="windows for the per-layer errors")
+    p.add_argument("--inner", default="aot_eager", choices=["inductor", "aot_eager", "eager"],
+                   help="what compiles the rewritten graph (polarquant option 'backend'); the polar ops are the "
+                        "same opaque custom ops either way, inductor only fuses the dense rest (and takes minutes "
+                        "to compile 30 layers on CPU)")
+    p.add_argument("--batch", type=int, default=4, help="windows per forward")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=f"bench/results/quality-{datetime.date.today().isoformat()}",
+                   help="output stem: writes OUT.json and OUT.png")
+
+
+def table_rows(result: dict) -> list[list]:
+    out = []
+    for name, r in result["methods"].items():
+        e = r.get("layer_errors")
+        path = {"fp": "eager", "reference": "fake quant", "product": f"compiled ({r.get('inner_backend')})"}[r["kind"]]
+        out.append([name, path, f"{r['bits']:.2f}", r["tokens"], f"{r['ppl']:.3f}",
+                    "" if name == "fp" else f"{r['delta_ppl_pct']:+.2f}%",
+                    f"{sum(e['attn_rel_err']) / len(e['attn_rel_err']):.4f}" if e else "",
+                    f"{sum(e['key_rel_err']) / len(e['key_rel_err']):.4f}" if e else "", f"{r['seconds']:.0f}"])
+    return out
+
+
+def table(result: dict, fmt: str = "simple") -> str:
+    return tabulate(table_rows(result), headers=HEADERS, tablefmt=fmt, disable_numparse=True)
+
+
+def _family(name: str) -> str:
+    for prefix in ("polar-circ", "kivi-ch", "kivi-tok"):
+        if name.startswith(prefix):
+            return prefix
+    if name.startswith("polar"):
+        return "polar (compiled)" if not name.endswith("-deq") else "polar"
+    return name
+
+
+def plot(result: dict, path: Path) -> None:
+    """Left: perplexity increase vs bits per key element, one line per family. Right: per-layer attention error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    families: dict[str, list] = {}
+    for name, r in result["methods"].items():
+        if name != "fp":
+            families.setdefault(_family(name), []).append((r["bits"], r["delta_ppl_pct"], name, r["tokens"]))
+    for fam, pts in families.items():
+        pts.sort()
+        compiled = fam == "polar (compiled)"
+        ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], "o--" if compiled else "o-",
+                mfc="none" if compiled else None, label=f"{fam} ({pts[0][3]} tokens)", ms=8 if compiled else 5)
+        for b, d, name, _ in pts:
+            ax.annotate(name.split("-", 1)[-1], (b, max(d, 1e-3)), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per key element (codes + bf16 group params; fp = 16)")
+    ax.set_ylabel("perplexity increase vs fp (%)")
+    fp = result["methods"]["fp"]
+    ax.set_title(f"{result['model']}, {result['text']}: fp ppl {fp['ppl']:.2f} on {fp['tokens']} tokens")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    for name, r in result["methods"].items():
+        e = r.get("layer_errors")
+        if e and r["kind"] != "product":
+            ax2.plot(e["attn_rel_err"], label=name)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("layer")
+    ax2.set_ylabel("attention-output relative error")
+    ax2.set_title(f"per layer, decode schedule, teacher-forced ({result['error_windows']} windows)")
+    ax2.grid(True, which="both", alpha=0.3)
+    ax2.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(result: dict, out: Path) -> tuple[Path, Path]:
+    """out: a path stem; writes <out>.json and <out>.png."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    js, png = out.with_suffix(".json"), out.with_suffix(".png")
+    js.write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, png)
+    return js, png
