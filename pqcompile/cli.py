@@ -102,6 +102,31 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_(args: argparse.Namespace) -> int:
+    """Perplexity and per-layer errors of PolarQuant vs the alternatives on SmolLM2-135M + wiki (`make eval`)."""
+    import pathlib
+
+    from .quality import data, methods, report as quality
+
+    try:
+        names = [n.strip() for n in args.methods.split(",") if n.strip()]
+        methods.select(names)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = quality.run(names, text=args.text, tokens=args.tokens, compiled_tokens=args.compiled_tokens,
+                             error_windows=args.error_windows, inner=args.inner, batch=args.batch,
+                             partial=pathlib.Path(args.out + ".partial.json"))
+    except (data.MissingEvalExtra, ValueError) as e:
+        print(f"pqcompile eval: error: {e}", file=sys.stderr)
+        return 2
+    result["command"] = "pqcompile eval " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("func", "command"))
+    print(quality.table(result))
+    js, png = quality.write(result, pathlib.Path(args.out))
+    print(f"{result['seconds']:.0f} s; wrote {js} and {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pqcompile")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir")
     p.add_argument("--all", action="store_true", help="also graphs from earlier runs into the same folder")
     p.set_defaults(func=report)
+    p = sub.add_parser("eval", help="quality on SmolLM2-135M + wiki: perplexity and errors per method (make eval)")
+    from .quality.report import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=eval_)
     args = parser.parse_args(argv)
     return args.func(args)
 
