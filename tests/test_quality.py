@@ -153,3 +153,18 @@ def test_real_model_and_text_load():
     assert windows.shape == (2, 1024)
     res = evaluate.perplexity(model, windows, methods.select(["fp"])[0], batch=2, progress=False)
     assert 5 < res["ppl"] < 60, res["ppl"]  # a real model on real text (fp ppl ~22 on 1024-token windows)
+
+
+def test_missing_eval_extra_names_make_eval():
+    from pqcompile.quality import data
+
+    with pytest.raises(data.MissingEvalExtra, match="make eval"):
+        data.require("pqcompile_no_such_module")
+
+
+def test_cli_eval_rejects_unknown_method(capsys):
+    from pqcompile.cli import main
+
+    assert main(["eval", "--methods", "fp,polar-4+5x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'polar-4+5x'" in err and "kivi-ch-int4" in err
