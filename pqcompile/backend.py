@@ -47,11 +47,12 @@ def polarquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
     original = copy.deepcopy(gm) if checking or report_dir else None  # untouched, for verify and the diff
     results, sites = run_all(gm, cfg)
     counters.record(results, sites)
-    rewritten = verify.snapshot(gm) if checking else None  # the inner compiler may change gm in place
     rep = report.GraphReport.create(report_dir, original, gm, sites, results, cfg) if report_dir else None
     facts = rep.data if rep else None
     log.info("%s", _Lazy(lambda: report.one_line(facts or report.build(gm, gm, sites, results, cfg, "?"))))
+    checked = verify.Checked(original, gm, sites, cfg, on_event=rep.update if rep else None) if checking else None
     compiled = _inner_compile(gm, example_inputs, cfg, mode)
-    if not checking:
+    if checked is None:
         return compiled
-    return verify.Checked(compiled, original, rewritten, sites, cfg, on_event=rep.update if rep else None)
+    checked.compiled = compiled
+    return checked

@@ -169,7 +169,7 @@ def render_summary(data: dict[str, Any]) -> str:
              f"removed {', '.join(g['removed']) or '-'}", "", "Attention sites"]
     rows = [[f["index"], f["module"], f["kind"] or "-", f["kv_append"] or "-",
              f"{f['pairing'] or '-'} ({f['pairing_source'] or '-'})", f["gqa"],
-             f"{f['radius_bits']}+{f['angle_bits']}/g{f['group_size']}" if f["radius_bits"] else "-",
+             _bits(f),
              f["status"], _site_verify(data, f["index"])] for f in data["sites"]]
     lines.append(tabulate(rows, headers=["#", "module", "kind", "KV-append", "pairing (source)", "GQA", "bits",
                                          "status", "verify"]) if rows else "(no attention site in this graph)")
@@ -269,7 +269,7 @@ def render_html(data: dict[str, Any], before: str, after: str) -> str:
         out.append(f'<tr id="site-{f["index"]}"><td>{f["index"]}</td><td>{esc(f["module"])}</td>'
                    f'<td>{esc(f["kind"] or "-")}</td><td>{esc(f["kv_append"] or "-")}</td>'
                    f'<td>{esc(f["pairing"] or "-")} ({esc(f["pairing_source"] or "-")})</td><td>{f["gqa"]}</td>'
-                   f'<td>{f["radius_bits"] or "-"}+{f["angle_bits"] or "-"}</td>'
+                   f'<td>{_bits(f)}</td>'
                    f'<td class="{"ok" if f["status"] == "rewritten" else ""}">{esc(status)}</td>'
                    f'<td>{" ".join(nodes)}</td><td class="{_cls(ver)}">{esc(ver)}</td></tr>')
     out.append("</table>")
@@ -309,6 +309,10 @@ def render_html(data: dict[str, Any], before: str, after: str) -> str:
         out.extend(rows)
     out.append("</table></body></html>")
     return "\n".join(out)
+
+
+def _bits(f: dict[str, Any]) -> str:
+    return f"{f['radius_bits']}+{f['angle_bits']}/g{f['group_size']}" if f["radius_bits"] else "-"
 
 
 def _cls(verify_text: str) -> str:

@@ -43,7 +43,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import cache, codec
 from .cache import PolarKeys
 from .config import InnerBackend, OnMismatch, PolarQuantConfig, VerifyMode
-from .passes.common import SDPA_TARGETS, SITES_KEY, is_call
+from .passes.common import SITES_KEY, is_call
 
 log = logging.getLogger(__name__)
 MAX_EVENTS = 64  # events kept per graph (counters keep counting)
@@ -148,6 +148,23 @@ def _quiet_dense_fallback():
         cache._warned.update(saved)
 
 
+def _counterpart(node: fx.Node, original: dict[str, fx.Node]) -> str | None:
+    """The original-graph node whose value a rewritten attention node stands for: the node a user of `node`
+    (users keep their names) read in the original graph at the same argument position. Covers SDPA replaced
+    by the polar op and eager matmul-softmax-matmul replaced by SDPA; an SDPA left in place is itself."""
+    for user in node.users:
+        before = original.get(user.name)
+        if before is None or before.op != user.op or before.target != user.target:
+            continue
+        now, then = [], []
+        fx.node.map_aggregate((user.args, user.kwargs), now.append)
+        fx.node.map_aggregate((before.args, before.kwargs), then.append)
+        for a, b in zip(now, then):
+            if a is node and isinstance(b, fx.Node):
+                return b.name
+    return node.name if node.name in original else None
+
+
 def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of a (rewritten) graph for checking: the inner compiler may transform `gm` in place."""
     sites = gm.meta.pop(SITES_KEY, None)
@@ -204,13 +221,17 @@ class Checked:
     `state` is the verify part of the report (report.json "verify"); `on_event(state)` runs after each check.
     """
 
-    def __init__(self, compiled: Callable, original: fx.GraphModule, rewritten: fx.GraphModule, sites: list,
-                 cfg: PolarQuantConfig, on_event: Callable[[dict], None] | None = None):
-        self.compiled, self.original, self.rewritten, self.cfg = compiled, original, rewritten, cfg
-        self.on_event = on_event
-        orig_sdpa = [n.name for n in original.graph.nodes if is_call(n, *SDPA_TARGETS)]
-        self.sites = [(i, s.module, s.kind, orig, s.sdpa.name, s.append.name if s.append is not None else None)
-                      for i, (s, orig) in enumerate(zip(sites, orig_sdpa)) if s.status == "rewritten"]
+    def __init__(self, original: fx.GraphModule, rewritten: fx.GraphModule, sites: list, cfg: PolarQuantConfig,
+                 on_event: Callable[[dict], None] | None = None):
+        """Call before the inner compiler runs (it may change `rewritten` in place); set `.compiled` after."""
+        self.compiled: Callable | None = None
+        self.original, self.rewritten, self.cfg, self.on_event = original, snapshot(rewritten), cfg, on_event
+        by_name = {n.name: n for n in original.graph.nodes}
+        self.sites = []  # (index, module, kind, original node, rewritten node, KV-append node): node names
+        for i, s in enumerate(sites):
+            orig = _counterpart(s.sdpa, by_name)
+            if s.status == "rewritten" and orig is not None:
+                self.sites.append((i, s.module, s.kind, orig, s.sdpa.name, s.append.name if s.append else None))
         out_node = next(n for n in original.graph.nodes if n.op == "output")
         self.out_names = [a.name if isinstance(a, fx.Node) else repr(a) for a in tree_leaves(out_node.args)]
         self.key_site = {s[5]: s[0] for s in self.sites if s[5]}
