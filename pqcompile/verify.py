@@ -284,7 +284,8 @@ class Checked:
             rew_out, rew_seen = _run(self.rewritten, rew_args, self._names("rewritten"))
         checks = []  # rewritten graph vs original graph, both eager: only the rewritten sites differ
         for i, module, kind, orig, rew, _ in self.sites:
-            what = "polar attention vs SDPA on dequantized keys" if kind != "prefill" else "SDPA (unchanged)"
+            what = ("polar attention vs SDPA on dequantized keys" if kind != "prefill" else "SDPA (unchanged)"
+                    if orig == rew else "SDPA vs the original attention ops")
             checks.append(self._check(f"{module} ({rew})", i, what, rew_seen[rew], ref_seen[orig]))
         for name, o, r in zip(self.out_names, tree_leaves(rew_out), tree_leaves(ref_out)):
             if isinstance(o, torch.Tensor) and isinstance(r, torch.Tensor):

@@ -259,3 +259,18 @@ def test_static_cache_graphs_are_checked_and_fall_back_exactly(model, ids, monke
     states = verify.states()
     assert any(st["fallback"] for st in states) and all(st["skipped"] is None for st in states)
     assert int(cache.layers[0].keys.length) == PROMPT + 4  # each write applied once
+
+
+@torch.no_grad()
+def test_eager_attention_sites_are_checked_against_their_matmul_softmax_chain(ids):
+    """attn_implementation="eager": the passes turn matmul-softmax-matmul into SDPA; verify finds the original
+    chain's output through the users of the rewritten node and compares per site."""
+    model = tiny_llama(layers=2, hidden=128, heads=4, kv_heads=2, qk_gain=3.0)
+    model.set_attn_implementation("eager")
+    compiled = _compile(model, verify="first")
+    cache = transformers.DynamicCache(config=model.config)
+    compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+    prefill = verify.states()[0]["events"][0]["checks"]
+    sites = [c for c in prefill if c["what"] == "SDPA vs the original attention ops"]
+    assert [c["site"] for c in sites] == [0, 1]
+    assert all(c["ok"] and c["sqnr_db"] > 80 for c in sites), sites  # SDPA vs eager softmax chain, fp32
