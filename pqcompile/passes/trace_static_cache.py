@@ -15,7 +15,7 @@ import torch.fx as fx
 
 from ..config import PolarQuantConfig
 from ..static_cache import StaticPolarKeys
-from .common import GETITEM, PassResult, arg, is_call, sites, val
+from .common import GETITEM, SDPA_TARGETS, PassResult, arg, is_call, sites, val
 from .trace_kv_append import strip_gqa_repeat
 
 
@@ -39,7 +39,7 @@ def _strip_length_slice(node: fx.Node) -> tuple[fx.Node, bool]:
 def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
     result = PassResult("trace_static_cache")
     for site in sites(gm):
-        if site.status != "declined":
+        if site.status != "declined" or not is_call(site.sdpa, *SDPA_TARGETS):  # eager attention sites
             continue
         q, k, v = (arg(site.sdpa, i, n) for i, n in enumerate(("query", "key", "value")))
         key, _ = strip_gqa_repeat(k)
