@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..config import PolarQuantConfig
-from . import infer_pairing, rewrite_attention, trace_kv_append, trace_static_cache
+from . import infer_pairing, match_eager_attention, rewrite_attention, trace_kv_append, trace_static_cache
 from .common import PassResult, Site, sites
 
-PASSES = (trace_kv_append, trace_static_cache, infer_pairing, rewrite_attention)
+PASSES = (match_eager_attention, trace_kv_append, trace_static_cache, infer_pairing, rewrite_attention)
 
 
 def run_all(gm: fx.GraphModule, cfg: PolarQuantConfig) -> tuple[list[PassResult], list[Site]]:

@@ -10,6 +10,8 @@ A site is declined (and stays exactly as it was) when:
   - its key is not a KV-append written back to the cache (use_cache=False, cross-attention, StaticCache
     index_copy_, which this release keeps dense),
   - the cache keeps only a window of the appended key (sliding-window layers: cat(...)[:, :, -w:]),
+  - the appended key is not computed from the query's hidden states (encoder-decoder cross-attention: its
+    cache is filled once from the encoder output, and decode steps read it without a KV-append),
   - the appended key feeds other ops than this attention (the compressed key would be dequantized),
   - dropout_p is not 0, or is_causal is used with several queries over a cache (SDPA aligns that mask
     top-left, a shape no decoder uses; refusing is safer than guessing).
@@ -64,6 +66,21 @@ def _window_kept(key: fx.Node, outputs: set[fx.Node]) -> int | None:
     return None
 
 
+def _ancestors(node: fx.Node, depth: int) -> set[fx.Node]:
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen and a.op != "get_attr"]
+        seen.update(frontier)
+    return {n for n in seen if n.op == "call_function" or n.op == "call_method"}
+
+
+def _same_source(q: fx.Node, new_key: fx.Node, depth: int = 16) -> bool:
+    """Self-attention: q and the appended key are computed from one hidden-state tensor (through their
+    projections, fused or not, norms and RoPE). Cross-attention (BART/T5/Whisper decoders) projects the
+    key from the encoder output, a graph input the query never reads."""
+    return bool(_ancestors(q, depth) & _ancestors(new_key, depth))
+
+
 def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
     result = PassResult("trace_kv_append")
     outputs = graph_outputs(gm)
@@ -73,13 +90,15 @@ def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
         site = Site(sdpa=node, module=module_path(node))
         sites(gm).append(site)
         result.matched += 1
-        _trace(site, outputs)
+        trace(site, outputs)
         if site.status == "declined":
             result.skipped.append((node.name, site.reason))
     return result
 
 
-def _trace(site: Site, outputs: set[fx.Node]) -> None:
+def trace(site: Site, outputs: set[fx.Node], ignore: frozenset | set = frozenset()) -> None:
+    """Fill `site` from its SDPA node, or decline it. Users of the key in `ignore` are not counted (nodes
+    a caller is about to remove: match_eager_attention probes a new SDPA node next to the eager chain)."""
     node = site.sdpa
     q, k, v = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     if arg(node, 4, "dropout_p", 0.0) not in (0, 0.0):
@@ -96,7 +115,7 @@ def _trace(site: Site, outputs: set[fx.Node]) -> None:
             return site.decline(f"sliding-window layer: the cache keeps only the newest {window} keys "
                                 f"(cat(...)[:, :, -{window}:]); compressed groups cannot drop single tokens")
         return site.decline("the concatenated key is not written back to the cache (not a graph output)")
-    key_users = set(key.users) - {next(iter(n for n in key.graph.nodes if n.op == "output"))}
+    key_users = set(key.users) - {next(iter(n for n in key.graph.nodes if n.op == "output"))} - set(ignore)
     allowed = {node} | ({k, k.args[0], k.args[0].args[0]} if k is not key else set())
     if not key_users <= allowed:
         return site.decline(f"the cached key also feeds {sorted(u.name for u in key_users - allowed)}")
@@ -106,6 +125,9 @@ def _trace(site: Site, outputs: set[fx.Node]) -> None:
     if q_val.shape[1] % key_val.shape[1]:
         return site.decline(f"query heads {q_val.shape[1]} not a multiple of key heads {key_val.shape[1]}")
     past, new = append
+    if not _same_source(q, new):
+        return site.decline("cross-attention: the cached key is not computed from the query's hidden states "
+                            "(encoder-decoder); compressing it would only make every decode step dequantize it")
     site.kind = "decode" if isinstance(val(past), PolarKeys) else "prefill"
     if site.kind == "decode" and arg(node, 6, "is_causal", False) and q_val.shape[2] != 1:
         return site.decline("is_causal with several queries over a cache (top-left aligned mask)")
