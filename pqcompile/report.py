@@ -366,6 +366,12 @@ class GraphReport:
                 warnings.warn(f"pqcompile: cannot write reports to {self.root!r} ({e}); compilation proceeds "
                               "without reports", stacklevel=2)
             return False
+        except Exception as e:  # noqa: BLE001 (a report must never break compilation)
+            if "render" not in _warned:
+                _warned.add("render")
+                warnings.warn(f"pqcompile: writing the report failed ({type(e).__name__}: {e}); this is a bug in "
+                              "pqcompile.report, compilation proceeds", stacklevel=2)
+            return False
 
 
 def _compile_id() -> str:

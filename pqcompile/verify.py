@@ -279,9 +279,12 @@ class Checked:
         # In-place inputs (static caches): each checking run gets its own copy, taken before any run.
         ref_args, rew_args = (_with_clones(args, self.mutated) for _ in range(2)) if self.mutated else (args, args)
         out = self._compiled(args)
-        with _quiet_dense_fallback(), torch.no_grad():
-            ref_out, ref_seen = _run(self.original, ref_args, self._names("original"))
-            rew_out, rew_seen = _run(self.rewritten, rew_args, self._names("rewritten"))
+        try:
+            with _quiet_dense_fallback(), torch.no_grad():
+                ref_out, ref_seen = _run(self.original, ref_args, self._names("original"))
+                rew_out, rew_seen = _run(self.rewritten, rew_args, self._names("rewritten"))
+        except Exception as e:  # noqa: BLE001 (the checker failed, not the model: say so, keep the result)
+            return self._cannot_check(e, out)
         checks = []  # rewritten graph vs original graph, both eager: only the rewritten sites differ
         for i, module, kind, orig, rew, _ in self.sites:
             what = ("polar attention vs SDPA on dequantized keys" if kind != "prefill" else "SDPA (unchanged)"
@@ -350,9 +353,12 @@ class Checked:
             return out  # not shadowed (cache built before verify, or past step N)
         step = max((s[1] for s in shadows), default=-1) + 1
         shadow_args = [(_SHADOW[a][0] if isinstance(a, torch.Tensor) and a in _SHADOW else a) for a in args]
-        with _quiet_dense_fallback(), torch.no_grad():
-            ref_out, ref_seen = _run(self.original, shadow_args, self._names("original"))
-            _, rew_seen = _run(self.rewritten, args, self._names("rewritten")) if step else (None, {})
+        try:
+            with _quiet_dense_fallback(), torch.no_grad():
+                ref_out, ref_seen = _run(self.original, shadow_args, self._names("original"))
+                _, rew_seen = _run(self.rewritten, args, self._names("rewritten")) if step else (None, {})
+        except Exception as e:  # noqa: BLE001
+            return self._cannot_check(e, out)
         if step < self.cfg.verify_n:
             for o, r in zip(tree_leaves(out), tree_leaves(ref_out)):
                 if isinstance(o, torch.Tensor) and isinstance(r, torch.Tensor):
@@ -375,6 +381,14 @@ class Checked:
         st["status"] = "drift"
         self._emit({"call": st["calls"], "check": "drift", "step": step, "ok": True, "action": "none",
                     "checks": checks})
+        return out
+
+    def _cannot_check(self, error: Exception, out):
+        st = self.state
+        st["status"], st["skipped"] = "error", f"verify could not run the graphs: {type(error).__name__}: {error}"
+        warnings.warn(f"polarquant {st['skipped']}; verify is off for this graph", stacklevel=3)
+        if self.on_event is not None:
+            self.on_event(st)
         return out
 
     def _emit(self, event: dict) -> None:

@@ -274,3 +274,17 @@ def test_eager_attention_sites_are_checked_against_their_matmul_softmax_chain(id
     sites = [c for c in prefill if c["what"] == "SDPA vs the original attention ops"]
     assert [c["site"] for c in sites] == [0, 1]
     assert all(c["ok"] and c["sqnr_db"] > 80 for c in sites), sites  # SDPA vs eager softmax chain, fp32
+
+
+@torch.no_grad()
+def test_a_checker_that_cannot_run_warns_and_keeps_the_result(model, ids, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(verify, "_run", broken)
+    compiled = _compile(model, verify="first")
+    with pytest.warns(UserWarning, match="verify could not run the graphs: RuntimeError: boom"):
+        out = compiled(ids[:, :PROMPT], use_cache=True).logits
+    torch.testing.assert_close(out, model(ids[:, :PROMPT], use_cache=True).logits)  # prefill attention is dense
+    st = verify.states()[0]
+    assert st["status"] == "error" and "boom" in st["skipped"] and st["checked"] == 0
