@@ -57,7 +57,7 @@ class PolarKeys(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     def __repr__(self) -> str:  # never print inner tensors
-        return f"PolarKeys(shape={tuple(self.shape)}, dtype={self.dtype}, codec={self.codec})"
+        return f"PolarKeys(shape={tuple(self.shape)}, dtype={self.dtype}, codec={self.codec!s})"
 
     def __tensor_flatten__(self):
         return ["codes", "params", "tail"], self.codec

@@ -78,6 +78,9 @@ class Codec:
     def from_config(cls, cfg: PolarQuantConfig, pairing: Pairing) -> "Codec":
         return cls(cfg.radius_bits, cfg.angle_bits, cfg.group_size, pairing)
 
+    def __str__(self) -> str:
+        return f"{self.radius_bits}+{self.angle_bits} g{self.group_size} {self.pairing}"
+
     @property
     def code_bits(self) -> int:
         return self.radius_bits + self.angle_bits

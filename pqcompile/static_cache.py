@@ -47,7 +47,7 @@ class StaticPolarKeys(torch.Tensor):
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     def __repr__(self) -> str:
-        return f"StaticPolarKeys(shape={tuple(self.shape)}, dtype={self.dtype}, codec={self.codec})"
+        return f"StaticPolarKeys(shape={tuple(self.shape)}, dtype={self.dtype}, codec={self.codec!s})"
 
     def __tensor_flatten__(self):
         return ["codes", "params", "ring", "length"], self.codec
