@@ -256,3 +256,14 @@ def test_cli_report_rejects_foreign_or_corrupt_folders(tmp_path, capsys, content
 def test_cli_report_missing_folder(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "nope")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_a_reused_compile_id_gets_its_own_folder(reports, tmp_path):
+    """torch._dynamo.reset() restarts compile ids: a second graph "0/0" in one process must not overwrite."""
+    root, _ = reports
+    data = json.loads(next(root.glob("*/report.json")).read_text())
+    first, second = (report.GraphReport(str(tmp_path), dict(data), "before\n", "after\n") for _ in range(2))
+    assert first.write() and second.write()
+    name = "compile-" + data["compile_id"].replace("/", "_")
+    assert (first.folder.name, second.folder.name) == (name, f"{name}-2")
+    assert (second.folder / "before.py").read_text() == "before\n"
