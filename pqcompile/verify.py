@@ -295,7 +295,7 @@ class Checked:
                 checks.append(self._check(name, self.key_site.get(name), "output", o, r))
         if self.cfg.backend is not InnerBackend.EAGER:  # what the inner compiler made of it: SQNR only
             for name, o, r in zip(self.out_names, tree_leaves(out), tree_leaves(ref_out)):
-                if name.startswith("logits") and isinstance(o, torch.Tensor) and o.is_floating_point():
+                if "logits" in name and isinstance(o, torch.Tensor) and o.is_floating_point():
                     checks.append(self._check(f"{name} (compiled)", None, f"{self.cfg.backend.value} output", o, r,
                                               sqnr_only=True))
         ok = all(c["ok"] for c in checks)
@@ -374,7 +374,7 @@ class Checked:
                            **metrics(_as_dense(rew_seen[append]), _as_dense(ref_seen[append]))})
             checks.append({"name": f"{module} attention", "site": i, **metrics(rew_seen[rew], ref_seen[orig])})
         for name, o, r in zip(self.out_names, tree_leaves(out), tree_leaves(ref_out)):
-            if name.startswith("logits") and isinstance(o, torch.Tensor) and o.is_floating_point():
+            if "logits" in name and isinstance(o, torch.Tensor) and o.is_floating_point():
                 checks.append({"name": name, "site": None, **metrics(o, r), **kl_top1(o, r)})
         st = self.state
         st["checked"] += 1
