@@ -102,6 +102,8 @@ def _match(softmax: fx.Node):
                 raise _Decline("logit softcapping (tanh) outside SDPA")
             scale /= _scalar_operand(s, x)
         elif is_call(s, *_ADD) and mask is None and all(isinstance(a, fx.Node) for a in s.args[:2]):
+            if scale != 1.0:  # walking backwards: this scale was applied after the mask, scaling it too
+                raise _Decline("the scores are scaled after the mask is added")
             x, mask = (s.args[0], s.args[1]) if is_call(s.args[0], *_MATMUL, *_MUL, *_DIV) else (s.args[1], s.args[0])
         else:
             raise _Decline(f"unrecognized op {getattr(s.target, '__name__', s.target)} between the scores and "

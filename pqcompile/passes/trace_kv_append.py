@@ -116,6 +116,7 @@ def trace(site: Site, outputs: set[fx.Node], ignore: frozenset | set = frozenset
                                 f"(cat(...)[:, :, -{window}:]); compressed groups cannot drop single tokens")
         return site.decline("the concatenated key is not written back to the cache (not a graph output)")
     key_users = set(key.users) - {next(iter(n for n in key.graph.nodes if n.op == "output"))} - set(ignore)
+    key_users = {u for u in key_users if not is_call(u, "size", "dim")}  # shape reads (eager mask slicing)
     allowed = {node} | ({k, k.args[0], k.args[0].args[0]} if k is not key else set())
     if not key_users <= allowed:
         return site.decline(f"the cached key also feeds {sorted(u.name for u in key_users - allowed)}")
