@@ -146,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     from .quality.report import add_arguments
     add_arguments(p)
     p.set_defaults(func=eval_)
+    p = sub.add_parser("coverage", help="run the HF decoder families (tiny random models) and print the support table")
+    p.add_argument("--markdown", action="store_true", help="write the table into README.md between the markers")
+    p.add_argument("--readme", default="README.md")
+    p.add_argument("--steps", type=int, default=64, help="greedy decode steps after the prompt")
+    p.add_argument("--inner", default="aot_eager", help="inner backend of polarquant (inductor is slow on CPU)")
+    p.add_argument("--families", nargs="*", help="subset of pqcompile.coverage.FAMILIES")
+    p.set_defaults(func=lambda a: __import__("pqcompile.coverage", fromlist=["cli"]).cli(a))
     args = parser.parse_args(argv)
     return args.func(args)
 
