@@ -36,7 +36,7 @@ def compile_seconds(family: coverage.Family, backend: str) -> float:
     torch._dynamo.reset()
     model = family.build()
     ids = torch.randint(3, coverage.VOCAB, (1, coverage.PROMPT), generator=torch.Generator().manual_seed(1))
-    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    kw = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
     model.generate(ids, **kw)  # warm-up: HF's first-call work is not compile time
     t0 = time.perf_counter()
     model.generate(ids, **kw)

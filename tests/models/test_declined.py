@@ -70,8 +70,8 @@ def test_encoder_decoder_cross_attention_is_declined():
                        decoder_ffn_dim=128, max_position_embeddings=512, attn_implementation="sdpa")
     torch.manual_seed(0)
     model = T.BartForConditionalGeneration(cfg).eval()
-    kw = dict(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
-              output_logits=True)
+    kw = {"max_new_tokens": STEPS, "min_new_tokens": STEPS, "do_sample": False, "return_dict_in_generate": True,
+              "output_logits": True}
     with torch.no_grad():
         eager = model.generate(_ids(20), **kw)
         counters.clear()

@@ -23,7 +23,7 @@ CI runs STEPS=16 decode steps (the first group flush happens at 48 tokens, step 
 import pytest
 import torch
 
-from pqcompile import coverage, counters
+from pqcompile import counters, coverage
 
 STEPS = 16
 
