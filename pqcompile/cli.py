@@ -106,7 +106,8 @@ def eval_(args: argparse.Namespace) -> int:
     """Perplexity and per-layer errors of PolarQuant vs the alternatives on SmolLM2-135M + wiki (`make eval`)."""
     import pathlib
 
-    from .quality import data, methods, report as quality
+    from .quality import data, methods
+    from .quality import report as quality
 
     try:
         names = [n.strip() for n in args.methods.split(",") if n.strip()]

@@ -2,6 +2,7 @@
 they claim, and (with the eval extra installed) the real model and text load."""
 
 import importlib.util
+import itertools
 import math
 
 import pytest
@@ -25,7 +26,7 @@ def model():
 def test_chunk_bounds_cover_and_align(length, G_):
     bounds = evaluate.chunk_bounds(length, G_)
     assert bounds[0][0] == 0 and bounds[-1][1] == length
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     assert bounds[0][1] // G_ == 0  # prefill: no group complete, attention exact as in decode
     for s, e in bounds[1:]:
         c = (s + 1) // G_
@@ -168,3 +169,20 @@ def test_cli_eval_rejects_unknown_method(capsys):
     assert main(["eval", "--methods", "fp,polar-4+5x"]) == 2
     err = capsys.readouterr().err
     assert "unknown method 'polar-4+5x'" in err and "kivi-ch-int4" in err
+
+
+def test_report_table_json_and_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason=f"matplotlib is in the eval extra ({INSTALL_HINT})")
+    from pqcompile.quality import report
+
+    errs = {"attn_rel_err": [0.1, 0.2], "key_rel_err": [0.05, 0.06]}
+    res = {"model": "m", "text": "wiki", "error_windows": 1, "methods": {
+        "fp": {"kind": "fp", "bits": 16.0, "tokens": 2046, "ppl": 20.0, "delta_ppl_pct": 0.0, "seconds": 1.0},
+        "polar-4+4": {"kind": "product", "inner_backend": "aot_eager", "bits": 4.25, "tokens": 1023, "ppl": 21.0,
+                      "delta_ppl_pct": 5.0, "seconds": 2.0, "layer_errors": errs},
+        "kivi-ch-int4": {"kind": "reference", "bits": 4.25, "tokens": 2046, "ppl": 20.1, "delta_ppl_pct": 0.5,
+                         "seconds": 1.0, "layer_errors": errs}}}
+    text = report.table(res)
+    assert "compiled (aot_eager)" in text and "+5.00%" in text and "0.1500" in text
+    js, png = report.write(res, tmp_path / "q")
+    assert js.exists() and png.stat().st_size > 10_000

@@ -93,7 +93,7 @@ def _clean_wiki(raw: str) -> str:
 
     text = filter_wiki(raw)
     text = re.sub(r"'{2,}", "", text)  # bold/italic quotes that filter_wiki leaves
-    text = re.sub(r"^[ \t]*=+[ \t]*|[ \t]*=+[ \t]*$", "", text, flags=re.M)  # section heading marks
+    text = re.sub(r"^[ \t]*=+[ \t]*|[ \t]*=+[ \t]*$", "", text, flags=re.MULTILINE)  # section heading marks
     text = _WS.sub(" ", text)
     return _BLANKS.sub("\n\n", text).strip()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -70,9 +70,9 @@ def per_token(bits: int):
     return quantize
 
 
-def polar(radius_bits: int, angle_bits: int, G: int = 128, pairing: Pairing = Pairing()):
+def polar(radius_bits: int, angle_bits: int, G: int = 128, pairing: Pairing | None = None):
     """The product codec, decoded densely (equals the LUT attention up to float rounding)."""
-    c = Codec(radius_bits, angle_bits, G, pairing)
+    c = Codec(radius_bits, angle_bits, G, pairing or Pairing())
 
     def quantize(keys: torch.Tensor) -> torch.Tensor:
         return codec.decode(codec.encode(keys, c), keys.shape[2], c)
@@ -95,10 +95,12 @@ def circular_arc(phi: torch.Tensor, dim: int = -2) -> tuple[torch.Tensor, torch.
     return start.squeeze(dim), (2 * math.pi - g).squeeze(dim)
 
 
-def polar_circular(radius_bits: int, angle_bits: int, G: int = 128, pairing: Pairing = Pairing()):
+def polar_circular(radius_bits: int, angle_bits: int, G: int = 128, pairing: Pairing | None = None):
     """Polar with a circular angle range (beyond the paper): per group and pair the angle codes span the
     shortest arc holding all angles, so a cluster straddling +-pi is not given the whole circle. Same bits:
     the arc start replaces phi_min and its width / 2^a the scale."""
+    pairing = pairing or Pairing()
+
     def quantize(keys: torch.Tensor) -> torch.Tensor:
         B, H, T, D = keys.shape
         xs, ys = pairing.indices(D)

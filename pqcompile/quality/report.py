@@ -16,7 +16,7 @@ from tabulate import tabulate
 
 from .. import counters
 from . import data, evaluate
-from .methods import Method, select
+from .methods import select
 
 log = logging.getLogger(__name__)
 HEADERS = ["method", "path", "bits/elem", "tokens", "ppl", "Δppl vs fp (same windows)", "attn err (mean over layers)",
