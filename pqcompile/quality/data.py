@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -70,7 +71,7 @@ def load_model(dtype: torch.dtype = torch.float32):
         log.info("converting %s to %s (once)", src, folder)
         model = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=dtype)
         tok = transformers.AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        tmp = folder.with_name(folder.name + ".tmp")
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # concurrent first runs do not collide
         # The GGUF tensors are already dequantized to `dtype`; drop the gguf marker that blocks saving.
         model.hf_quantizer = None
         model.is_quantized = False
@@ -78,7 +79,10 @@ def load_model(dtype: torch.dtype = torch.float32):
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        tmp.rename(folder)
+        if not (folder / "config.json").exists():
+            tmp.rename(folder)
+        else:
+            shutil.rmtree(tmp)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     return model.eval(), tok
