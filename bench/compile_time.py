@@ -31,9 +31,13 @@ def _no_caches() -> None:
         torch._functorch.config.enable_autograd_cache = False
 
 
+GRAPHS: dict = {}  # (family, backend) -> graphs dynamo compiled for the generate
+
+
 @torch.no_grad()
 def compile_seconds(family: coverage.Family, backend: str) -> float:
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model = family.build()
     ids = torch.randint(3, coverage.VOCAB, (1, coverage.PROMPT), generator=torch.Generator().manual_seed(1))
     kw = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
@@ -45,7 +49,9 @@ def compile_seconds(family: coverage.Family, backend: str) -> float:
     model.compile(backend=backend, options=options)
     t0 = time.perf_counter()
     model.generate(ids, **kw)
-    return time.perf_counter() - t0 - eager
+    seconds = time.perf_counter() - t0 - eager
+    GRAPHS[family.name, backend] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    return seconds
 
 
 def main(argv=None) -> int:
@@ -68,9 +74,11 @@ def main(argv=None) -> int:
         times = {b: statistics.median(t) for b, t in runs.items()}
         results[name] = {"inductor_s": round(times["inductor"], 2), "polarquant_s": round(times["polarquant"], 2),
                          "ratio": round(times["polarquant"] / times["inductor"], 2),
+                         "graphs_inductor": GRAPHS[name, "inductor"], "graphs_polarquant": GRAPHS[name, "polarquant"],
                          "torch": torch.__version__, "cpus": torch.get_num_threads()}
         print(f"{name:10s} inductor {times['inductor']:7.1f} s  polarquant {times['polarquant']:7.1f} s  "
-              f"ratio {results[name]['ratio']:.2f}", flush=True)
+              f"ratio {results[name]['ratio']:.2f}  graphs {GRAPHS[name, 'inductor']} / {GRAPHS[name, 'polarquant']}",
+              flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     worst = max(r["ratio"] for r in results.values())
