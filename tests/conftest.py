@@ -15,3 +15,28 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # any @triton.jit decorator runs, so here, before test modules import pqcompile.kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pqcompile import counters  # noqa: E402
+
+_COMPILING_DIRS = ("compiler", "models", "distributed")
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's recompile limit is per code object (LlamaForCausalLM.forward is shared by every instance):
+    start each test from an empty cache so earlier tests cannot push a later one into the eager fallback."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/{compiler,models,distributed} starts from a fresh dynamo."""
+    for item in items:
+        if pathlib.Path(str(item.fspath)).parent.name in _COMPILING_DIRS:
+            item.fixturenames.insert(0, "fresh_dynamo")
