@@ -128,6 +128,14 @@ def eval_(args: argparse.Namespace) -> int:
     return 0
 
 
+def coverage(args: argparse.Namespace) -> int:
+    from . import coverage as cov
+
+    table, code = cov.run(args)
+    print(table)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pqcompile")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=64, help="greedy decode steps after the prompt")
     p.add_argument("--inner", default="aot_eager", help="inner backend of polarquant (inductor is slow on CPU)")
     p.add_argument("--families", nargs="*", help="subset of pqcompile.coverage.FAMILIES")
-    p.set_defaults(func=lambda a: __import__("pqcompile.coverage", fromlist=["cli"]).cli(a))
+    p.set_defaults(func=coverage)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -307,8 +307,9 @@ def write_readme(table: str, path: str = "README.md") -> None:
     p.write_text(text)
 
 
-def cli(args) -> int:
-    """`pqcompile coverage [--markdown] [--steps N] [--families ...]`: run the families, print or write the table."""
+def run(args) -> tuple[str, int]:
+    """`pqcompile coverage [--markdown] [--steps N] [--families ...]`: run the families, write the table into
+    the README with --markdown; returns (table, exit code: 1 if a family's pairing or parity is off)."""
     import json
     import os
     import pathlib
@@ -321,8 +322,7 @@ def cli(args) -> int:
         rows.append(measure(BY_NAME[name], steps=args.steps, inner=args.inner))
     times = json.loads(pathlib.Path(COMPILE_TIMES).read_text()) if os.path.exists(COMPILE_TIMES) else {}
     table = markdown(rows, times)
-    print(table)
     if args.markdown:
         write_readme(table, args.readme)
     bad = [m.family for m in rows if m.pairings != [BY_NAME[m.family].rope] or m.err_ref > 1e-5]
-    return 1 if bad else 0
+    return table, 1 if bad else 0

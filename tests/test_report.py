@@ -18,12 +18,7 @@ RATIO = codec.steady_bits_per_element(codec.Codec(4, 4, G), 32) / 32  # head_dim
 LINE = f"polarquant: 2/2 attention sites rewritten, keys {RATIO:.2f}x of float32"
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
