@@ -1,18 +1,34 @@
-"""End-to-end decode benchmark: eager vs inductor vs polarquant on a Llama-3-8B-shaped model (random weights).
+"""End-to-end decode benchmark on a Llama-3-8B-shaped model (random weights): eager / inductor / polarquant with a
+DynamicCache, and the static-cache + CUDA-graph contenders of issue 7.
 
-Per contender and context: prefill, then timed decode steps (CUDA events, median), tokens/s, the bytes the
-key cache holds, torch.cuda.max_memory_allocated during decode, and logits agreement with eager.
-Prints a table and writes JSON to bench/results/decode_e2e-<date>.json.
+Contenders (--contenders):
+  eager, inductor, polarquant   DynamicCache; prefill and decode through the (compiled) model, teacher-forced tokens,
+                                logits compared with eager
+  inductor-static-graphs        transformers.StaticCache + torch.compile(model, mode="reduce-overhead")
+  polar-static-graphs           PolarStaticCache + torch.compile(model, backend=polarquant, mode="reduce-overhead")
+  polar-static                  the same without CUDA graphs (mode=None): its greedy tokens must equal polar-static-graphs'
+  hf-generate-polar             model.generate(past_key_values=PolarStaticCache(...), compile_config=CompileConfig(
+                                backend=polarquant, mode="reduce-overhead")): its tokens must equal polar-static's
+Static contenders prefill eagerly (generate compiles only the decode step, so do we) into an eagerly initialized cache
+(every buffer marked a static address), then decode greedily: one token [B, 1], position_ids [B, 1] (and cache_position
+where the installed transformers still takes it), the cache; the mask is built in the graph from the cache's device-side
+length, so no shape changes from step to step.
+Per contender and context: median decode step (CUDA events around each forward), tokens/s, key cache bytes held
+(compressed vs the dense buffer of the same shape), max_memory_allocated during steady decode, dynamo graphs, and whether
+CUDA graphs ran (inductor's counters, recorded cudagraph-tree nodes, the "skipping cudagraphs" messages).
+Prints a table and writes JSON to bench/results/decode_e2e-<date>-<tag>.json.
 
-    python bench/decode_e2e.py --layers 4 --contexts 4096 32768          # H200 (the lease's budget)
-    python bench/decode_e2e.py --tiny --contexts 256 --steps 4           # CPU smoke run
+    PYTHONPATH=. python bench/decode_e2e.py --layers 32 --contexts 4096 32768       # H200
+    python bench/decode_e2e.py --tiny                                               # CPU smoke run, every contender
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
+import logging
 import pathlib
 import statistics
 import time
@@ -24,9 +40,64 @@ from tabulate import tabulate
 import pqcompile
 from pqcompile import counters
 from pqcompile.backend import polarquant
-from pqcompile.cache import polar_keys_in
+from pqcompile.static_cache import PolarStaticCache
 
-VERSION = 2  # 2: peak memory measured after the warm-up (compiles) steps
+VERSION = 3  # 3: static-cache + CUDA-graph contenders, prefill keeps only the last logits (logits_to_keep=1)
+
+DYNAMIC = ("eager", "inductor", "polarquant")
+STATIC = ("inductor-static-graphs", "polar-static-graphs", "polar-static", "hf-generate-polar")
+GRAPHED = ("inductor-static-graphs", "polar-static-graphs", "hf-generate-polar")  # mode="reduce-overhead"
+_FORWARD = inspect.signature(transformers.LlamaModel.forward).parameters
+CACHE_KW = "cache" if "cache" in _FORWARD else "past_key_values"  # renamed in transformers ~5.2x (old name deprecated)
+TAKES_CACHE_POSITION = "cache_position" in _FORWARD  # removed from Llama's forward in 2026 (transformers PR 44181)
+T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+class CudagraphMessages(logging.Handler):
+    """Collects the cudagraph warnings of inductor ("skipping cudagraphs due to ...", re-recording), whichever logger
+    emits them: torch 2.13 logs skips on the `cudagraphs` artifact logger, older torch on `perf_hints`, which does not
+    propagate unless TORCH_LOGS enables it, so the handler sits on those loggers directly too."""
+
+    LOGGERS = ["torch._inductor"] + [f"torch._inductor.{mod}.__{art}" for mod in
+                                     ("cudagraph_utils", "cudagraph_trees", "compile_fx", "output_code")
+                                     for art in ("cudagraphs", "perf_hints")]
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "cudagraph" in msg.lower() and msg not in self.messages:
+            self.messages.append(msg[:300])
+
+
+CUDAGRAPH_LOG = CudagraphMessages()
+
+
+def cudagraph_nodes_recorded() -> int | None:
+    """Nodes (recorded CUDA graphs) in the cudagraph-trees manager of the current device; None off CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from torch._inductor import cudagraph_trees
+        manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+        if manager is None:
+            return 0
+        todo, n = [node for nodes in manager.roots.values() for node in nodes], 0
+        while todo:
+            node = todo.pop()
+            n += 1
+            todo.extend(child for children in node.children.values() for child in children)
+        return n
+    except (ImportError, AttributeError):  # private API: report unknown rather than guess
+        return None
 
 
 def build(args) -> transformers.PreTrainedModel:
@@ -37,10 +108,16 @@ def build(args) -> transformers.PreTrainedModel:
         cfg = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                    vocab_size=128256, rope_theta=500000.0)
     config = transformers.LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=131072,
-                                      attn_implementation="sdpa", **cfg)
+                                      attn_implementation="sdpa", eos_token_id=None, **cfg)
     torch.manual_seed(0)
-    with torch.device(args.device):
-        model = transformers.LlamaForCausalLM(config).to(args.dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(args.dtype)  # no fp32 copy of 8B parameters on the way
+    try:
+        with torch.device(args.device):
+            model = transformers.LlamaForCausalLM(config).to(args.dtype).eval()
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.eos_token_id = None  # random weights: never stop early, never mask a token
     return model
 
 
@@ -49,104 +126,252 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run(model, contender: str, ctx: int, args) -> dict:
-    torch._dynamo.reset()
-    counters.clear()
-    device = args.device
-    gen = torch.Generator().manual_seed(ctx)  # the same tokens for every contender
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, ctx + args.steps + args.warmup), generator=gen)
-    ids = ids.to(device)
-    if contender == "eager":
-        fwd = model
-    elif contender == "inductor":
-        fwd = torch.compile(model)
+def make_cache(model, contender: str, ctx: int, args):
+    if contender in DYNAMIC:
+        return transformers.DynamicCache(config=model.config)
+    max_len = ctx + args.warmup + args.steps + 8
+    if contender == "inductor-static-graphs":
+        cache = transformers.StaticCache(config=model.config, max_cache_len=max_len)
     else:
-        fwd = torch.compile(model, backend=polarquant)  # the callable: no install needed on the GPU machine
-    cache = transformers.DynamicCache(config=model.config)
+        cache = PolarStaticCache(config=model.config, max_cache_len=max_len, group_size=args.group_size)
+    # allocate (and mark static) every buffer now, outside any compiled region: lazy initialization inside a compiled
+    # call skips mark_static_address, and CUDA graphs would then copy or skip on the mutated cache buffers
+    cfg = model.config
+    cache.early_initialization(args.batch, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                               args.dtype, torch.device(args.device))
+    if args.mark_keys_static and isinstance(cache, PolarStaticCache):
+        # PolarStaticLayer marks the inner buffers, but AOTAutograd takes static-ness from the dynamo input, which is
+        # the StaticPolarKeys wrapper: unmarked, cudagraph trees treat codes/params/ring/length as non-static inputs
+        for layer in cache.layers:
+            torch._dynamo.mark_static_address(layer.keys)
+    return cache
+
+
+def compiled_forward(model, contender: str):
+    if contender == "eager":
+        return model
+    if contender == "inductor":
+        return torch.compile(model)
+    if contender == "inductor-static-graphs":
+        return torch.compile(model, mode="reduce-overhead")
+    mode = "reduce-overhead" if contender in GRAPHED else None
+    return torch.compile(model, backend=polarquant, mode=mode)  # the callable: no install needed on the GPU machine
+
+
+def cache_bytes(cache) -> dict:
+    """Bytes the key and value buffers hold; for compressed keys also the dense buffer of the same shape and dtype."""
+    held = dense = values = 0
+    for layer in cache.layers:
+        k = layer.keys
+        dense += k.numel() * k.element_size()
+        held += k.nbytes_held() if hasattr(k, "nbytes_held") else k.numel() * k.element_size()
+        values += layer.values.numel() * layer.values.element_size()
+    return {"key_cache_bytes": held, "key_cache_bytes_dense": dense, "key_ratio": held / dense,
+            "value_cache_bytes": values}
+
+
+def decode_kwargs(cache, position: int, args) -> dict:
+    """Everything HF's static decoding passes besides input_ids, built before the timed region."""
+    pos = torch.full((args.batch, 1), position, dtype=torch.long, device=args.device)
+    kwargs = {CACHE_KW: cache, "use_cache": True, "position_ids": pos}
+    if TAKES_CACHE_POSITION:
+        kwargs["cache_position"] = pos[0]
+    return kwargs
+
+
+def reset_counters():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    counters.clear()
+    CUDAGRAPH_LOG.messages.clear()
+
+
+def graph_facts(contender: str, args) -> dict:
+    inductor = dict(torch._dynamo.utils.counters["inductor"])
+    facts = {"dynamo_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+             "polar_graphs": counters.totals["graphs"], "sites_rewritten": counters.totals["sites_rewritten"],
+             "sites_declined": counters.totals["sites_declined"],
+             "inductor_counters": {k: v for k, v in inductor.items() if "cudagraph" in k or "graph_break" in k},
+             "cudagraph_skips": inductor.get("cudagraph_skips", 0), "cudagraph_nodes": cudagraph_nodes_recorded(),
+             "cudagraph_messages": list(CUDAGRAPH_LOG.messages)}
+    if contender not in GRAPHED:
+        facts["cudagraphs"] = "off"
+    elif not args.device.startswith("cuda"):
+        facts["cudagraphs"] = "n/a (cpu)"
+    elif facts["cudagraph_skips"] or not facts["cudagraph_nodes"]:
+        facts["cudagraphs"] = f"NO ({facts['cudagraph_skips']} skips, {facts['cudagraph_nodes']} recorded)"
+    else:
+        facts["cudagraphs"] = f"yes ({facts['cudagraph_nodes']} recorded)"
+    return facts
+
+
+def timed(fn, device) -> tuple[object, float]:
+    """fn() and its time in ms: CUDA events on the GPU (host launch gaps included), perf_counter on CPU."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return out, start.elapsed_time(end)
+    t = time.perf_counter()
+    out = fn()
+    return out, (time.perf_counter() - t) * 1e3
+
+
+def run(model, contender: str, ctx: int, args) -> dict:
+    """Prefill ctx tokens, then warmup + steps decode steps; returns a row (with logits and tokens, popped later)."""
+    reset_counters()
+    device, n = args.device, args.warmup + args.steps
+    gen = torch.Generator().manual_seed(ctx)  # the same tokens for every contender
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, ctx + n), generator=gen).to(device)
+    cache = make_cache(model, contender, ctx, args)
+    fwd = compiled_forward(model, contender)
+    static = contender in STATIC
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = fwd(ids[:, :ctx], past_key_values=cache, use_cache=True)
+        # static: eager prefill, as generate does; dynamic: through fwd (v2 behaviour)
+        out = (model if static else fwd)(ids[:, :ctx], **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)
         sync(device)
         prefill_s = time.perf_counter() - t0
-        logits = [out.logits[:, -1].float()]
-        times = []
-        for i in range(args.warmup + args.steps):
-            if i == args.warmup and device.startswith("cuda"):  # peak of steady decode, not of compiling
+        say(f"{contender} @ {ctx}: prefill {prefill_s:.1f} s")
+        logits, tokens, times = [out.logits[:, -1].float()], [out.logits[:, -1:].argmax(-1)], []
+        for i in range(n):
+            if i == args.warmup and device.startswith("cuda"):  # peak of steady decode, not of compiling/recording
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-            tok = ids[:, ctx + i: ctx + i + 1]
-            if device.startswith("cuda"):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = fwd(tok, past_key_values=cache, use_cache=True)
-                end.record()
-                torch.cuda.synchronize()
-                ms = start.elapsed_time(end)
-            else:
-                t = time.perf_counter()
-                out = fwd(tok, past_key_values=cache, use_cache=True)
-                ms = (time.perf_counter() - t) * 1e3
-            if i >= args.warmup:
-                times.append(ms)
+            tok = tokens[-1] if static else ids[:, ctx + i: ctx + i + 1]  # greedy (static) or teacher-forced
+            kwargs = decode_kwargs(cache, ctx + i, args) if static else {CACHE_KW: cache, "use_cache": True}
+            torch.compiler.cudagraph_mark_step_begin()
+            out, ms = timed(lambda: fwd(tok, **kwargs), device)
+            times.append(ms)
+            tokens.append(out.logits[:, -1:].argmax(-1))
             if i < 4:
                 logits.append(out.logits[:, -1].float())
-    polar = polar_keys_in(cache)
-    key_bytes = (sum(k.nbytes_held() for k in polar) if polar
-                 else sum(layer.keys.numel() * layer.keys.element_size() for layer in cache.layers))
-    row = {
-        "contender": contender, "context": ctx, "batch": args.batch, "layers": args.layers,
-        "step_ms_median": statistics.median(times), "step_ms_min": min(times),
-        "tokens_per_s": args.batch * 1e3 / statistics.median(times), "prefill_s_incl_compile": prefill_s,
-        "key_cache_bytes": key_bytes, "graphs": counters.totals["graphs"],
-        "sites_rewritten": counters.totals["sites_rewritten"], "sites_declined": counters.totals["sites_declined"],
-        "logits": torch.stack(logits).cpu(),
-    }
+            if i < args.warmup:
+                say(f"{contender} @ {ctx}: warm-up step {i} {ms / 1e3:.2f} s")
+    steady = times[args.warmup:]
+    row = {"contender": contender, "context": ctx, "batch": args.batch, "layers": args.layers,
+           "step_ms_median": statistics.median(steady), "step_ms_min": min(steady),
+           "tokens_per_s": args.batch * 1e3 / statistics.median(steady), "prefill_s": prefill_s,
+           "warmup_ms": times[:args.warmup], **cache_bytes(cache), **graph_facts(contender, args),
+           "logits": torch.stack(logits).cpu(), "tokens": torch.cat(tokens, dim=1).cpu()}
     if device.startswith("cuda"):
         row["decode_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
         row["max_memory_allocated"] = torch.cuda.max_memory_allocated()
     return row
 
 
+def run_generate(model, ctx: int, args) -> dict:
+    """HF's own recipe: generate with a PolarStaticCache and a CompileConfig (decode compiled, prefill eager).
+    Tokens from a first (compiling) call; ms/step = (warm generate of 1 + steps tokens - warm generate of 1) / steps,
+    each the best of two."""
+    reset_counters()
+    n = args.warmup + args.steps + 1
+    gen = torch.Generator().manual_seed(ctx)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, ctx), generator=gen).to(args.device)
+    cache = make_cache(model, "hf-generate-polar", ctx, args)
+    compile_config = transformers.CompileConfig(backend=polarquant, mode="reduce-overhead")
+    if not args.device.startswith("cuda"):
+        compile_config._compile_all_devices = True  # private flag: generate compiles on CUDA only by default
+
+    def generate(new: int) -> torch.Tensor:
+        cache.reset()
+        out = model.generate(ids, **{CACHE_KW: cache}, compile_config=compile_config, max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False)
+        sync(args.device)
+        return out
+
+    with torch.no_grad():
+        t = time.perf_counter()
+        out = generate(n)
+        say(f"hf-generate-polar @ {ctx}: first generate (compiles) {time.perf_counter() - t:.1f} s")
+        row = {"contender": "hf-generate-polar", "context": ctx, "batch": args.batch, "layers": args.layers,
+               **cache_bytes(cache), **graph_facts("hf-generate-polar", args), "tokens": out[:, ctx:].cpu()}
+        wall = {1: float("inf"), args.steps + 1: float("inf")}
+        for new in (1, args.steps + 1) * 2:  # best of two, each size
+            t = time.perf_counter()
+            generate(new)
+            wall[new] = min(wall[new], time.perf_counter() - t)
+    ms = (wall[args.steps + 1] - wall[1]) * 1e3 / args.steps
+    row.update(step_ms_median=ms, tokens_per_s=args.batch * 1e3 / ms, prefill_s=wall[1],
+               step_ms_note="wall time of generate, host loop included; not a median")
+    row["recompiled_when_warm"] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - row["dynamo_graphs"]
+    return row
+
+
+def compare(rows: list[dict]) -> None:
+    """Logits vs eager (dynamic contenders, teacher-forced) and greedy tokens between static contenders."""
+    ref = next((r["logits"] for r in rows if r["contender"] == "eager"), None)
+    tokens = {r["contender"]: r["tokens"] for r in rows if r["contender"] in STATIC}
+    pairs = {"polar-static-graphs": "polar-static", "hf-generate-polar": "polar-static",
+             "polar-static": "inductor-static-graphs"}
+    for row in rows:
+        logits = row.pop("logits", None)
+        if ref is not None and logits is not None and row["contender"] in DYNAMIC:
+            row["logits_cos_vs_eager"] = torch.nn.functional.cosine_similarity(logits, ref, dim=-1).mean().item()
+            row["top1_vs_eager"] = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+        other = pairs.get(row["contender"])
+        if other in tokens and row["contender"] in tokens:
+            a, b = row["tokens"], tokens[other]
+            k = min(a.shape[1], b.shape[1])
+            same = int((a[:, :k] == b[:, :k]).all(0).sum())
+            first = next((i for i in range(k) if not bool((a[:, i] == b[:, i]).all())), None)
+            row["tokens_vs"] = f"{other}: {same}/{k}" + ("" if first is None else f" (first diff @{first})")
+            row["tokens_match"] = first is None and a.shape == b.shape
+    for row in rows:
+        row["tokens"] = row["tokens"].tolist()
+
+
+HEADERS = ["contender", "context", "step_ms_median", "tokens_per_s", "key_cache_bytes", "key_cache_bytes_dense",
+           "decode_peak_extra_bytes", "max_memory_allocated", "dynamo_graphs", "sites_rewritten", "cudagraphs",
+           "tokens_vs", "logits_cos_vs_eager", "top1_vs_eager"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
-    parser.add_argument("--contenders", nargs="+", default=["eager", "inductor", "polarquant"])
+    parser.add_argument("--layers", type=int, default=None, help="default 32 (2 with --tiny)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="default 4096 32768 (200 with --tiny)")
+    parser.add_argument("--contenders", nargs="+", default=list(STATIC), choices=DYNAMIC + STATIC)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--warmup", type=int, default=6)
-    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps")
+    parser.add_argument("--warmup", type=int, default=4, help="decode steps before timing (compile, graph recording)")
+    parser.add_argument("--group-size", type=int, default=128, help="PolarStaticCache group size")
+    parser.add_argument("--mark-keys-static", action="store_true",
+                        help="also mark each StaticPolarKeys wrapper a static address (diagnostic; see make_cache)")
+    parser.add_argument("--tiny", action="store_true", help="small model for a CPU smoke run")
+    parser.add_argument("--tag", default=None, help="file name tag (default: tiny or <layers>layers)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
+    args.layers = args.layers or (2 if args.tiny else 32)
+    args.contexts = args.contexts or ([200] if args.tiny else [4096, 32768])
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    say(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.device}, cache kwarg {CACHE_KW!r}, "
+        f"cache_position {'passed' if TAKES_CACHE_POSITION else 'not taken'}; {args.layers} layers")
     model = build(args)
+    say("model built")
     rows = []
     for ctx in args.contexts:
-        ref = None
         for contender in args.contenders:
-            row = run(model, contender, ctx, args)
-            if contender == "eager":
-                ref = row["logits"]
-            logits = row.pop("logits")
-            if ref is not None:
-                row["logits_cos_vs_eager"] = torch.nn.functional.cosine_similarity(logits, ref, dim=-1).mean().item()
-                row["top1_vs_eager"] = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
+            say(f"{contender} @ {ctx}: start")
+            row = run_generate(model, ctx, args) if contender == "hf-generate-polar" else run(model, contender, ctx, args)
             rows.append(row)
-            print(f"{contender} @ {ctx}: {row['step_ms_median']:.2f} ms/step", flush=True)
-    headers = ["contender", "context", "step_ms_median", "tokens_per_s", "key_cache_bytes", "decode_peak_extra_bytes",
-               "graphs", "sites_rewritten", "logits_cos_vs_eager", "top1_vs_eager"]
-    print(tabulate([[r.get(h, "") for h in headers] for r in rows], headers=headers, floatfmt=".3f"))
+            say(f"{contender} @ {ctx}: {row['step_ms_median']:.2f} ms/step, cudagraphs {row['cudagraphs']}, "
+                f"skips {row['cudagraph_messages'] or '-'}, tokens {row['tokens'][0, :8].tolist()}")
+    compare(rows)
+    print(tabulate([[r.get(h, "") for h in HEADERS] for r in rows], headers=HEADERS, floatfmt=".3f"), flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"decode_e2e-{datetime.date.today()}{'-tiny' if args.tiny else ''}.json"
+    tag = args.tag or ("tiny" if args.tiny else f"{args.layers}layers")
+    name = f"decode_e2e-{datetime.date.today()}-{tag}.json"
     meta = {"script": "bench/decode_e2e.py", "version": VERSION, "torch": torch.__version__,
             "transformers": transformers.__version__, "pqcompile": pqcompile.__version__,
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "args": {
                 k: str(v) for k, v in vars(args).items()}}
     (out / name).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {out / name}")
+    say(f"wrote {out / name}")
 
 
 if __name__ == "__main__":
