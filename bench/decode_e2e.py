@@ -6,7 +6,7 @@ Contenders (--contenders):
                                 logits compared with eager
   inductor-static-graphs        transformers.StaticCache + torch.compile(model, mode="reduce-overhead")
   polar-static-graphs           PolarStaticCache + torch.compile(model, backend=polarquant, mode="reduce-overhead")
-  polar-static                  the same without CUDA graphs (mode=None): its greedy tokens must equal polar-static-graphs'
+  polar-static                  the same without CUDA graphs (mode=None): greedy tokens must equal polar-static-graphs'
   hf-generate-polar             model.generate(past_key_values=PolarStaticCache(...), compile_config=CompileConfig(
                                 backend=polarquant, mode="reduce-overhead")): its tokens must equal polar-static's
 Static contenders prefill eagerly (generate compiles only the decode step, so do we) into an eagerly initialized cache
@@ -14,8 +14,8 @@ Static contenders prefill eagerly (generate compiles only the decode step, so do
 where the installed transformers still takes it), the cache; the mask is built in the graph from the cache's device-side
 length, so no shape changes from step to step.
 Per contender and context: median decode step (CUDA events around each forward), tokens/s, key cache bytes held
-(compressed vs the dense buffer of the same shape), max_memory_allocated during steady decode, dynamo graphs, and whether
-CUDA graphs ran (inductor's counters, recorded cudagraph-tree nodes, the "skipping cudagraphs" messages).
+(compressed vs the dense buffer of the same shape), max_memory_allocated during steady decode, dynamo graphs, and
+whether CUDA graphs ran (inductor's counters, recorded cudagraph-tree nodes, the "skipping cudagraphs" messages).
 Prints a table and writes JSON to bench/results/decode_e2e-<date>-<tag>.json.
 
     PYTHONPATH=. python bench/decode_e2e.py --layers 32 --contexts 4096 32768       # H200
@@ -137,8 +137,11 @@ def make_cache(model, contender: str, ctx: int, args):
     # allocate (and mark static) every buffer now, outside any compiled region: lazy initialization inside a compiled
     # call skips mark_static_address, and CUDA graphs would then copy or skip on the mutated cache buffers
     cfg = model.config
-    cache.early_initialization(args.batch, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
-                               args.dtype, torch.device(args.device))
+    try:  # signature of transformers 5.24; the eager prefill initializes (and marks) the buffers too if this fails
+        cache.early_initialization(args.batch, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
+                                   args.dtype, torch.device(args.device))
+    except (AttributeError, TypeError) as e:
+        say(f"early_initialization unavailable ({type(e).__name__}: {e}); buffers allocated by the eager prefill")
     if args.mark_keys_static and isinstance(cache, PolarStaticCache):
         # PolarStaticLayer marks the inner buffers, but AOTAutograd takes static-ness from the dynamo input, which is
         # the StaticPolarKeys wrapper: unmarked, cudagraph trees treat codes/params/ring/length as non-static inputs
@@ -205,17 +208,17 @@ def graph_facts(contender: str, args) -> dict:
     return facts
 
 
-def timed(fn, device) -> tuple[object, float]:
-    """fn() and its time in ms: CUDA events on the GPU (host launch gaps included), perf_counter on CPU."""
+def timed(device, fn, *args, **kwargs) -> tuple[object, float]:
+    """fn(...) and its time in ms: CUDA events on the GPU (host launch gaps included), perf_counter on CPU."""
     if device.startswith("cuda"):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = fn()
+        out = fn(*args, **kwargs)
         end.record()
         torch.cuda.synchronize()
         return out, start.elapsed_time(end)
     t = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     return out, (time.perf_counter() - t) * 1e3
 
 
@@ -244,7 +247,7 @@ def run(model, contender: str, ctx: int, args) -> dict:
             tok = tokens[-1] if static else ids[:, ctx + i: ctx + i + 1]  # greedy (static) or teacher-forced
             kwargs = decode_kwargs(cache, ctx + i, args) if static else {CACHE_KW: cache, "use_cache": True}
             torch.compiler.cudagraph_mark_step_begin()
-            out, ms = timed(lambda: fwd(tok, **kwargs), device)
+            out, ms = timed(device, fwd, tok, **kwargs)
             times.append(ms)
             tokens.append(out.logits[:, -1:].argmax(-1))
             if i < 4:
@@ -356,7 +359,8 @@ def main() -> None:
     for ctx in args.contexts:
         for contender in args.contenders:
             say(f"{contender} @ {ctx}: start")
-            row = run_generate(model, ctx, args) if contender == "hf-generate-polar" else run(model, contender, ctx, args)
+            gen = contender == "hf-generate-polar"
+            row = run_generate(model, ctx, args) if gen else run(model, contender, ctx, args)
             rows.append(row)
             say(f"{contender} @ {ctx}: {row['step_ms_median']:.2f} ms/step, cudagraphs {row['cudagraphs']}, "
                 f"skips {row['cudagraph_messages'] or '-'}, tokens {row['tokens'][0, :8].tolist()}")
