@@ -259,28 +259,29 @@ def decode(data: PolarData, seq_len: int, codec: Codec) -> torch.Tensor:
 
 
 def polar_scores(q: torch.Tensor, data: PolarData, codec: Codec) -> torch.Tensor:
-    """q [B, Hq, S, D] -> fp32 q.k scores [B, Hq, S, (T//G)*G] over the encoded groups, via the angle LUT.
+    """q [B, Hq, S, D] -> fp32 q.k scores [B, Hq, S, (T//G)*G] over the encoded groups.
 
-    LUT[j][c] = q_xj cos(phi_c) + q_yj sin(phi_c) per query head and group; score = sum_j r_j LUT[j][c_j].
+    score = sum_j r_j (q_xj cos phi_j + q_yj sin phi_j). phi takes 2^a values per (group, pair), so cos and sin
+    come from a per-group angle table [P, 2^a] indexed by the angle codes (no trig per token); then one
+    batched matmul over the 2P components: q_x . (r cos phi) + q_y . (r sin phi). GQA: the R query heads of
+    a kv-head read the same codes.
     """
     B, Hq, S, D = q.shape
     H, Tc = data.codes.shape[1], data.codes.shape[2]
     G, P, A = codec.group_size, D // 2, 1 << codec.angle_bits
     n, R = Tc // G, Hq // H
     xs, ys = codec.pairing.indices(D)
-    qx = q[..., xs].float().view(B, H, R, S, 1, P, 1)
-    qy = q[..., ys].float().view(B, H, R, S, 1, P, 1)
     p = data.params.float()  # [B, H, n, 4, P]
     centers = torch.arange(A, device=q.device, dtype=torch.float32) + 0.5
-    phi = p[:, :, :, 2, :, None] + centers * p[:, :, :, 3, :, None]  # [B, H, n, P, A]
-    lut = qx * torch.cos(phi)[:, :, None, None] + qy * torch.sin(phi)[:, :, None, None]  # [B,H,R,S,n,P,A]
+    phi = p[:, :, :, 2, :, None] + centers * p[:, :, :, 3, :, None]  # angle table [B, H, n, P, A]
     code = unpack_codes(data.codes, codec.code_bits, P).view(B, H, n, G, P)
-    c_a = (code >> codec.radius_bits).long()
-    r = bin_center(code & ((1 << codec.radius_bits) - 1), p[:, :, :, None, 0], p[:, :, :, None, 1])
-    idx = (c_a + torch.arange(P, device=q.device) * A).view(B, H, 1, 1, n, G * P)
-    picked = lut.flatten(-2).gather(-1, idx.expand(B, H, R, S, n, G * P)).view(B, H, R, S, n, G, P)
-    scores = (picked * r[:, :, None, None]).sum(-1)  # [B, H, R, S, n, G]
-    return scores.reshape(B, Hq, S, Tc)
+    c_a = (code >> codec.radius_bits).long().transpose(-1, -2)  # [B, H, n, P, G]
+    r = bin_center(code & ((1 << codec.radius_bits) - 1), p[:, :, :, None, 0], p[:, :, :, None, 1])  # [B,H,n,G,P]
+    cos = torch.cos(phi).gather(-1, c_a).transpose(-1, -2)  # [B, H, n, G, P]
+    sin = torch.sin(phi).gather(-1, c_a).transpose(-1, -2)
+    k = torch.cat([r * cos, r * sin], dim=-1).view(B, H, Tc, 2 * P)
+    qq = torch.cat([q[..., xs], q[..., ys]], dim=-1).float().reshape(B, H, R * S, 2 * P)
+    return (qq @ k.transpose(-1, -2)).view(B, Hq, S, Tc)
 
 
 def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, codec: Codec, *,

@@ -93,6 +93,8 @@ def perplexity(model, windows: torch.Tensor, method: Method, inner: str = "induc
                progress: bool = True) -> dict:
     """Next-token NLL over every position but the last of each window [N, T], `batch` windows per forward.
 
+    The last token is only a target: the model reads positions [0, T-1), so a 1024-token window is a prefill of
+    G-1 and 7 full chunks (no 1-token chunk, which would cost the compiled model one more graph).
     Returns dict(ppl, nll, tokens, seconds, window_nll). Product methods fail loudly instead of falling back to
     eager if dynamo's recompile limit is hit.
     """
@@ -100,8 +102,8 @@ def perplexity(model, windows: torch.Tensor, method: Method, inner: str = "induc
     per_window, t0 = [], time.perf_counter()
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         for ids in tqdm(windows.split(batch), desc=method.name, disable=not progress, leave=False):
-            logits = window_logits(forward, model, ids, method)  # [b, T, V]
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+            logits = window_logits(forward, model, ids[:, :-1], method)  # [b, T-1, V]
+            nll = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
             per_window += nll.view(ids.shape[0], -1).mean(-1).tolist()
     nll = sum(per_window) / len(per_window)
     return {"ppl": math.exp(nll), "nll": nll, "tokens": windows.shape[0] * (windows.shape[1] - 1),

@@ -23,11 +23,11 @@ HEADERS = ["method", "path", "bits/elem", "tokens", "ppl", "Δppl vs fp (same wi
            "key err", "seconds"]
 
 
-def run(method_names: list[str], *, text: str = "wiki", tokens: int = 16384, compiled_tokens: int = 2048,
+def run(method_names: list[str], *, text: str = "wiki", tokens: int = 16384, compiled_tokens: int | None = None,
         window: int = 1024, error_windows: int = 2, inner: str = "aot_eager", batch: int = 4,
         progress: bool = True, partial: Path | None = None) -> dict:
-    """Evaluate every method on `tokens // window` windows of `text` (product methods, which run the CPU
-    reference attention inside the compiled model, on the first `compiled_tokens // window`). fp always runs."""
+    """Evaluate every method on `tokens // window` windows of `text` (product methods on the first
+    `compiled_tokens // window` of them; all when None). fp always runs."""
     warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
     names = list(dict.fromkeys(["fp", *method_names]))
     select(names)  # unknown names fail before the model loads
@@ -38,7 +38,7 @@ def run(method_names: list[str], *, text: str = "wiki", tokens: int = 16384, com
     methods = select(names, head_dim=head_dim)
     n = max(tokens // window, 1)
     windows = data.token_windows(tok, text, n, window)
-    n_compiled = min(max(compiled_tokens // window, 1), n)
+    n_compiled = n if compiled_tokens is None else min(max(compiled_tokens // window, 1), n)
     rows, t0 = {}, time.perf_counter()
     for m in methods:
         w = windows[:n_compiled] if m.kind == "product" else windows
@@ -84,9 +84,9 @@ def add_arguments(p) -> None:
                    help="comma-separated; patterns: " + "; ".join(f"{k}: {v}" for k, v in PATTERNS.items()))
     p.add_argument("--text", default="wiki", choices=data.TEXTS, help="wiki: report; lee: choose settings")
     p.add_argument("--tokens", type=int, default=16384, help="tokens (whole 1024-token windows) per method")
-    p.add_argument("--compiled-tokens", type=int, default=2048,
-                   help="tokens for the compiled polar methods (CPU reference LUT attention is slow: ~1-2 min "
-                        "per window on 2 cores); --compiled-tokens 16384 for the full run")
+    p.add_argument("--compiled-tokens", type=int, default=None,
+                   help="tokens for the compiled polar methods (default: --tokens, every window); each compiled "
+                        "method also spends ~1.5 min compiling its 3 graphs on 2 CPU cores")
     p.add_argument("--error-windows", type=int, default=2, help="windows for the per-layer errors")
     p.add_argument("--inner", default="aot_eager", choices=["inductor", "aot_eager", "eager"],
                    help="what compiles the rewritten graph (polarquant option 'backend'); the polar ops are the "
