@@ -345,6 +345,35 @@ def test_lut_attention_softcap_and_pairings(softcap, pairing, bits):
     assert (no_cap - out).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("pairing", PAIRINGS, ids=str)
+@pytest.mark.parametrize("bits", [(4, 4), (3, 3), (2, 2), (1, 7)])
+def test_polar_scores_are_the_lut_sum(bits, pairing):
+    """polar_scores is DESIGN 1.2's sum, term by term: score = sum_j r_j LUT[j][c_j] with
+    LUT[j][c] = q_xj cos(phi_c) + q_yj sin(phi_c), here in fp64 straight from the stored codes and params."""
+    B, Hkv, R, S, T, D, G = 2, 2, 3, 4, 48, 8, 16
+    codec = Codec(*bits, G, pairing)
+    state = C.encode(make_keys((B, Hkv, T, D), "outliers", seed=5), codec)
+    q = torch.randn(B, Hkv * R, S, D, generator=torch.Generator().manual_seed(6)) * 3
+    P, A = D // 2, 1 << codec.angle_bits
+    code = C.unpack_codes(state.codes, codec.code_bits, P).long()  # [B, Hkv, T, P]
+    c_r, c_a = code & ((1 << codec.radius_bits) - 1), code >> codec.radius_bits
+    p = state.params.double().repeat_interleave(G, dim=2)  # [B, Hkv, T, 4, P]: each token's group
+    r = p[..., 0, :] + (c_r + 0.5) * p[..., 1, :]  # [B, Hkv, T, P]
+    phi = p[..., 2, :, None] + (torch.arange(A) + 0.5) * p[..., 3, :, None]  # [B, Hkv, T, P, A]
+    xs, ys = pairing.indices(D)
+    qx = q[..., xs].double().view(B, Hkv, R, S, 1, P, 1)
+    qy = q[..., ys].double().view(B, Hkv, R, S, 1, P, 1)
+    lut = qx * phi.cos()[:, :, None, None] + qy * phi.sin()[:, :, None, None]  # [B, Hkv, R, S, T, P, A]
+    picked = lut.gather(-1, c_a[:, :, None, None, :, :, None].expand(B, Hkv, R, S, T, P, 1)).squeeze(-1)
+    want = (r[:, :, None, None] * picked).sum(-1).view(B, Hkv * R, S, T)
+    got = C.polar_scores(q, state, codec)
+    assert got.shape == (B, Hkv * R, S, T) and got.dtype == torch.float32
+    # fp32 arithmetic: each term r (q_x cos + q_y sin) within a few ulps (phi, cos/sin, products), plus the
+    # rounding of a sum of D terms
+    mag = (r[:, :, None, None] * (qx.abs() + qy.abs()).squeeze(-1)).sum(-1).view(B, Hkv * R, S, T)
+    assert ((got.double() - want).abs() <= (D + 16) * EPS32 * mag).all()
+
+
 @pytest.mark.parametrize("T", [10, 32])  # all tail / no tail
 def test_lut_attention_edge_lengths(T):
     codec = Codec(4, 4, 16, Pairing("interleaved"))

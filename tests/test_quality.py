@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pqcompile import counters
 from pqcompile.cache import polar_keys_in
@@ -60,14 +61,25 @@ def test_chunked_schedule_equals_token_by_token(model, name):
 
 
 @torch.no_grad()
-def test_deq_reference_matches_compiled_product(model):
-    """polar-R+A-deq (dense decode of the same codec in a fake-quant cache) == the compiled product path."""
+def test_perplexity_compiled_product_equals_deq_reference(model):
+    """evaluate.perplexity through the polarquant-compiled model == through the fake-quant cache that decodes the
+    same codec densely (polar-R+A-deq); both are the mean NLL of the next-token targets. Later windows compile
+    nothing: 3 graphs in all (prefill, the first chunk over an empty code stream, then dynamic lengths)."""
     torch.manual_seed(2)
     product, deq = methods.select(["polar-3+3", "polar-3+3-deq"], head_dim=32, G=G)
-    ids = torch.randint(0, model.config.vocab_size, (2, 2 * G + 5))
-    a = evaluate.window_logits(evaluate.compile_for(model, product, inner="aot_eager"), model, ids, product)
-    b = evaluate.window_logits(model, model, ids, deq)
-    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    windows = torch.randint(0, model.config.vocab_size, (3, 4 * G))  # reads 4G-1 tokens: prefill + 3 chunks
+    counters.clear()
+    a = evaluate.perplexity(model, windows, product, inner="aot_eager", batch=1, progress=False)
+    assert counters.totals["graphs"] == 3 and counters.totals["sites_declined"] == 0
+    assert counters.totals["rewritten_decode"] > 0
+    b = evaluate.perplexity(model, windows, deq, batch=2, progress=False)
+    assert a["tokens"] == b["tokens"] == 3 * (4 * G - 1)
+    assert a["window_nll"] == pytest.approx(b["window_nll"], rel=1e-4)
+    logits = evaluate.window_logits(model, model, windows, deq)  # the whole window, last logit unused
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten(), reduction="none")
+    assert b["window_nll"] == pytest.approx(nll.view(3, -1).mean(-1).tolist(), rel=1e-5)
+    fp = evaluate.perplexity(model, windows, methods.select(["fp"])[0], progress=False)
+    assert a["ppl"] != pytest.approx(fp["ppl"], rel=1e-4)  # the keys really were quantized
 
 
 def _keys(T=256, D=64, seed=0):

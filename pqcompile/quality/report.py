@@ -140,9 +140,9 @@ def plot(result: dict, path: Path) -> None:
         compiled = fam == "polar (compiled)"
         ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], "o--" if compiled else "o-",
                 mfc="none" if compiled else None, label=f"{fam} ({pts[0][3]} tokens)", ms=8 if compiled else 5)
-        for b, d, name, _ in pts:
-            ax.annotate(name.split("-", 1)[-1], (b, max(d, 1e-3)), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+        for b, d, name, _ in pts:  # compiled labels left of the point: their -deq twins sit on top of them
+            ax.annotate(name.split("-", 1)[-1], (b, max(d, 1e-3)), textcoords="offset points", fontsize=7,
+                        xytext=(-7, -2) if compiled else (4, 4), ha="right" if compiled else "left")
     ax.set_yscale("log")
     ax.set_xlabel("bits per key element (codes + bf16 group params; fp = 16)")
     ax.set_ylabel("perplexity increase vs fp (%)")
