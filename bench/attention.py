@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pqcompile import codec as ref
 from pqcompile import kernels
 
-SCRIPT_VERSION = 3
+SCRIPT_VERSION = 4  # 4: split reduction parallel over rows and splits; exact fp32 dots
 DEFAULT_CONFIG = dict(kernels.ATTN_CONFIG)
 BITS = [(4, 4), (3, 3), (2, 2)]
 MAIN = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (8, 32768), (8, 131072), (32, 32768)]

@@ -307,7 +307,7 @@ def run_generate(model, ctx: int, args) -> dict:
 def compare(rows: list[dict]) -> None:
     """Logits vs eager (dynamic contenders, teacher-forced) and greedy tokens between static contenders."""
     ref = next((r["logits"] for r in rows if r["contender"] == "eager"), None)
-    tokens = {r["contender"]: r["tokens"] for r in rows if r["contender"] in STATIC}
+    tokens = {(r["contender"], r["context"]): r["tokens"] for r in rows if r["contender"] in STATIC}
     pairs = {"polar-static-graphs": "polar-static", "hf-generate-polar": "polar-static",
              "polar-static": "inductor-static-graphs"}
     for row in rows:
@@ -316,8 +316,8 @@ def compare(rows: list[dict]) -> None:
             row["logits_cos_vs_eager"] = torch.nn.functional.cosine_similarity(logits, ref, dim=-1).mean().item()
             row["top1_vs_eager"] = (logits.argmax(-1) == ref.argmax(-1)).float().mean().item()
         other = pairs.get(row["contender"])
-        if other in tokens and row["contender"] in tokens:
-            a, b = row["tokens"], tokens[other]
+        if (other, row["context"]) in tokens and (row["contender"], row["context"]) in tokens:
+            a, b = row["tokens"], tokens[other, row["context"]]
             k = min(a.shape[1], b.shape[1])
             same = int((a[:, :k] == b[:, :k]).all(0).sum())
             first = next((i for i in range(k) if not bool((a[:, i] == b[:, i]).all())), None)

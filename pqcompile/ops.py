@@ -146,6 +146,12 @@ def static_write_(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
     """In place: write new_keys [B, H, S, D] at token positions [S] (contiguous, starting at or before
     `length`), encoding each group that completes. Positions before `length` rewind (HF crop)."""
     c = _codec(radius_bits, angle_bits, group_size, pairing)
+    if _use_kernels(new_keys):  # positions and length stay on the device (CUDA-graph capture)
+        from . import kernels
+
+        capturing = new_keys.is_cuda and torch.cuda.is_current_stream_capturing()
+        kernels.static_write(codes, unflat(params), ring, length, new_keys, positions, c, check=not capturing)
+        return
     G, S = c.group_size, new_keys.shape[2]
     start, L = int(positions[0]), int(length[0])
     end = start + S
@@ -163,12 +169,7 @@ def static_write_(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
     first = start // G
     done = (pending.shape[2] // G) * G
     if done:
-        if _use_kernels(new_keys):
-            from . import kernels
-
-            k_codes, k_params = kernels.encode_groups(pending[:, :, :done], c)
-        else:
-            k_codes, k_params = ref.encode_groups(pending[:, :, :done], c)
+        k_codes, k_params = ref.encode_groups(pending[:, :, :done], c)
         codes[:, :, first * G: first * G + done] = k_codes
         params[:, :, first * 4: first * 4 + done // G * 4] = flat(k_params)
     ring[:, :, : pending.shape[2] - done] = pending[:, :, done:]
@@ -188,13 +189,14 @@ def static_attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor,
     """Attention of q [B, Hq, S, D] over the first `length` tokens of a static state; v [B, Hkv|Hq, Tmax, Dv],
     mask broadcastable to [B, Hq, S, Tmax] (HF's static mask)."""
     c = _codec(radius_bits, angle_bits, group_size, pairing)
+    if _use_kernels(q):  # the length is read on the device
+        from . import kernels
+
+        return kernels.static_attention(q, codes, unflat(params), ring, length, v, c, mask=mask, scale=scale,
+                                        is_causal=is_causal)
     L = int(length[0])
     data = _static_view(codes, params, ring, L, c)
     mask = None if mask is None else mask[..., :L]
-    if _use_kernels(q):
-        from . import kernels
-
-        return kernels.attention(q, data, L, v[:, :, :L], c, mask=mask, scale=scale, is_causal=is_causal).contiguous()
     return ref.attention(q, data, L, v[:, :, :L], c, mask=mask, scale=scale, is_causal=is_causal).contiguous()
 
 

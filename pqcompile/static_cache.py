@@ -143,8 +143,11 @@ class PolarStaticLayer(transformers.cache_utils.StaticLayer):
         super().__init__(max_cache_len=max_cache_len)
         self.codec = codec
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """As StaticLayer's, but the keys are a StaticPolarKeys: no dense key buffer is allocated."""
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
+        """As StaticLayer's, but the keys are a StaticPolarKeys: no dense key buffer is allocated. The wrapper is
+        marked a static address too: AOTAutograd reads static inputs off the wrapper, not its inner tensors
+        (unmarked, CUDA graphs skip the mutated cache)."""
+        value_states = key_states if value_states is None else value_states
         self.device = key_states.device
         self.batch_size, self.num_heads = key_states.shape[:2]
         self.v_head_dim, self.k_head_dim = value_states.shape[-1], key_states.shape[-1]
@@ -155,7 +158,7 @@ class PolarStaticLayer(transformers.cache_utils.StaticLayer):
         if hasattr(self, "cumulative_length"):
             self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():
-            for t in (self.keys.codes, self.keys.params, self.keys.ring, self.keys.length, self.values):
+            for t in (self.keys, self.keys.codes, self.keys.params, self.keys.ring, self.keys.length, self.values):
                 torch._dynamo.mark_static_address(t)
             if hasattr(self, "cumulative_length"):
                 torch._dynamo.mark_static_address(self.cumulative_length)

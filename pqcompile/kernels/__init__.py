@@ -26,7 +26,7 @@ from .. import codec as ref
 from ..codec import KEY_DTYPES, PARAM_DTYPE, TAIL_PAD, Codec, PolarData
 from ..config import PairingMode
 from .polar_attention import polar_attn_fwd_kernel, polar_attn_reduce_kernel
-from .polar_encode import polar_encode_kernel
+from .polar_encode import polar_encode_kernel, polar_static_write_kernel
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ ATTN_CONFIG = {"autotune": True, "block_n": 64, "split_dot": True, "programs_per
                "num_stages": 3, "ablate": 0}
 ATTN_TUNE_SPACE = [  # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages)
     (64, True, 2, 4, 3), (64, False, 2, 4, 3), (64, True, 4, 4, 3), (128, True, 2, 4, 3),
-    (32, True, 4, 4, 3), (32, True, 8, 2, 4),
+    (32, True, 4, 4, 3), (32, True, 8, 2, 4), (64, True, 8, 4, 3),
 ]
 
 
@@ -241,13 +241,57 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
         log.debug("polar attention falls back to the reference for q %s, v %s", tuple(q.shape), tuple(v.shape))
         return ref.attention(q, data, seq_len, v, codec, mask=mask, scale=scale, softcap=softcap,
                              is_causal=is_causal)
+    return _attend(q, codes, params, tail, v, codec, seq_len=seq_len, length=None, mask=mask, scale=scale,
+                   softcap=softcap, is_causal=is_causal, num_splits=num_splits)
+
+
+def static_attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
+                     length: torch.Tensor, v: torch.Tensor, codec: Codec, *, mask: torch.Tensor | None = None,
+                     scale: float | None = None, is_causal: bool = False,
+                     num_splits: int | None = None) -> torch.Tensor:
+    """Attention over the first `length` tokens of a static state, the length read on the device only (the
+    call is CUDA-graph safe). codes [B, H, Tcap, NB], params [B, H, Tcap/G, 4, P], ring [B, H, G, D],
+    length int64 [1], v [B, H|Hq, Tmax, Dv] (Tmax <= Tcap), mask broadcastable to [B, Hq, S, Tmax].
+    A length beyond Tmax (a write past the capacity) gives NaN."""
+    _check_codec(codec)
+    for name, t in (("q", q), ("v", v), ("ring", ring)):
+        if t.dtype not in KEY_DTYPES:
+            raise TypeError(f"{name} must be a float16/bfloat16/float32 tensor, got {t.dtype}")
+    if codes.dtype != torch.uint8 or params.dtype != PARAM_DTYPE or length.dtype != torch.int64:
+        raise TypeError(f"codes, params and length must be uint8, bfloat16 and int64, got {codes.dtype}, "
+                        f"{params.dtype}, {length.dtype}")
+    G = codec.group_size
+    B, H, Tcap, NB = codes.shape
+    D = ring.shape[-1]
+    if (q.dim() != 4 or q.shape[0] != B or q.shape[-1] != D or q.shape[1] % H or ring.shape != (B, H, G, D)
+            or params.shape != (B, H, Tcap // G, 4, D // 2) or Tcap % G or NB != codec.code_bytes(D)
+            or length.shape != (1,) or v.dim() != 4 or v.shape[0] != B or v.shape[1] not in (H, q.shape[1])
+            or v.shape[2] > Tcap):
+        raise ValueError(f"static state codes {tuple(codes.shape)}, params {tuple(params.shape)}, ring "
+                         f"{tuple(ring.shape)}, length {tuple(length.shape)} does not fit q {tuple(q.shape)}, "
+                         f"v {tuple(v.shape)} (group {G})")
+    for name, t in (("q", q), ("codes", codes), ("params", params), ("ring", ring), ("length", length),
+                    ("v", v)):
+        _check_device(name, t, q.device)
+    if D > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM or 0 in q.shape or v.shape[2] == 0:
+        raise ValueError(f"static polar attention supports head_dim <= {MAX_HEAD_DIM} and non-empty inputs, "
+                         f"got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    return _attend(q, codes, params, ring, v, codec, seq_len=None, length=length, mask=mask, scale=scale,
+                   softcap=None, is_causal=is_causal, num_splits=num_splits)
+
+
+def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, softcap, is_causal, num_splits):
+    """Launch the fused kernel (and the split reduction). seq_len: a host int, or None with `length` (a device
+    tensor) for a static state whose encoded part and tail (its ring) are found from the length in-kernel."""
+    B, Hq, S, D = q.shape
+    H, G = tail.shape[1], codec.group_size
+    T = seq_len if length is None else v.shape[2]  # the mask's key extent
     if mask is not None:
         _check_device("mask", mask, q.device)
         try:
-            mask = mask.expand(B, Hq, S, seq_len)
+            mask = mask.expand(B, Hq, S, T)
         except RuntimeError:
-            raise ValueError(f"mask shape {tuple(mask.shape)} is not broadcastable to {(B, Hq, S, seq_len)}") \
-                from None
+            raise ValueError(f"mask shape {tuple(mask.shape)} is not broadcastable to {(B, Hq, S, T)}") from None
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)
     codes = codes if codes.stride(-1) == 1 else codes.contiguous()
@@ -257,12 +301,19 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
     cfg = ATTN_CONFIG
     R = Hq // H
     RG, NQG = (R, H) if v.shape[1] == H else (1, Hq)
+    Dv, P, NB = v.shape[-1], D // 2, codec.code_bytes(D)
     rows = RG * S
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     MB = triton.cdiv(rows, block_m)
     block_p, block_dv = triton.next_power_of_2(P), max(16, triton.next_power_of_2(Dv))
-    L, n_prog = seq_len - Tc, B * NQG * MB
+    n_prog = B * NQG * MB
     sms = _sm_count(q.device)
+    if length is None:
+        Tc, L = seq_len // G * G, seq_len % G
+        len_arg, t_max = q, seq_len
+    else:  # the grid covers the capacity; the kernel divides the actual length among the splits
+        Tc, L = codes.shape[2], 0
+        len_arg, t_max = length, v.shape[2]
 
     def n_splits(block_n: int, pps: int) -> int:
         n_blocks = Tc // block_n + triton.cdiv(L, block_n)
@@ -289,29 +340,84 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
         polar_attn_fwd_kernel[(n_prog // MB, splits, MB)](
             q, *q.stride(), codes, *codes.stride()[:3], params, *params.stride()[:4], tail, *tail.stride(),
             v, *v.stride()[:3], m_arg, *m_strides, xi, yi, out, *out.stride()[:3], o_part, ml[0], ml[1],
-            seq_len, Tc, NQG, S, R, RG, Dv, float(D ** -0.5 if scale is None else scale),
+            len_arg, seq_len or 0, Tc, t_max, NQG, S, R, RG, Dv, float(D ** -0.5 if scale is None else scale),
             float(softcap) if softcap else 1.0,
             P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits,
             BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_DV=block_dv, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
             SOFTCAP=bool(softcap), CAUSAL=causal, FAST=on_gpu, QT=qt, VT=vt, ABLATE=cfg["ablate"],
+            LEN_DEVICE=length is not None, PREC="ieee" if torch.float32 in (q.dtype, v.dtype) else "tf32",
             BLOCK_N=block_n, SPLIT_DOT=split_dot, PPS=pps, num_warps=warps, num_stages=stages,
         )
         if splits > 1:
-            polar_attn_reduce_kernel[(n_prog,)](
+            polar_attn_reduce_kernel[(n_prog, min(block_m, rows))](
                 o_part, ml[0], ml[1], out, *out.stride()[:3], NQG, MB, S, RG, Dv, splits,
-                BLOCK_M=block_m, BLOCK_DV=block_dv, num_warps=4,
+                BLOCK_M=block_m, BLOCK_DV=block_dv, BLOCK_S=min(32, triton.next_power_of_2(splits)), num_warps=4,
             )
 
     space = [c for c in ATTN_TUNE_SPACE if c[0] <= G and c[0] * block_p <= 8192]  # a block never spans groups
     if on_gpu and cfg["autotune"] and num_splits is None and not cfg["ablate"] and space:
-        key = (seq_len.bit_length(), n_prog.bit_length(), P, NB, codec.radius_bits, G, block_m, block_dv,
-               has_mask, mask_bool, causal, bool(softcap), q.dtype, v.dtype, tail.dtype)
+        key = (length is None, (Tc + L).bit_length(), n_prog.bit_length(), P, NB, codec.radius_bits, G, block_m,
+               block_dv, has_mask, mask_bool, causal, bool(softcap), q.dtype, v.dtype, tail.dtype)
         LAST_CONFIG[0] = _tune(key, launch, space)
         launch(LAST_CONFIG[0])
     else:
         block_n = min(G, cfg["block_n"], max(16, 8192 // block_p))
         launch((block_n, cfg["split_dot"], cfg["programs_per_sm"], cfg["num_warps"], cfg["num_stages"]))
     return out
+
+
+# --------------------------------------------------------------------------- static write
+
+
+def static_write(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor, length: torch.Tensor,
+                 new_keys: torch.Tensor, positions: torch.Tensor, codec: Codec, *, check: bool = True) -> None:
+    """In place, like ops.static_write_ on the reference: write new_keys [B, H, S, D] at positions [S] (contiguous,
+    from at most `length`), encoding every group that completes; then length = positions[0] + S.
+
+    The positions and the length are read on the device only, so the write can be captured in a CUDA graph.
+    check=True first validates them on the host (a sync): HF's IndexError past the capacity, ValueError for
+    non-contiguous positions. Unchecked, a write past the capacity drops the groups beyond it and the length
+    it leaves makes static_attention return NaN.
+    """
+    ref.check_keys("new_keys", new_keys, finite=False)
+    _check_codec(codec)
+    B, H, S, D = new_keys.shape
+    G, P, NB = codec.group_size, D // 2, codec.code_bytes(D)
+    Tcap = codes.shape[2]
+    if (codes.dtype != torch.uint8 or params.dtype != PARAM_DTYPE or length.dtype != torch.int64
+            or positions.dtype not in (torch.int64, torch.int32)):
+        raise TypeError(f"codes, params, length, positions must be uint8, bfloat16, int64, int64|int32, got "
+                        f"{codes.dtype}, {params.dtype}, {length.dtype}, {positions.dtype}")
+    if (codes.shape != (B, H, Tcap, NB) or Tcap % G or params.shape != (B, H, Tcap // G, 4, P)
+            or ring.shape != (B, H, G, D) or length.shape != (1,) or positions.shape != (S,)
+            or codes.stride(-1) != 1 or params.stride(-1) != 1):
+        raise ValueError(f"static state codes {tuple(codes.shape)}, params {tuple(params.shape)}, ring "
+                         f"{tuple(ring.shape)}, length {tuple(length.shape)} cannot take new keys "
+                         f"{tuple(new_keys.shape)} at positions {tuple(positions.shape)} (group {G})")
+    for name, t in (("codes", codes), ("params", params), ("ring", ring), ("length", length)):
+        _check_device(name, t, new_keys.device)
+    positions = positions.to(new_keys.device)
+    new_keys = new_keys.to(ring.dtype)  # (rounded here: the interpreter's in-kernel casts truncate)
+    if S == 0:
+        return
+    if check:
+        start, L = int(positions[0]), int(length[0])
+        if start + S > Tcap:
+            raise IndexError(f"index {start + S - 1} is out of bounds for dimension 2 with size {Tcap}: the static "
+                             "cache is too small for the requested tokens")
+        if start > L or not torch.equal(positions.cpu(), torch.arange(start, start + S)):
+            raise ValueError(f"static cache writes must be contiguous from the current length {L}; got positions "
+                             f"[{start}, ..] of {S}")
+    xi, yi = _pair_index(codec.pairing, D, new_keys.device)
+    block_p = min(max(8, 8192 // G), max(8, triton.next_power_of_2(P)))
+    on_gpu = new_keys.is_cuda and not _interpret()
+    for first, n_groups in ((True, 1), (False, max(1, triton.cdiv(S - 1, G)))):  # the second stores the length
+        polar_static_write_kernel[(B * H, n_groups, triton.cdiv(P, block_p))](
+            new_keys, *new_keys.stride(), positions, length, ring, *ring.stride(), xi, yi,
+            codes, *codes.stride()[:3], params, *params.stride()[:4], H, S, Tcap // G,
+            P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits, BLOCK_P=block_p, FIRST=first,
+            ON_GPU=on_gpu, num_warps=ENCODE_CONFIG["num_warps"],
+        )
 
 
 __all__ = [
@@ -322,4 +428,6 @@ __all__ = [
     "attention",
     "encode_groups",
     "encode_groups_into",
+    "static_attention",
+    "static_write",
 ]

@@ -10,6 +10,8 @@ tail buffer. BLOCK_N, SPLIT_DOT, PPS (programs per SM, sets the split count) and
 are tuned on the GPU by the host wrapper. Online softmax in
 fp32, P @ V with dense V, then either the final output (one split) or per-split partials (acc, max, sum)
 reduced by polar_attn_reduce_kernel. Dense dequantized keys never leave registers.
+LEN_DEVICE (static caches, CUDA graphs): the length is read from device memory, the grid is sized by the
+capacity and every split divides the actual length; the tail is the cache's ring (token t at slot t % G).
 """
 
 import triton
@@ -69,7 +71,7 @@ def decode_codes(raw, offs_j, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: t
 @triton.jit
 def block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale, softcap,
                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr,
-                 VT: tl.constexpr, ABLATE: tl.constexpr):
+                 VT: tl.constexpr, ABLATE: tl.constexpr, PREC: tl.constexpr):
     """One block: scores qk [M, N] of tokens tt [N], values v [N, DV] -> updated (max, sum, acc [M, DV])."""
     s = qk * scale
     if SOFTCAP:
@@ -94,29 +96,36 @@ def block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_le
     if ABLATE == 3:  # timing only: no V stream
         acc = acc * alpha[:, None]
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(VT), v.to(VT))
+        acc = acc * alpha[:, None] + tl.dot(p.to(VT), v.to(VT), input_precision=PREC)
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["seq_len", "Tc"])
+@triton.jit(do_not_specialize=["seq_len", "Tc", "t_max"])
 def polar_attn_fwd_kernel(
     Qp, sq_b, sq_h, sq_s, sq_d,  # q [B, Hq, S, D]
     Cp, sc_b, sc_h, sc_t,  # codes uint8 [B, Hkv, Tc, NB], byte stride 1
     Pp, sp_b, sp_h, sp_g, sp_k,  # params bf16 [B, Hkv, Tc/G, 4, P], pair stride 1
-    Kt, st_b, st_h, st_t, st_d,  # tail [B, Hkv, L + pad, D]
+    Kt, st_b, st_h, st_t, st_d,  # tail [B, Hkv, L + pad, D], or a static cache's ring [B, Hkv, G, D]
     Vp, sv_b, sv_h, sv_t,  # v [B, Hkv | Hq, T, Dv], dv stride 1
     Mk, sm_b, sm_h, sm_s, sm_t,  # mask, broadcast to [B, Hq, S, T] (stride 0 where broadcast)
     XI, YI,  # int32 [BLOCK_P]: the x and y dim of each pair (zero-padded)
     Out, so_b, so_h, so_s,  # [B, Hq, S, Dv]: written directly when the grid has one split
     Opart, Mpart, Lpart,  # fp32 [rows, splits, BLOCK_M, BLOCK_DV], [rows, splits, BLOCK_M] otherwise
-    seq_len, Tc, NQG, S_len, R, RG, Dv, scale, softcap,
+    Lp,  # int64 [1]: the length, read on the device (LEN_DEVICE; seq_len and Tc are then ignored)
+    seq_len, Tc, t_max, NQG, S_len, R, RG, Dv, scale, softcap,
     P: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
     CAUSAL: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, VT: tl.constexpr, ABLATE: tl.constexpr,
+    LEN_DEVICE: tl.constexpr, PREC: tl.constexpr,  # PREC: "ieee" for fp32 inputs (no TF32 rounding)
     BLOCK_N: tl.constexpr, SPLIT_DOT: tl.constexpr, PPS: tl.constexpr,  # tuned (PPS: grid only)
 ):
     W: tl.constexpr = RB + AB
+    if LEN_DEVICE:  # a static cache: nothing on the host knows the length (CUDA-graph replays)
+        seq_len = tl.load(Lp).to(tl.int32)
+        bad = seq_len > t_max  # written past the capacity: NaN out, never a plausible number
+        seq_len = tl.minimum(seq_len, t_max)
+        Tc = seq_len // G * G
     pid_q = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -154,6 +163,8 @@ def polar_attn_fwd_kernel(
     # this split's range of BLOCK_N-token blocks: encoded blocks first, then the tail's
     n_code = Tc // BLOCK_N
     n_blocks = n_code + tl.cdiv(seq_len - Tc, BLOCK_N)
+    if CAUSAL:  # blocks after the last key this program's rows may see are skipped
+        n_blocks = tl.minimum(n_blocks, tl.cdiv(seq_len - S_len + tl.max(tl.where(row_ok, si, 0), 0) + 1, BLOCK_N))
     per = tl.cdiv(n_blocks, n_splits)
     first = split * per
     last = tl.minimum(first + per, n_blocks)
@@ -179,14 +190,14 @@ def polar_attn_fwd_kernel(
         else:
             c, s = cos_sin(phi, FAST)
         if SPLIT_DOT:
-            qk = tl.dot(qx, tl.trans((rad * c).to(QT)))
-            qk = tl.dot(qy, tl.trans((rad * s).to(QT)), qk)
+            qk = tl.dot(qx, tl.trans((rad * c).to(QT)), input_precision=PREC)
+            qk = tl.dot(qy, tl.trans((rad * s).to(QT)), qk, input_precision=PREC)
         else:
             k = tl.reshape(tl.join((rad * c).to(QT), (rad * s).to(QT)), [BLOCK_N, 2 * BLOCK_P])
-            qk = tl.dot(qxy, tl.trans(k))
+            qk = tl.dot(qxy, tl.trans(k), input_precision=PREC)
         v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=dv_mask[None, :], other=0.0)
         m_i, l_i, acc = block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale,
-                                     softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE)
+                                     softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE, PREC)
 
     # the full-precision tail, scored the same way
     Tbase = Kt + b * st_b + kvh * st_h
@@ -196,13 +207,15 @@ def polar_attn_fwd_kernel(
         kmask = (tt < seq_len)[:, None] & jmask[None, :]
         kx = tl.load(krow + xi[None, :] * st_d, mask=kmask, other=0.0)
         ky = tl.load(krow + yi[None, :] * st_d, mask=kmask, other=0.0)
-        qk = tl.dot(qx, tl.trans(kx.to(QT)))
-        qk = tl.dot(qy, tl.trans(ky.to(QT)), qk)
+        qk = tl.dot(qx, tl.trans(kx.to(QT)), input_precision=PREC)
+        qk = tl.dot(qy, tl.trans(ky.to(QT)), qk, input_precision=PREC)
         v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=(tt < seq_len)[:, None] & dv_mask[None, :],
                     other=0.0)
         m_i, l_i, acc = block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale,
-                                     softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE)
+                                     softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE, PREC)
 
+    if LEN_DEVICE:
+        acc = tl.where(bad, float("nan"), acc)
     if n_splits == 1:  # normalize and store the output
         o = acc / tl.where(row_ok, l_i, 1.0)[:, None]
         optr = Out + b * so_b + qh[:, None] * so_h + si[:, None] * so_s + offs_dv[None, :]
@@ -220,30 +233,36 @@ def polar_attn_reduce_kernel(
     Opart, Mpart, Lpart,  # fp32 [rows, SPLITS, BLOCK_M, BLOCK_DV], [rows, SPLITS, BLOCK_M]
     Out, so_b, so_h, so_s,  # [B, Hq, S, Dv], dv stride 1
     NQG, MB, S_len, RG, Dv, n_splits,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """One program per real output row: the splits' partials combined BLOCK_S at a time (loads in parallel)."""
     row = tl.program_id(0)  # (b * NQG + qg) * MB + mb
+    mm = tl.program_id(1)  # row inside the block
     mb = row % MB
     pid_q = row // MB
     b = (pid_q // NQG).to(tl.int64)
     qg = pid_q % NQG
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    base = row.to(tl.int64) * n_splits
-    m_all = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for sp in range(n_splits):
-        m_all = tl.maximum(m_all, tl.load(Mpart + (base + sp) * BLOCK_M + offs_m))
-    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-    l_all = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for sp in range(n_splits):
-        w = tl.exp2((tl.load(Mpart + (base + sp) * BLOCK_M + offs_m) - m_use) * 1.4426950408889634)
-        l_all += w * tl.load(Lpart + (base + sp) * BLOCK_M + offs_m)
-        o = tl.load(Opart + (base + sp) * (BLOCK_M * BLOCK_DV) + offs_m[:, None] * BLOCK_DV + offs_dv[None, :])
-        acc += w[:, None] * o
-    m = mb * BLOCK_M + offs_m
-    row_ok = m < RG * S_len
-    out = acc / tl.where(row_ok, l_all, 1.0)[:, None]
-    qh = (qg * RG + m // S_len).to(tl.int64)
-    optr = Out + b * so_b + qh[:, None] * so_h + (m % S_len)[:, None] * so_s + offs_dv[None, :]
-    tl.store(optr, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < Dv)[None, :])
+    m = mb * BLOCK_M + mm
+    if m < RG * S_len:
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        base = row.to(tl.int64) * n_splits
+        m_run = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
+        l_run = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
+        acc = tl.zeros([BLOCK_DV], tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            sp = s0 + offs_s
+            ok = sp < n_splits
+            idx = (base + sp) * BLOCK_M + mm
+            mv = tl.load(Mpart + idx, mask=ok, other=float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(mv, 0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            w = tl.exp2((mv - m_use) * 1.4426950408889634)
+            alpha = tl.exp2((m_run - m_use) * 1.4426950408889634)
+            o = tl.load(Opart + idx[:, None] * BLOCK_DV + offs_dv[None, :], mask=ok[:, None], other=0.0)
+            l_run = l_run * alpha + tl.sum(w * tl.load(Lpart + idx, mask=ok, other=0.0), 0)
+            acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+            m_run = m_new
+        qh = (qg * RG + m // S_len).to(tl.int64)
+        optr = Out + b * so_b + qh * so_h + (m % S_len) * so_s + offs_dv
+        tl.store(optr, (acc / l_run).to(Out.dtype.element_ty), mask=offs_dv < Dv)

@@ -60,6 +60,53 @@ def bin_codes(v, vmin, scale, BITS: tl.constexpr, EXACT_DIV: tl.constexpr):
     return c.to(tl.int32)
 
 
+@triton.jit
+def encode_store(x, y, crow, pp, sp_k, tile, offs_p, pmask, P: tl.constexpr, NB: tl.constexpr,
+                 G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr, BLOCK_P: tl.constexpr, ON_GPU: tl.constexpr):
+    """Encode one group's pairs x, y [G, BLOCK_P] (fp32) and store its codes (token rows crow [G, 1] + byte)
+    and params (pp [BLOCK_P] + k * sp_k)."""
+    W: tl.constexpr = RB + AB
+    r = tl.sqrt_rn(x * x + y * y)  # [G, BLOCK_P]
+    if ON_GPU:
+        phi = libdevice.atan2(y, x)
+    else:
+        phi = atan2_poly(y, x)
+
+    r_min = round_bf16_bits(tl.min(r, axis=0), False)
+    r_s = round_bf16_bits((tl.max(r, axis=0) - r_min) * (1.0 / (1 << RB)), True)
+    a_min = round_bf16_bits(tl.min(phi, axis=0), False)
+    a_s = round_bf16_bits((tl.max(phi, axis=0) - a_min) * (1.0 / (1 << AB)), True)
+    # a non-finite key poisons its pair's params (NaN) instead of yielding plausible garbage codes
+    bad = tl.max((~(r < float("inf"))).to(tl.int32), axis=0) > 0  # NaN or inf
+    r_min = tl.where(bad, float("nan"), r_min)
+
+    c_r = bin_codes(r, r_min, r_s, RB, ON_GPU)
+    c_a = bin_codes(phi, a_min, a_s, AB, ON_GPU)
+    code = tl.where(pmask[None, :], c_r | (c_a << RB), 0)
+
+    if W == 8:  # one byte per pair
+        tl.store(crow + offs_p[None, :], code.to(tl.uint8), mask=pmask[None, :])
+    elif 8 % W == 0:  # PER whole codes per byte
+        PER: tl.constexpr = 8 // W
+        byte = tl.sum(tl.reshape(code, [G, BLOCK_P // PER, PER]) << (tl.arange(0, PER) * W)[None, None, :], axis=2)
+        offs_b = tile * (BLOCK_P // PER) + tl.arange(0, BLOCK_P // PER)
+        tl.store(crow + offs_b[None, :], byte.to(tl.uint8), mask=(offs_b < NB)[None, :])
+    else:  # codes straddle bytes: 8 consecutive pairs -> one W-byte little-endian word
+        CH: tl.constexpr = BLOCK_P // 8
+        word = tl.sum(tl.reshape(code.to(tl.int64), [G, CH, 8]) << (tl.arange(0, 8) * W).to(tl.int64)[None, None, :],
+                      axis=2)
+        k8 = tl.arange(0, 8)
+        byte = (word[:, :, None] >> (k8 * 8).to(tl.int64)[None, None, :]) & 255  # [G, CH, 8]
+        byte_idx = (tile * CH + tl.arange(0, CH))[:, None] * W + k8[None, :]  # [CH, 8]
+        bmask = (k8[None, :] < W) & (byte_idx < NB)
+        tl.store(crow[:, :, None] + byte_idx[None, :, :], byte.to(tl.uint8), mask=bmask[None, :, :])
+
+    tl.store(pp, r_min.to(tl.bfloat16), mask=pmask)
+    tl.store(pp + sp_k, r_s.to(tl.bfloat16), mask=pmask)
+    tl.store(pp + 2 * sp_k, a_min.to(tl.bfloat16), mask=pmask)
+    tl.store(pp + 3 * sp_k, a_s.to(tl.bfloat16), mask=pmask)
+
+
 @triton.jit(do_not_specialize=["n_groups", "group_offset"])
 def polar_encode_kernel(
     K, sk_b, sk_h, sk_t, sk_d,  # keys [B, H, n*G, D], any strides
@@ -71,7 +118,6 @@ def polar_encode_kernel(
     BLOCK_P: tl.constexpr, PAIRS: tl.constexpr, ON_GPU: tl.constexpr,
 ):
     """PAIRS: 0 = any pairing through XI/YI, 1 = half split (x_j = j, y_j = j + P), 2 = interleaved."""
-    W: tl.constexpr = RB + AB
     pid = tl.program_id(0)
     tile = tl.program_id(1)
     bh = pid // n_groups
@@ -96,45 +142,95 @@ def polar_encode_kernel(
         x = tl.load(rows + xi[None, :] * sk_d, mask=pmask[None, :], other=0.0).to(tl.float32)
         y = tl.load(rows + yi[None, :] * sk_d, mask=pmask[None, :], other=0.0).to(tl.float32)
 
-    r = tl.sqrt_rn(x * x + y * y)  # [G, BLOCK_P]
-    if ON_GPU:
-        phi = libdevice.atan2(y, x)
-    else:
-        phi = atan2_poly(y, x)
-
-    r_min = round_bf16_bits(tl.min(r, axis=0), False)
-    r_s = round_bf16_bits((tl.max(r, axis=0) - r_min) * (1.0 / (1 << RB)), True)
-    a_min = round_bf16_bits(tl.min(phi, axis=0), False)
-    a_s = round_bf16_bits((tl.max(phi, axis=0) - a_min) * (1.0 / (1 << AB)), True)
-    # a non-finite key poisons its pair's params (NaN) instead of yielding plausible garbage codes
-    bad = tl.max((~(r < float("inf"))).to(tl.int32), axis=0) > 0  # NaN or inf
-    r_min = tl.where(bad, float("nan"), r_min)
-
-    c_r = bin_codes(r, r_min, r_s, RB, ON_GPU)
-    c_a = bin_codes(phi, a_min, a_s, AB, ON_GPU)
-    code = tl.where(pmask[None, :], c_r | (c_a << RB), 0)
-
     grp = group_offset + g
     crow = Codes_out + b * sc_b + h * sc_h + (grp * G + offs_t).to(tl.int64)[:, None] * sc_t
-    if W == 8:  # one byte per pair
-        tl.store(crow + offs_p[None, :], code.to(tl.uint8), mask=pmask[None, :])
-    elif 8 % W == 0:  # PER whole codes per byte
-        PER: tl.constexpr = 8 // W
-        byte = tl.sum(tl.reshape(code, [G, BLOCK_P // PER, PER]) << (tl.arange(0, PER) * W)[None, None, :], axis=2)
-        offs_b = tile * (BLOCK_P // PER) + tl.arange(0, BLOCK_P // PER)
-        tl.store(crow + offs_b[None, :], byte.to(tl.uint8), mask=(offs_b < NB)[None, :])
-    else:  # codes straddle bytes: 8 consecutive pairs -> one W-byte little-endian word
-        CH: tl.constexpr = BLOCK_P // 8
-        word = tl.sum(tl.reshape(code.to(tl.int64), [G, CH, 8]) << (tl.arange(0, 8) * W).to(tl.int64)[None, None, :],
-                      axis=2)
-        k8 = tl.arange(0, 8)
-        byte = (word[:, :, None] >> (k8 * 8).to(tl.int64)[None, None, :]) & 255  # [G, CH, 8]
-        byte_idx = (tile * CH + tl.arange(0, CH))[:, None] * W + k8[None, :]  # [CH, 8]
-        bmask = (k8[None, :] < W) & (byte_idx < NB)
-        tl.store(crow[:, :, None] + byte_idx[None, :, :], byte.to(tl.uint8), mask=bmask[None, :, :])
-
     pp = Params_out + b * sp_b + h * sp_h + grp.to(tl.int64) * sp_g + offs_p
-    tl.store(pp, r_min.to(tl.bfloat16), mask=pmask)
-    tl.store(pp + sp_k, r_s.to(tl.bfloat16), mask=pmask)
-    tl.store(pp + 2 * sp_k, a_min.to(tl.bfloat16), mask=pmask)
-    tl.store(pp + 3 * sp_k, a_s.to(tl.bfloat16), mask=pmask)
+    encode_store(x, y, crow, pp, sp_k, tile, offs_p, pmask, P, NB, G, RB, AB, BLOCK_P, ON_GPU)
+
+
+@triton.jit
+def decode_pairs(crow, pp, sp_k, offs_p, pmask, tile, NB: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
+                 G: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The reconstructed x, y [G, BLOCK_P] (fp32, accurate cos/sin) of one encoded group (codec.decode)."""
+    W: tl.constexpr = RB + AB
+    if W == 8:
+        code = tl.load(crow + offs_p[None, :], mask=pmask[None, :], other=0).to(tl.int32)
+    else:  # the two bytes holding each pair's W bits (a pair never spans more than two)
+        idx = (offs_p * W) >> 3
+        lo = tl.load(crow + idx[None, :], mask=(pmask & (idx < NB))[None, :], other=0).to(tl.int32)
+        hi = tl.load(crow + idx[None, :] + 1, mask=(pmask & (idx + 1 < NB))[None, :], other=0).to(tl.int32)
+        code = ((lo | (hi << 8)) >> ((offs_p * W) & 7)[None, :]) & ((1 << W) - 1)
+    r_min = tl.load(pp, mask=pmask, other=0.0).to(tl.float32)
+    r_s = tl.load(pp + sp_k, mask=pmask, other=0.0).to(tl.float32)
+    a_min = tl.load(pp + 2 * sp_k, mask=pmask, other=0.0).to(tl.float32)
+    a_s = tl.load(pp + 3 * sp_k, mask=pmask, other=0.0).to(tl.float32)
+    r = r_min[None, :] + ((code & ((1 << RB) - 1)).to(tl.float32) + 0.5) * r_s[None, :]
+    phi = a_min[None, :] + ((code >> RB).to(tl.float32) + 0.5) * a_s[None, :]
+    return r * tl.cos(phi), r * tl.sin(phi)
+
+
+@triton.jit(do_not_specialize=["S"])
+def polar_static_write_kernel(
+    New, sn_b, sn_h, sn_t, sn_d,  # new keys [B, H, S, D], in the ring's dtype
+    Pos, Len,  # int64: positions [S] (contiguous, first one read), tokens held before this write [1]
+    Ring, sr_b, sr_h, sr_t, sr_d,  # [B, H, G, D]: the open group, slot = t % G
+    XI, YI,  # int32 [BLOCK_P]: the x and y dim of each pair
+    Codes, sc_b, sc_h, sc_t,  # uint8 [B, H, Tcap, NB], byte stride 1
+    Params, sp_b, sp_h, sp_g, sp_k,  # bf16 [B, H, Tcap/G, 4, P], pair stride 1
+    H, S, n_cap_groups,
+    P: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
+    BLOCK_P: tl.constexpr, FIRST: tl.constexpr, ON_GPU: tl.constexpr,
+):
+    """Write S new tokens at positions start.. (start read on the device): program (bh, j, tile) owns the
+    j-th group the write touches (FIRST: the group holding `start`; else the ones after it). A group that
+    completes is encoded from its older tokens (ring, or its own codes when a rewind re-opens an encoded
+    group) and the new ones; an open group's new tokens go to the ring. Two launches (FIRST, then the rest)
+    so the ring and the old length are read before anything overwrites them; the second one's program
+    (0, 0, 0) stores the new length."""
+    bh = tl.program_id(0)
+    tile = tl.program_id(2)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    start = tl.load(Pos).to(tl.int32)
+    end = start + S
+    g = start // G + tl.program_id(1) + (0 if FIRST else 1)
+    if not FIRST:
+        if bh == 0 and tl.program_id(1) == 0 and tile == 0:
+            tl.store(Len, end.to(tl.int64))
+    if g * G < end:
+        offs_t = tl.arange(0, G)
+        tt = g * G + offs_t
+        offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        pmask = offs_p < P
+        xi = tl.load(XI + offs_p)
+        yi = tl.load(YI + offs_p)
+        new_ok = ((tt >= start) & (tt < end))[:, None] & pmask[None, :]
+        nrow = New + b * sn_b + h * sn_h + (tt - start).to(tl.int64)[:, None] * sn_t
+        RT = Ring.dtype.element_ty
+        x = tl.load(nrow + xi[None, :] * sn_d, mask=new_ok, other=0.0).to(tl.float32)  # new keys: ring dtype
+        y = tl.load(nrow + yi[None, :] * sn_d, mask=new_ok, other=0.0).to(tl.float32)
+        rrow = Ring + b * sr_b + h * sr_h + offs_t.to(tl.int64)[:, None] * sr_t  # slot of tt = offs_t
+        crow = Codes + b * sc_b + h * sc_h + tt.to(tl.int64)[:, None] * sc_t
+        pp = Params + b * sp_b + h * sp_h + g.to(tl.int64) * sp_g + offs_p
+        complete = (g + 1) * G <= end
+        to_ring = (tt >= start) & (tt < end)  # an open group: only its new tokens are stored
+        if FIRST:  # the group's tokens before `start`: the ring, or decoded codes after a rewind
+            old_ok = (tt < start)[:, None] & pmask[None, :]
+            if (g + 1) * G <= tl.load(Len).to(tl.int32):
+                ox, oy = decode_pairs(crow, pp, sp_k, offs_p, pmask, tile, NB, RB, AB, G, BLOCK_P)
+                ox = ox.to(RT).to(tl.float32)
+                oy = oy.to(RT).to(tl.float32)
+                to_ring = tt < end  # the re-opened group's kept tokens move back to the ring
+            else:  # (needed only to encode: an open group's old tokens stay where they are)
+                need = (tt < tl.where(complete, start, 0))[:, None] & pmask[None, :]
+                ox = tl.load(rrow + xi[None, :] * sr_d, mask=need, other=0.0).to(tl.float32)
+                oy = tl.load(rrow + yi[None, :] * sr_d, mask=need, other=0.0).to(tl.float32)
+            x = tl.where(old_ok, ox, x)
+            y = tl.where(old_ok, oy, y)
+        if complete:  # encode (a group past the capacity is dropped: attention then sees a length beyond
+            if g < n_cap_groups:  # the capacity and returns NaN)
+                encode_store(x, y, crow, pp, sp_k, tile, offs_p, pmask, P, NB, G, RB, AB, BLOCK_P, ON_GPU)
+        else:
+            keep = to_ring[:, None] & pmask[None, :]
+            tl.store(rrow + xi[None, :] * sr_d, x.to(RT), mask=keep)
+            tl.store(rrow + yi[None, :] * sr_d, y.to(RT), mask=keep)

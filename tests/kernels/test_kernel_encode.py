@@ -17,25 +17,9 @@ def make_codec(bits, pairing, G=16):
     return ref.Codec(bits[0], bits[1], G, ref.Pairing.parse(pairing))
 
 
-def assert_codes_close(c, codes_k, params_k, codes_r, params_r, D):
-    """Params equal up to a bf16 ulp (rarely), codes equal except rare one-bin edge cases."""
-    P = D // 2
-    pk, pr = params_k.float(), params_r.float()
-    assert torch.isfinite(pk).all()
-    assert (pk == pr).float().mean() > 0.99
-    torch.testing.assert_close(pk, pr, rtol=2**-7, atol=1e-30)
-    ck = ref.unpack_codes(codes_k, c.code_bits, P).int()
-    cr = ref.unpack_codes(codes_r, c.code_bits, P).int()
-    mism = (ck != cr).float().mean().item()
-    assert mism < 2e-3, f"code mismatch fraction {mism}"
-    rmask = (1 << c.radius_bits) - 1
-    assert ((ck & rmask) - (cr & rmask)).abs().max() <= 1
-    assert ((ck >> c.radius_bits) - (cr >> c.radius_bits)).abs().max() <= 1
-
-
 @pytest.mark.parametrize("bits", [(4, 4), (3, 3), (2, 2), (4, 3), (1, 7), (3, 2)])
 @pytest.mark.parametrize("pairing", ["half", "interleaved", "half@32", "interleaved@16"])
-def test_encode_groups_matches_reference(bits, pairing, poisoned):
+def test_encode_groups_matches_reference(bits, pairing, poisoned, assert_codes_close):
     torch.manual_seed(hash((bits, pairing)) % 2**31)
     c = make_codec(bits, pairing)
     keys = torch.randn(2, 3, 48, 64, device=DEVICE) * 3
@@ -47,7 +31,7 @@ def test_encode_groups_matches_reference(bits, pairing, poisoned):
 
 @pytest.mark.parametrize("D", [64, 96, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_encode_dtypes_and_head_dims(D, dtype, poisoned):
+def test_encode_dtypes_and_head_dims(D, dtype, poisoned, assert_codes_close):
     torch.manual_seed(D)
     c = make_codec((4, 4), "half", G=32)
     keys = torch.randn(1, 2, 64, D, device=DEVICE).to(dtype)
@@ -55,7 +39,7 @@ def test_encode_dtypes_and_head_dims(D, dtype, poisoned):
     assert_codes_close(c, codes, params, *ref.encode_groups(keys, c), D)
 
 
-def test_encode_writes_only_its_groups_at_the_offset():
+def test_encode_writes_only_its_groups_at_the_offset(assert_codes_close):
     """A preallocated (static) buffer: groups land at the offset; bytes before and after stay untouched."""
     torch.manual_seed(0)
     c = make_codec((3, 3), "half")
@@ -69,7 +53,7 @@ def test_encode_writes_only_its_groups_at_the_offset():
     assert (params[:, :, :2] == 7).all() and (params[:, :, 4:] == 7).all()
 
 
-def test_strided_keys():
+def test_strided_keys(assert_codes_close):
     torch.manual_seed(1)
     c = make_codec((4, 4), "half")
     keys = torch.randn(2, 32, 3, 64, device=DEVICE).transpose(1, 2)  # [B, H, T, D] view of BTHD storage
@@ -77,7 +61,7 @@ def test_strided_keys():
 
 
 @pytest.mark.parametrize("steps", [[37], [16], [5], [16, 1, 1], [3, 13, 1, 20, 7], [40, 1, 1, 1, 1, 1, 1, 1, 1]])
-def test_append_sequence_matches_reference(steps, poisoned):
+def test_append_sequence_matches_reference(steps, poisoned, assert_codes_close):
     """Prefill then decode steps crossing group boundaries: same state as codec.append, fresh tensors."""
     torch.manual_seed(len(steps))
     c = make_codec((4, 4), "half")
