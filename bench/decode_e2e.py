@@ -142,11 +142,6 @@ def make_cache(model, contender: str, ctx: int, args):
                                    args.dtype, torch.device(args.device))
     except (AttributeError, TypeError) as e:
         say(f"early_initialization unavailable ({type(e).__name__}: {e}); buffers allocated by the eager prefill")
-    if args.mark_keys_static and isinstance(cache, PolarStaticCache):
-        # PolarStaticLayer marks the inner buffers, but AOTAutograd takes static-ness from the dynamo input, which is
-        # the StaticPolarKeys wrapper: unmarked, cudagraph trees treat codes/params/ring/length as non-static inputs
-        for layer in cache.layers:
-            torch._dynamo.mark_static_address(layer.keys)
     return cache
 
 
@@ -341,8 +336,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps")
     parser.add_argument("--warmup", type=int, default=4, help="decode steps before timing (compile, graph recording)")
     parser.add_argument("--group-size", type=int, default=128, help="PolarStaticCache group size")
-    parser.add_argument("--mark-keys-static", action="store_true",
-                        help="also mark each StaticPolarKeys wrapper a static address (diagnostic; see make_cache)")
     parser.add_argument("--tiny", action="store_true", help="small model for a CPU smoke run")
     parser.add_argument("--tag", default=None, help="file name tag (default: tiny or <layers>layers)")
     parser.add_argument("--out", default="bench/results")
