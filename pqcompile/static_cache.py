@@ -146,11 +146,13 @@ class PolarStaticLayer(transformers.cache_utils.StaticLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor | None = None) -> None:
         """As StaticLayer's, but the keys are a StaticPolarKeys: no dense key buffer is allocated. The wrapper is
         marked a static address too: AOTAutograd reads static inputs off the wrapper, not its inner tensors
-        (unmarked, CUDA graphs skip the mutated cache)."""
+        (unmarked, CUDA graphs skip the mutated cache). transformers 4.57 passes the keys only, 5.x keys and values."""
         value_states = key_states if value_states is None else value_states
         self.device = key_states.device
         self.batch_size, self.num_heads = key_states.shape[:2]
         self.v_head_dim, self.k_head_dim = value_states.shape[-1], key_states.shape[-1]
+        # the names transformers 4.57 reads (Cache.max_batch_size in generate's cache reuse check)
+        self.max_batch_size, self.head_dim, self.dtype = self.batch_size, self.k_head_dim, key_states.dtype
         self.keys = StaticPolarKeys.zeros(self.batch_size, self.num_heads, self.max_cache_len, self.k_head_dim,
                                           key_states.dtype, self.device, self.codec)
         self.values = torch.zeros(self.batch_size, self.num_heads, self.max_cache_len, self.v_head_dim,
@@ -163,3 +165,10 @@ class PolarStaticLayer(transformers.cache_utils.StaticLayer):
             if hasattr(self, "cumulative_length"):
                 torch._dynamo.mark_static_address(self.cumulative_length)
         self.is_initialized = True
+
+    def get_seq_length(self):
+        """Tokens written. transformers 5.x counts them in `cumulative_length`; 4.57's StaticLayer has no counter and
+        counts the non-zero key rows, which on a StaticPolarKeys would dequantize the whole cache: read `length`."""
+        if hasattr(self, "cumulative_length") or not self.is_initialized:
+            return super().get_seq_length()
+        return self.keys.length.sum()  # a fresh 0-d tensor (HF returns one too), not a view that later writes move

@@ -105,7 +105,18 @@ def _is_impure(node: fx.Node) -> bool:
     return node.is_impure()
 
 
-def eliminate_dead_code(gm: fx.GraphModule) -> None:
-    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+def eliminate_dead_code(gm: fx.GraphModule, roots: list[fx.Node]) -> None:
+    """Remove the nodes a rewrite left without users: `roots` (the operands of what was erased or replaced),
+    then their operands in turn. Nothing else is touched: dynamo graphs hold calls whose result is unused but
+    whose effect is needed (transformers 4.57 builds masks under vmap: `_vmap_increment_nesting`, ...), which a
+    whole-graph DCE (fx's eliminate_dead_code) would drop."""
+    stack, erased = [n for n in roots if isinstance(n, fx.Node)], set()
+    while stack:
+        node = stack.pop()
+        if node in erased or node.users or _is_impure(node):
+            continue
+        stack.extend(node.all_input_nodes)
+        gm.graph.erase_node(node)
+        erased.add(node)
     gm.graph.lint()
     gm.recompile()

@@ -146,7 +146,7 @@ def _looks_like_attention(softmax: fx.Node) -> bool:
 def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
     result = PassResult("match_eager_attention")
     outputs = graph_outputs(gm)
-    changed = False
+    replaced: list[fx.Node] = []  # the eager chains' outputs, now without users
     for softmax in [n for n in gm.graph.nodes if is_call(n, *_SOFTMAX) and _looks_like_attention(n)]:
         result.matched += 1
         try:
@@ -166,10 +166,10 @@ def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
             _record(gm, out, f"eager attention: {probe.reason}", result)
             continue
         out.replace_all_uses_with(sdpa)
-        changed = True
+        replaced.append(out)
         result.rewritten += 1
-    if changed:
-        eliminate_dead_code(gm)
+    if replaced:
+        eliminate_dead_code(gm, replaced)
     return result
 
 

@@ -7,7 +7,7 @@ decode (the cache holds PolarKeys, so HF's own cat already appended into it): SD
 static (the cache is a PolarStaticCache, whose index_copy_ already wrote into the compressed buffers):
   SDPA becomes polar_static_sdpa(q, key, v_unrepeated, mask), reading the length on the device.
 Rewritten nodes keep correct meta['val'] (computed under the graph's fake mode); dead repeat nodes are
-removed with a dead-code elimination that keeps in-place methods alive.
+removed (only what the rewrite left without users; in-place methods stay alive).
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def _rewrite_static_write(gm: fx.GraphModule, site: Site) -> None:
     site.write = new
 
 
-def _rewrite_decode(gm: fx.GraphModule, site: Site) -> None:
+def _rewrite_decode(gm: fx.GraphModule, site: Site) -> list[fx.Node]:
+    """SDPA -> the polar op; returns the SDPA's operands (the GQA repeats may now be dead)."""
     node = site.sdpa
     target = static_cache.polar_static_sdpa if site.kind == "static" else cache.polar_sdpa
     kwargs = {"attn_mask": arg(node, 3, "attn_mask"), "scale": arg(node, 7, "scale")}
@@ -80,12 +81,15 @@ def _rewrite_decode(gm: fx.GraphModule, site: Site) -> None:
     polar.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
     _set_meta(polar, target, args, kwargs)
     node.replace_all_uses_with(polar)
+    operands = node.all_input_nodes
     gm.graph.erase_node(node)
     site.sdpa = polar
+    return operands
 
 
 def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
     result = PassResult("rewrite_attention")
+    dead: list[fx.Node] = []  # operands of erased nodes: where dead-code elimination starts
     for site in sites(gm):
         if site.status == "declined":
             result.skipped.append((site.sdpa.name, site.reason))
@@ -96,8 +100,8 @@ def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
         else:
             if site.kind == "static":
                 _rewrite_static_write(gm, site)
-            _rewrite_decode(gm, site)
+            dead += _rewrite_decode(gm, site)
         site.status = "rewritten"
         result.rewritten += 1
-    eliminate_dead_code(gm)
+    eliminate_dead_code(gm, dead)
     return result

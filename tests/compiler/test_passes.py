@@ -106,3 +106,35 @@ def test_explicit_pairing_overrides_inference(llama_graphs):
     assert [s.pairing for s in found] == ["interleaved", "interleaved"]
     assert all("configured" in s.pairing_source for s in found)
     assert sites(gm) is found
+
+
+def test_rewrite_keeps_unused_calls_it_did_not_make_dead():
+    """Dead-code elimination removes only what the rewrite left without users. transformers 4.57 builds the causal
+    mask under nested torch.vmap: dynamo's graph holds `_vmap_increment_nesting` and an `_add_batch_dim` of the
+    unused batch index, whose results are unused but whose effect is needed (a whole-graph DCE breaks the mask)."""
+    def causal(b, q_idx, kv_idx):  # b unused, as in HF's causal mask function
+        return kv_idx <= q_idx
+
+    mask_fn = torch.vmap(torch.vmap(torch.vmap(causal, (None, None, 0)), (None, 0, None)), (0, None, None))
+
+    def decode(x, w, past, v, position):
+        h = F.layer_norm(x, (8,))
+        q, k_new = h @ w[0], h @ w[1]  # self-attention: query and new key from one normed hidden state
+        k = torch.cat([past, k_new], dim=-2)
+        mask = mask_fn(torch.arange(1), position, torch.arange(k.shape[-2]))[:, None]  # [B, 1, 1, T]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), k
+
+    dense = torch.randn(1, 2, 16, 8)
+    past = pq_cache.PolarKeys.from_dense(dense, pq_cache.ops._codec(4, 4, 16, "half"))
+    args = (torch.randn(1, 2, 1, 8), torch.randn(2, 8, 8), past, torch.randn(1, 2, 17, 8), torch.tensor([16]))
+    gm = _capture(decode, *args)[0]
+    nesting = [n.name for n in gm.graph.nodes if "vmap_increment_nesting" in str(n.target)]
+    assert nesting
+    results, found = run_all(gm, CFG)
+    assert [s.status for s in found] == ["rewritten"] and _targets(gm).count(pq_cache.polar_sdpa) == 1
+    assert [n.name for n in gm.graph.nodes if "vmap_increment_nesting" in str(n.target)] == nesting
+    compiled = torch.compile(decode, backend="polarquant", options={"group_size": 16, "backend": "aot_eager"})
+    out, _ = compiled(*args)  # AOTAutograd runs the mask's vmap: it raised with the bookkeeping calls removed
+    h, w = F.layer_norm(args[0], (8,)), args[1]
+    keys = torch.cat([past.dequantize(), h @ w[1]], dim=-2)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(h @ w[0], keys, args[3]), rtol=1e-4, atol=1e-4)

@@ -1,11 +1,16 @@
-"""The static path: PolarStaticCache keeps compressed buffers; one compiled graph serves every decode step."""
+"""The static path: PolarStaticCache keeps compressed buffers; one compiled graph serves every decode step.
+
+CI runs transformers 5.x (StaticLayer counts with a `cumulative_length` tensor); transformers 4.57 (no counter, the
+model takes `cache_position` and passes it to index_copy_) is covered by the same tests, run in a 4.57 venv."""
+
+import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 
-from pqcompile import counters
+from pqcompile import counters, static_cache
 from pqcompile.models import tiny_llama
 from pqcompile.static_cache import PolarStaticCache, StaticPolarKeys
 
@@ -17,11 +22,21 @@ def model():
     return tiny_llama(layers=2, hidden=256, heads=8, kv_heads=2, qk_gain=3.0)
 
 
+# transformers 4.57: without cache_position the model computes it from get_seq_length(), a tensor -> a graph break
+# in torch.arange (HF's dense StaticCache too); generate passes it, so does a decode loop. 5.x has no such argument.
+TAKES_CACHE_POSITION = "cache_position" in inspect.signature(transformers.LlamaModel.forward).parameters
+
+
+def _positions(start: int, stop: int) -> dict:
+    return {"cache_position": torch.arange(start, stop)} if TAKES_CACHE_POSITION else {}
+
+
 def _decode(forward, cache, ids):
-    out = forward(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+    out = forward(ids[:, :PROMPT], past_key_values=cache, use_cache=True, **_positions(0, PROMPT))
     logits = [out.logits[0, -1]]
     for t in range(PROMPT, PROMPT + STEPS):
-        logits.append(forward(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1])
+        step = forward(ids[:, t:t + 1], past_key_values=cache, use_cache=True, **_positions(t, t + 1))
+        logits.append(step.logits[0, -1])
     return torch.stack(logits)
 
 
@@ -56,6 +71,24 @@ def test_holds_no_dense_key_buffer(model):
         # codes 1 B/pair + bf16 params 4 per group-pair + one group of fp32 ring: 0.27x + ring
         expected = 1 * 2 * (1024 * 16 + 8 * 4 * 16 * 2 + 128 * 32 * 4) + 8  # + the int64 length
         assert inner == expected and inner < 0.30 * dense
+
+
+@torch.no_grad()
+def test_seq_length_reads_the_written_length_without_dequantizing(model, monkeypatch):
+    """get_seq_length: 5.x reads StaticLayer's cumulative_length; 4.57 counts non-zero key rows, which on a
+    StaticPolarKeys would dequantize the whole cache, so PolarStaticLayer reads the length buffer instead."""
+    cache = PolarStaticCache(config=model.config, max_cache_len=MAX_LEN, group_size=G)
+    assert cache.get_seq_length() == 0
+    ids = torch.randint(0, 256, (1, PROMPT + 1))
+
+    def no_dense_fallback(func, *args):
+        raise AssertionError(f"get_seq_length dequantized the keys ({func})")
+
+    for start, stop in ((0, PROMPT), (PROMPT, PROMPT + 1)):
+        model(ids[:, start:stop], past_key_values=cache, use_cache=True, **_positions(start, stop))
+        with monkeypatch.context() as patch:
+            patch.setattr(static_cache, "_dense_fallback", no_dense_fallback)
+            assert int(cache.get_seq_length()) == stop
 
 
 @torch.no_grad()
