@@ -1,8 +1,11 @@
 """Pick up the SDPA sites that read a static cache (StaticCache's in-place `index_copy_` KV-append).
 
-  keys.index_copy_(2, cache_position, k_new)                  StaticLayer.update (transformers 5.x)
-  SDPA(q, repeat_kv(keys), repeat_kv(values), attn_mask=...)  keys: the cache tensor itself (decode)
-  SDPA(q, keys[:, :, :n], values[:, :, :n], is_causal=True)    prefill: HF slices to the written length
+  keys.index_copy_(2, cache_position, k_new)                  StaticLayer.update: positions from the
+                                                              cumulative_length counter (transformers 5.x)
+                                                              or the model's cache_position input (4.57)
+  SDPA(q, repeat_kv(keys), repeat_kv(values), attn_mask=...)  keys: the cache tensor itself (decode; 4.57
+                                                              prefill too: its mask spans max_cache_len)
+  SDPA(q, keys[:, :, :n], values[:, :, :n], is_causal=True)    5.x prefill: HF slices to the written length
 If `keys` is a StaticPolarKeys (pqcompile.PolarStaticCache), HF's index_copy_ already writes into the
 compressed buffers (in place, a custom op with mutates_args), and the site is routed to the static polar
 attention. A dense StaticCache is declined with a reason saying how to compress it.
