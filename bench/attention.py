@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pqcompile import codec as ref
 from pqcompile import kernels
 
-SCRIPT_VERSION = 4  # 4: split reduction parallel over rows and splits; exact fp32 dots
+SCRIPT_VERSION = 5  # 4: parallel split reduction, exact fp32 dots; 5: byte-plane code loads tuned for 3+3
 DEFAULT_CONFIG = dict(kernels.ATTN_CONFIG)
 BITS = [(4, 4), (3, 3), (2, 2)]
 MAIN = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (8, 32768), (8, 131072), (32, 32768)]
@@ -87,11 +87,11 @@ def check(log: list) -> bool:
         kw = {"mask": mask, "is_causal": causal, "softcap": softcap}
         o_r = ref.attention(q, rd, T, v, c, **kw)
         if len(log) == 0:  # every config of the tuning space, fixed, on the first case
-            for bn, sd, pps, w, st in kernels.ATTN_TUNE_SPACE:
+            for bn, sd, pps, w, st, planes in kernels.ATTN_TUNE_SPACE:
                 kernels.ATTN_CONFIG.update(autotune=False, block_n=bn, split_dot=sd, programs_per_sm=pps,
-                                           num_warps=w, num_stages=st)
+                                           num_warps=w, num_stages=st, code_planes=planes)
                 e = (kernels.attention(q, rd, T, v, c, **kw).float() - o_r.float()).norm() / o_r.float().norm()
-                print(f"  config {bn, sd, pps, w, st}: err={e.item():.2e}", flush=True)
+                print(f"  config {bn, sd, pps, w, st, planes}: err={e.item():.2e}", flush=True)
                 ok &= e.item() < 2e-2
             kernels.ATTN_CONFIG.update(DEFAULT_CONFIG)
         o_k = kernels.attention(q, rd, T, v, c, **kw)
@@ -193,7 +193,8 @@ def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=
                 t = us(fn)
                 key = f"polar{rb}{ab}{name}"
                 if kernels.ATTN_CONFIG["autotune"]:
-                    row[key + "_config"] = str(kernels.LAST_CONFIG[0])  # (BLOCK_N, SPLIT_DOT, PPS, warps, stages)
+                    # (BLOCK_N, SPLIT_DOT, PPS, warps, stages, CODE_PLANES)
+                    row[key + "_config"] = str(kernels.LAST_CONFIG[0])
                 if graphs and (rb, ab) == (4, 4):
                     row[key + "_graph_us"] = g = graph_us(fn)
                     if g and row.get("dense_graph_best_us"):

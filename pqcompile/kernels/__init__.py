@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 
 import torch
@@ -38,11 +39,12 @@ ENCODE_CONFIG = {"num_warps": 8}
 # fixed config below (interpreter, group_size < 32, or autotune=False). ablate != 0 gives wrong results on
 # purpose: timing of the kernel with one stage left out (bench only).
 ATTN_CONFIG = {"autotune": True, "block_n": 64, "split_dot": True, "programs_per_sm": 2, "num_warps": 4,
-               "num_stages": 3, "ablate": 0}
-ATTN_TUNE_SPACE = [  # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages)
-    (64, True, 2, 4, 3), (64, False, 2, 4, 3), (64, True, 4, 4, 3), (128, True, 2, 4, 3),
-    (32, True, 4, 4, 3), (32, True, 8, 2, 4), (64, True, 8, 4, 3),
+               "num_stages": 3, "code_planes": False, "ablate": 0}
+ATTN_TUNE_SPACE = [  # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, CODE_PLANES)
+    (64, True, 2, 4, 3, False), (64, False, 2, 4, 3, False), (64, True, 4, 4, 3, False), (128, True, 2, 4, 3, False),
+    (32, True, 4, 4, 3, False), (32, True, 8, 2, 4, False), (64, True, 8, 4, 3, False),
 ]
+# codes that straddle bytes (3+3, 2+3, ...) also try byte-plane loads (load_codes): same results, fewer loads
 
 
 LAST_CONFIG = [None]  # the config the last tuned attention call used (bench reports it)
@@ -301,7 +303,7 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
     cfg = ATTN_CONFIG
     R = Hq // H
     RG, NQG = (R, H) if v.shape[1] == H else (1, Hq)
-    Dv, P, NB = v.shape[-1], D // 2, codec.code_bytes(D)
+    Dv, P, NB, W = v.shape[-1], D // 2, codec.code_bytes(D), codec.code_bits
     rows = RG * S
     block_m = max(16, min(64, triton.next_power_of_2(rows)))
     MB = triton.cdiv(rows, block_m)
@@ -331,7 +333,7 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
     part = {}
 
     def launch(c):
-        block_n, split_dot, pps, warps, stages = c
+        block_n, split_dot, pps, warps, stages, planes = c
         splits = n_splits(block_n, pps)
         if splits > 1 and part.get("n", 0) < splits:
             part.update(n=splits, o=_alloc((n_prog * splits * block_m * block_dv,), torch.float32, q.device),
@@ -346,7 +348,8 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
             BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_DV=block_dv, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
             SOFTCAP=bool(softcap), CAUSAL=causal, FAST=on_gpu, QT=qt, VT=vt, ABLATE=cfg["ablate"],
             LEN_DEVICE=length is not None, PREC="ieee" if torch.float32 in (q.dtype, v.dtype) else "tf32",
-            BLOCK_N=block_n, SPLIT_DOT=split_dot, PPS=pps, num_warps=warps, num_stages=stages,
+            CB=W // math.gcd(W, 8),
+            BLOCK_N=block_n, SPLIT_DOT=split_dot, PPS=pps, PLANES=planes, num_warps=warps, num_stages=stages,
         )
         if splits > 1:
             polar_attn_reduce_kernel[(n_prog, min(block_m, rows))](
@@ -355,6 +358,8 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
             )
 
     space = [c for c in ATTN_TUNE_SPACE if c[0] <= G and c[0] * block_p <= 8192]  # a block never spans groups
+    if 8 % W:
+        space += [c[:5] + (True,) for c in space]
     if on_gpu and cfg["autotune"] and num_splits is None and not cfg["ablate"] and space:
         key = (length is None, (Tc + L).bit_length(), n_prog.bit_length(), P, NB, codec.radius_bits, G, block_m,
                block_dv, has_mask, mask_bool, causal, bool(softcap), q.dtype, v.dtype, tail.dtype)
@@ -362,7 +367,8 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
         launch(LAST_CONFIG[0])
     else:
         block_n = min(G, cfg["block_n"], max(16, 8192 // block_p))
-        launch((block_n, cfg["split_dot"], cfg["programs_per_sm"], cfg["num_warps"], cfg["num_stages"]))
+        launch((block_n, cfg["split_dot"], cfg["programs_per_sm"], cfg["num_warps"], cfg["num_stages"],
+                cfg["code_planes"] and bool(8 % W)))
     return out
 
 
