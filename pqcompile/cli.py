@@ -120,8 +120,8 @@ def eval_(args: argparse.Namespace) -> int:
     except (data.MissingEvalExtra, ValueError) as e:
         print(f"pqcompile eval: error: {e}", file=sys.stderr)
         return 2
-    result["command"] = "pqcompile eval " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("func", "command"))
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command") and v is not None}
+    result["command"] = "pqcompile eval " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
     print(quality.table(result))
     js, png = quality.write(result, pathlib.Path(args.out))
     print(f"{result['seconds']:.0f} s; wrote {js} and {png}")
