@@ -230,9 +230,9 @@ def main() -> None:
     import triton
     from tabulate import tabulate
 
-    meta = {"script_version": SCRIPT_VERSION, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                "attn_config": dict(kernels.ATTN_CONFIG)}
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meta = {"script_version": SCRIPT_VERSION, "date": now, "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "triton": triton.__version__, "attn_config": dict(kernels.ATTN_CONFIG)}
     checks: list = []
     ok = check(checks)
     bw = copy_bandwidth()
@@ -240,8 +240,8 @@ def main() -> None:
     print(f"copy bandwidth {bw * 1e-12:.2f} TB/s; correctness {'OK' if ok else 'FAILED'}", flush=True)
     rows = []
     if args.tune:
-        base = {"autotune": False, "block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "split_dot": True,
-                    "ablate": 0}
+        base = {"autotune": False, "block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
+                "split_dot": True, "code_planes": False, "ablate": 0}
         variants = {"": {}, "_join": {"split_dot": False}, "_p4": {"programs_per_sm": 4},
                     "_n128": {"block_n": 128}, "_n32p4": {"block_n": 32, "programs_per_sm": 4},
                     "_n32p8w2": {"block_n": 32, "programs_per_sm": 8, "num_warps": 2, "num_stages": 4},

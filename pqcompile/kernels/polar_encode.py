@@ -194,7 +194,7 @@ def polar_static_write_kernel(
     start = tl.load(Pos).to(tl.int32)
     end = start + S
     g = start // G + tl.program_id(1) + (0 if FIRST else 1)
-    if not FIRST:
+    if not FIRST:  # noqa: SIM102 (FIRST is a constexpr: resolved at compile time)
         if bh == 0 and tl.program_id(1) == 0 and tile == 0:
             tl.store(Len, end.to(tl.int64))
     if g * G < end:

@@ -3,6 +3,7 @@ import torch
 
 from pqcompile import codec as ref
 from pqcompile import kernels
+from pqcompile.kernels import common
 
 
 @pytest.fixture
@@ -13,7 +14,7 @@ def poisoned(monkeypatch):
         t = torch.empty(shape, dtype=dtype, device=device)
         return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(0xFF)
 
-    monkeypatch.setattr(kernels, "_alloc", alloc)
+    monkeypatch.setattr(common, "alloc", alloc)
     yield
 
 
