@@ -42,7 +42,7 @@ from pqcompile import counters
 from pqcompile.backend import polarquant
 from pqcompile.static_cache import PolarStaticCache
 
-VERSION = 3  # 3: static-cache + CUDA-graph contenders, prefill keeps only the last logits (logits_to_keep=1)
+VERSION = 4  # 3: static-cache + CUDA-graph contenders, prefill keeps only the last logits; 4: --interleave
 
 DYNAMIC = ("eager", "inductor", "polarquant")
 STATIC = ("inductor-static-graphs", "polar-static-graphs", "polar-static", "hf-generate-polar")
@@ -261,6 +261,51 @@ def run(model, contender: str, ctx: int, args) -> dict:
     return row
 
 
+def run_interleaved(model, contenders: list[str], ctx: int, args) -> list[dict]:
+    """Static contenders side by side in one process: each prefilled and warmed up once (compiles, graph recording),
+    then args.interleave rounds of args.burst timed steps per contender, the order alternating every round, so a
+    drift of the machine (clocks, neighbours) hits every contender alike. Rows carry per-round medians."""
+    reset_counters()
+    device = args.device
+    gen = torch.Generator().manual_seed(ctx)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, ctx), generator=gen).to(device)
+    state = {}
+    with torch.no_grad():
+        for c in contenders:
+            cache = make_cache(model, c, ctx, args)
+            fwd = compiled_forward(model, c)
+            out = model(ids, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)  # eager prefill
+            state[c] = {"cache": cache, "fwd": fwd, "tok": out.logits[:, -1:].argmax(-1), "pos": ctx, "rounds": []}
+            for i in range(args.warmup):
+                say(f"{c} @ {ctx}: warm-up step {i} {step(state[c], args) / 1e3:.2f} s")
+        for r in range(args.interleave):
+            for c in (contenders if r % 2 == 0 else contenders[::-1]):
+                state[c]["rounds"].append([step(state[c], args) for _ in range(args.burst)])
+    facts = graph_facts(contenders[0], args)  # counters are shared by the contenders of this process
+    rows = []
+    for c in contenders:
+        times = [t for rnd in state[c]["rounds"] for t in rnd]
+        rows.append({"contender": c, "context": ctx, "batch": args.batch, "layers": args.layers,
+                     "step_ms_median": statistics.median(times), "step_ms_min": min(times),
+                     "tokens_per_s": args.batch * 1e3 / statistics.median(times),
+                     "round_medians_ms": [statistics.median(rnd) for rnd in state[c]["rounds"]],
+                     **cache_bytes(state[c]["cache"]), "cudagraphs": "on" if c in GRAPHED else "off",
+                     "process_graph_facts": facts, "interleaved_with": [o for o in contenders if o != c]})
+    base = rows[0]["round_medians_ms"]
+    for row in rows[1:]:
+        row["round_ratio_to_" + rows[0]["contender"]] = [b / m for b, m in zip(base, row["round_medians_ms"])]
+    return rows
+
+
+def step(st: dict, args) -> float:
+    """One greedy decode step of an interleaved contender; its time in ms."""
+    kwargs = decode_kwargs(st["cache"], st["pos"], args)
+    torch.compiler.cudagraph_mark_step_begin()
+    out, ms = timed(args.device, st["fwd"], st["tok"], **kwargs)
+    st["tok"], st["pos"] = out.logits[:, -1:].argmax(-1), st["pos"] + 1
+    return ms
+
+
 def run_generate(model, ctx: int, args) -> dict:
     """HF's own recipe: generate with a PolarStaticCache and a CompileConfig (decode compiled, prefill eager).
     Tokens from a first (compiling) call; ms/step = (warm generate of 1 + steps tokens - warm generate of 1) / steps,
@@ -302,7 +347,7 @@ def run_generate(model, ctx: int, args) -> dict:
 def compare(rows: list[dict]) -> None:
     """Logits vs eager (dynamic contenders, teacher-forced) and greedy tokens between static contenders."""
     ref = next((r["logits"] for r in rows if r["contender"] == "eager"), None)
-    tokens = {(r["contender"], r["context"]): r["tokens"] for r in rows if r["contender"] in STATIC}
+    tokens = {(r["contender"], r["context"]): r["tokens"] for r in rows if r["contender"] in STATIC and "tokens" in r}
     pairs = {"polar-static-graphs": "polar-static", "hf-generate-polar": "polar-static",
              "polar-static": "inductor-static-graphs"}
     for row in rows:
@@ -319,7 +364,8 @@ def compare(rows: list[dict]) -> None:
             row["tokens_vs"] = f"{other}: {same}/{k}" + ("" if first is None else f" (first diff @{first})")
             row["tokens_match"] = first is None and a.shape == b.shape
     for row in rows:
-        row["tokens"] = row["tokens"].tolist()
+        if "tokens" in row:
+            row["tokens"] = row["tokens"].tolist()
 
 
 HEADERS = ["contender", "context", "step_ms_median", "tokens_per_s", "key_cache_bytes", "key_cache_bytes_dense",
@@ -336,6 +382,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps")
     parser.add_argument("--warmup", type=int, default=4, help="decode steps before timing (compile, graph recording)")
     parser.add_argument("--group-size", type=int, default=128, help="PolarStaticCache group size")
+    parser.add_argument("--interleave", type=int, default=0,
+                        help="R rounds of --burst steps per static contender, alternating in one process (robust ratios)")
+    parser.add_argument("--burst", type=int, default=8, help="timed steps per contender per interleaved round")
     parser.add_argument("--tiny", action="store_true", help="small model for a CPU smoke run")
     parser.add_argument("--tag", default=None, help="file name tag (default: tiny or <layers>layers)")
     parser.add_argument("--out", default="bench/results")
@@ -349,6 +398,15 @@ def main() -> None:
     model = build(args)
     say("model built")
     rows = []
+    if args.interleave:  # the caches must hold warm-up + every round
+        args.steps = args.interleave * args.burst
+        picked = [c for c in args.contenders if c in STATIC and c != "hf-generate-polar"]
+        for ctx in args.contexts:
+            for row in run_interleaved(model, picked, ctx, args):
+                rows.append(row)
+                say(f"{row['contender']} @ {ctx}: {row['step_ms_median']:.2f} ms/step (interleaved), round medians "
+                    f"{[round(m, 2) for m in row['round_medians_ms']]}")
+        args.contexts = []
     for ctx in args.contexts:
         for contender in args.contenders:
             say(f"{contender} @ {ctx}: start")
