@@ -290,7 +290,8 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
     """Attention of q [B, Hq, S, D] over the compressed keys and dense v [B, Hkv|Hq, T, Dv].
 
     mask: bool (True = attend) or additive float, broadcastable to [B, Hq, S, T]. is_causal aligns the
-    S queries with the last S keys (decode / chunked prefill). Returns [B, Hq, S, Dv] in q's dtype.
+    S queries with the last S keys (decode / chunked prefill). Returns [B, Hq, S, Dv] in q's dtype; a query
+    whose keys are all masked gets zeros (torch SDPA's behaviour), NaN inputs still give NaN.
     """
     H = data.tail.shape[1]
     if q.dim() != 4:
@@ -314,7 +315,9 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
     vv = v.float() if v.shape[1] == Hq else v.float().repeat_interleave(R, dim=1)
-    return (torch.softmax(s, dim=-1) @ vv).to(q.dtype)
+    # a query that may see no key (a padding row) gets 0, as SDPA's safe softmax gives, not NaN
+    p = torch.softmax(s, dim=-1).masked_fill(s.amax(dim=-1, keepdim=True) == float("-inf"), 0.0)
+    return (p @ vv).to(q.dtype)
 
 
 # --------------------------------------------------------------------------- accounting

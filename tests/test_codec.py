@@ -325,6 +325,27 @@ def test_lut_attention_matches_dense_sdpa(S, is_causal, ratio, mask_kind, scale)
     check_attention_error(out, sdpa, exact, q, dense_k, v, scale)
 
 
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_fully_masked_query_gets_zeros_like_sdpa(kind):
+    """A padding row (left-padded batch) may see no key at all: torch SDPA gives 0 there, and so must we (NaN
+    would flow into every later token through the padded positions' values)."""
+    codec = Codec(4, 4, 16, Pairing("half"))
+    g = torch.Generator().manual_seed(7)
+    keys, q, v = torch.randn(2, 2, 37, 16, generator=g), torch.randn(2, 4, 3, 16, generator=g), torch.randn(
+        2, 2, 37, 8, generator=g)
+    keep = torch.ones(2, 1, 3, 37, dtype=torch.bool)
+    keep[1, :, 0] = False  # batch 1, query 0: nothing visible
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    state = C.encode(keys, codec)
+    out = C.attention(q, state, 37, v, codec, mask=mask)
+    sdpa = F.scaled_dot_product_attention(q, C.decode(state, 37, codec).repeat_interleave(2, 1),
+                                          v.repeat_interleave(2, 1), attn_mask=mask)
+    assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0])) and torch.equal(sdpa[1, :, 0], out[1, :, 0])
+    torch.testing.assert_close(out[0], sdpa[0], rtol=1e-4, atol=1e-5)
+    poisoned = C.PolarData(state.codes, state.params.clone().fill_(float("nan")), state.tail)
+    assert C.attention(q, poisoned, 37, v, codec, mask=mask)[0].isnan().all()  # NaN input: still NaN
+
+
 @pytest.mark.parametrize("softcap", [5.0, 30.0])
 @pytest.mark.parametrize("pairing", PAIRINGS, ids=str)
 @pytest.mark.parametrize("bits", [(4, 4), (3, 3), (2, 2)])

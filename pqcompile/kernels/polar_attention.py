@@ -234,7 +234,7 @@ def polar_attn_fwd_kernel(
     if LEN_DEVICE:
         acc = tl.where(bad, float("nan"), acc)
     if n_splits == 1:  # normalize and store the output
-        o = acc / tl.where(row_ok, l_i, 1.0)[:, None]
+        o = acc / tl.where(row_ok & (l_i > 0), l_i, 1.0)[:, None]  # all keys masked: 0, as SDPA
         optr = Out + b * so_b + qh[:, None] * so_h + si[:, None] * so_s + offs_dv[None, :]
         tl.store(optr, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_mask[None, :])
     else:  # partials for polar_attn_reduce_kernel
@@ -282,4 +282,5 @@ def polar_attn_reduce_kernel(
             m_run = m_new
         qh = (qg * RG + m // S_len).to(tl.int64)
         optr = Out + b * so_b + qh * so_h + (m % S_len) * so_s + offs_dv
-        tl.store(optr, (acc / l_run).to(Out.dtype.element_ty), mask=offs_dv < Dv)
+        out = acc / tl.where(l_run > 0, l_run, 1.0)  # all keys masked: 0, as SDPA (NaN stays NaN)
+        tl.store(optr, out.to(Out.dtype.element_ty), mask=offs_dv < Dv)

@@ -119,6 +119,25 @@ def test_dense_static_cache_is_declined_with_a_reason(model):
     assert all("PolarStaticCache" in reason for _, _, _, reason, _ in counters.graphs[0]["sites"])
 
 
+@torch.no_grad()
+def test_left_padded_batch_matches_eager(model):
+    """generate on a left-padded batch: the padding rows of the prompt see no key at all. The compiled static path
+    must give them SDPA's zeros, not NaN (NaN reached the real rows through the padded values in layer 2)."""
+    compiled = tiny_llama(layers=2, hidden=256, heads=8, kv_heads=2, qk_gain=3.0)
+    compiled.compile(backend="polarquant")
+    ids = torch.randint(1, model.config.vocab_size, (2, PROMPT))
+    att = torch.ones_like(ids)
+    att[1, :7] = 0
+    kw = dict(attention_mask=att, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0,
+              output_logits=True, return_dict_in_generate=True)
+    outs = [m.generate(ids, past_key_values=PolarStaticCache(config=model.config, max_cache_len=MAX_LEN, group_size=G),
+                       **kw) for m in (compiled, model)]
+    assert counters.totals["rewritten_static"] >= 2
+    got, want = (torch.stack(o.logits, 1) for o in outs)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_every_buffer_is_a_static_address(model):
     """CUDA graphs need the mutated cache buffers marked static: AOTAutograd reads that off the StaticPolarKeys
     wrapper itself (dynamo's input), not off its inner tensors; unmarked, inductor skips the graph."""

@@ -75,6 +75,20 @@ def test_masks(mask, S, poisoned):
     run_case(3, 4, 2, 40, 64, S, mask=mask, causal=S > 1, splits=2, seed=S)
 
 
+@pytest.mark.parametrize("splits", [1, 3])  # the direct store and the split reduction
+def test_fully_masked_query_gets_zeros(splits, poisoned):
+    """A padding query that sees no key: 0 like torch SDPA (and the reference), not NaN."""
+    torch.manual_seed(11)
+    c = ref.Codec(4, 4, 16, ref.Pairing())
+    data = ref.encode(torch.randn(2, 2, 45, 64, device=DEVICE), c)
+    q, v = torch.randn(2, 8, 2, 64, device=DEVICE), torch.randn(2, 2, 45, 64, device=DEVICE)
+    mask = torch.ones(2, 1, 2, 45, dtype=torch.bool, device=DEVICE)
+    mask[1, :, 0] = False
+    out = kernels.attention(q, data, 45, v, c, mask=mask, num_splits=splits)
+    assert torch.equal(out[1, :, 0], torch.zeros_like(out[1, :, 0]))
+    torch.testing.assert_close(out, ref.attention(q, data, 45, v, c, mask=mask), rtol=1e-4, atol=1e-4)
+
+
 def test_values_repeated_to_query_heads(poisoned):
     run_case(2, 6, 2, 29, 64, 3, v_heads=6, causal=True, splits=2)
 
