@@ -93,6 +93,11 @@ class StaticPolarKeys(torch.Tensor):
                 if dst is not src:
                     dst.copy_(src)
             return args[0]
+        if func is aten.index_select.default and isinstance(args[0], StaticPolarKeys) and args[1] == 0:
+            # beam search (HF's reorder_cache): pick batch rows of every buffer; the length is shared by all rows
+            k, _, idx = args
+            return StaticPolarKeys(*(t.index_select(0, idx) for t in (k.codes, k.params, k.ring)), k.length,
+                                   k.codec, (idx.shape[0], *k.shape[1:]))
         if func is aten.zero_.default:  # Cache.reset()
             for t in (args[0].codes, args[0].params, args[0].ring, args[0].length):
                 t.zero_()

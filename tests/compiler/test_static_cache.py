@@ -138,6 +138,25 @@ def test_left_padded_batch_matches_eager(model):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@torch.no_grad()
+def test_beam_search_keeps_the_cache_compressed(model):
+    """HF's reorder_cache index_selects the keys along the batch: StaticPolarKeys picks rows of every buffer
+    (before, the dense fallback silently replaced the compressed cache by dense keys)."""
+    compiled = tiny_llama(layers=2, hidden=256, heads=8, kv_heads=2, qk_gain=3.0)
+    compiled.compile(backend="polarquant")
+    ids = torch.randint(1, model.config.vocab_size, (1, PROMPT))
+    kw = dict(num_beams=3, max_new_tokens=20, min_new_tokens=20, do_sample=False, output_scores=True,
+              return_dict_in_generate=True)
+    caches = [PolarStaticCache(config=model.config, max_cache_len=MAX_LEN, group_size=G) for _ in range(2)]
+    outs = [m.generate(ids, past_key_values=c, **kw) for m, c in zip((compiled, model), caches)]
+    assert all(isinstance(layer.keys, StaticPolarKeys) for c in caches for layer in c.layers)
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    for got, want in zip(outs[0].scores, outs[1].scores):
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), finite)
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
 def test_every_buffer_is_a_static_address(model):
     """CUDA graphs need the mutated cache buffers marked static: AOTAutograd reads that off the StaticPolarKeys
     wrapper itself (dynamo's input), not off its inner tensors; unmarked, inductor skips the graph."""
