@@ -209,11 +209,12 @@ def _(q, codes, params, ring, length, v, mask, scale, is_causal, radius_bits, an
 @torch.library.custom_op(f"{_LIB}::static_decode", mutates_args=())
 def static_decode(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor, length: torch.Tensor,
                   radius_bits: int, angle_bits: int, group_size: int, pairing: str, max_len: int) -> torch.Tensor:
-    """Dense [B, H, max_len, D]: the first `length` tokens reconstructed, zeros after."""
+    """Dense [B, H, max_len, D]: the first min(length, max_len) tokens reconstructed, zeros after."""
     c = _codec(radius_bits, angle_bits, group_size, pairing)
     L = int(length[0])
     out = ring.new_zeros(*ring.shape[:2], max_len, ring.shape[3])
-    out[:, :, :L] = ref.decode(_static_view(codes, params, ring, L, c), L, c)
+    n = min(L, max_len)  # a shorter view (keys[:, :, :n]) reads the first n written tokens
+    out[:, :, :n] = ref.decode(_static_view(codes, params, ring, L, c), L, c)[:, :, :n]
     return out
 
 

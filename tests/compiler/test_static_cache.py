@@ -157,6 +157,19 @@ def test_beam_search_keeps_the_cache_compressed(model):
         torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-4)
 
 
+def test_length_slice_is_a_compressed_view():
+    """HF's eager sdpa reads keys[:, :, :n]: a StaticPolarKeys view of n tokens (only n are dequantized by the
+    dense fallback after it), equal to slicing the dense reconstruction, also past the written length."""
+    c = static_cache.Codec(4, 4, G, static_cache.Pairing())
+    keys = StaticPolarKeys.zeros(1, 2, 64, 32, torch.float32, "cpu", c)
+    keys.index_copy_(2, torch.arange(40), torch.randn(1, 2, 40, 32))
+    full = keys.dequantize()
+    for n in (20, 40, 50):
+        view = keys[:, :, :n]
+        assert isinstance(view, StaticPolarKeys) and view.shape == (1, 2, n, 32) and view.codes is keys.codes
+        assert torch.equal(view.dequantize(), full[:, :, :n])
+
+
 def test_every_buffer_is_a_static_address(model):
     """CUDA graphs need the mutated cache buffers marked static: AOTAutograd reads that off the StaticPolarKeys
     wrapper itself (dynamo's input), not off its inner tensors; unmarked, inductor skips the graph."""
