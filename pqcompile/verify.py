@@ -43,6 +43,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import cache, codec
 from .cache import PolarKeys
 from .config import InnerBackend, OnMismatch, PolarQuantConfig, VerifyMode
+from .metrics import db, kl_top1, metrics, passes
 from .passes.common import SITES_KEY, is_call
 
 log = logging.getLogger(__name__)
@@ -66,34 +67,7 @@ class VerifyMismatch(RuntimeError):
     """The rewritten graph disagrees with the original graph beyond kernel rounding: a bug."""
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def metrics(test: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
-    """max_abs, rel_l2, sqnr_db (None = exact), cosine, ref_absmax of `test` against `ref` (same shape)."""
-    a, b = test.detach().double(), ref.detach().double()
-    if a.shape != b.shape:
-        return {"max_abs": math.inf, "rel_l2": math.inf, "sqnr_db": -math.inf, "cosine": 0.0, "ref_absmax": 0.0,
-                "note": f"shape {tuple(a.shape)} vs {tuple(b.shape)}"}
-    diff = torch.where(a == b, torch.zeros_like(a), a - b)  # equal infinities are no error
-    finite_b = torch.where(torch.isfinite(b), b, torch.zeros_like(b))
-    err2, sig2 = float(diff.pow(2).sum()), float(finite_b.pow(2).sum())
-    norm = math.sqrt(float(a.nan_to_num(0, 0, 0).pow(2).sum()) * sig2)
-    return {
-        "max_abs": float(diff.abs().max()) if diff.numel() else 0.0,
-        "rel_l2": math.sqrt(err2 / sig2) if sig2 > 0 else (0.0 if err2 == 0 else math.inf),
-        "sqnr_db": None if err2 == 0 else (10 * math.log10(sig2 / err2) if sig2 > 0 else -math.inf),
-        "cosine": float((a.nan_to_num(0, 0, 0) * finite_b).sum()) / norm if norm > 0 else float(err2 == 0),
-        "ref_absmax": float(finite_b.abs().max()) if b.numel() else 0.0,
-    }
-
-
-def passes(m: dict[str, Any], cfg: PolarQuantConfig, sqnr_only: bool = False) -> bool:
-    """A kernel-check comparison passes: max|a - b| <= atol + rtol * max|b| (unless sqnr_only) and
-    SQNR >= min_sqnr_db."""
-    if math.isnan(m["max_abs"]) or (m["sqnr_db"] is not None and m["sqnr_db"] < cfg.min_sqnr_db):
-        return False
-    return sqnr_only or m["max_abs"] <= cfg.atol + cfg.rtol * m["ref_absmax"]
+# --------------------------------------------------------------------------- comparing (metrics.py has the numbers)
 
 
 def reference_roundtrip(dense: torch.Tensor, keys: PolarKeys) -> torch.Tensor:
@@ -103,13 +77,6 @@ def reference_roundtrip(dense: torch.Tensor, keys: PolarKeys) -> torch.Tensor:
 
 def _as_dense(x: torch.Tensor) -> torch.Tensor:
     return x.dequantize() if isinstance(x, PolarKeys) else x
-
-
-def kl_top1(test: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """Logits [..., V]: mean KL(softmax(ref) || softmax(test)) in nats and top-1 agreement."""
-    lp, lq = torch.log_softmax(ref.double(), -1), torch.log_softmax(test.double(), -1)
-    kl = (lp.exp() * (lp - lq)).sum(-1).mean()
-    return {"kl": float(kl), "top1": float((ref.argmax(-1) == test.argmax(-1)).double().mean())}
 
 
 # --------------------------------------------------------------------------- running graphs
@@ -312,7 +279,7 @@ class Checked:
                      key=lambda c: math.inf if c["sqnr_db"] is None else c["sqnr_db"])
         msg = (f"polarquant verify: call {st['calls']}: {len(bad)}/{len(checks)} comparisons disagree with the "
                "original graph beyond kernel rounding: " + "; ".join(
-                   f"{c['name']} max_abs={c['max_abs']:.3g} sqnr={_db(c['sqnr_db'])}" for c in bad[:4]))
+                   f"{c['name']} max_abs={c['max_abs']:.3g} sqnr={db(c['sqnr_db'])}" for c in bad[:4]))
         if self.cfg.on_mismatch is OnMismatch.RAISE:
             event["action"] = "raised"
             self._emit(event)
@@ -398,7 +365,3 @@ class Checked:
         log.debug("polarquant verify event: call %s %s ok=%s", event["call"], event["check"], event["ok"])
         if self.on_event is not None:
             self.on_event(self.state)
-
-
-def _db(x) -> str:
-    return "exact" if x is None else f"{x:.1f}dB"

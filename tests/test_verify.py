@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 import transformers
 
-from pqcompile import codec, counters, verify
+from pqcompile import codec, counters, metrics, verify
 from pqcompile.cache import PolarKeys
 from pqcompile.config import PolarQuantConfig, VerifyMode
 from pqcompile.models import tiny_llama
@@ -38,6 +38,15 @@ def _compile(model, **options):
 
 def _step(fwd, ids, t, cache):
     return fwd(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+
+
+def _prefill(compiled, model, ids, steps: int = 0):
+    """A fresh DynamicCache, the prompt through `compiled`, then `steps` decode steps; returns the cache."""
+    cache = transformers.DynamicCache(config=model.config)
+    compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+    for t in range(PROMPT, PROMPT + steps):
+        _step(compiled, ids, t, cache)
+    return cache
 
 
 def _angle_off_by_one_bin(monkeypatch):
@@ -75,18 +84,18 @@ def test_verify_spec_rejects(spec):
 def test_metrics_against_known_noise():
     ref = torch.randn(4096, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     noise = 1e-3 * torch.randn(4096, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    m = verify.metrics(ref + noise, ref)
+    m = metrics.metrics(ref + noise, ref)
     assert m["max_abs"] == pytest.approx(noise.abs().max().item())
     assert m["sqnr_db"] == pytest.approx(10 * math.log10(ref.pow(2).sum() / noise.pow(2).sum()))
     assert m["rel_l2"] == pytest.approx((noise.norm() / ref.norm()).item())
     assert 0.999999 < m["cosine"] < 1
-    exact = verify.metrics(ref, ref)
+    exact = metrics.metrics(ref, ref)
     assert exact["sqnr_db"] is None and exact["max_abs"] == 0 and exact["cosine"] == 1
     cfg = PolarQuantConfig(atol=1e-2, rtol=0.0, min_sqnr_db=30)
-    assert verify.passes(m, cfg) and verify.passes(exact, cfg)
-    assert not verify.passes(verify.metrics(ref + 0.1 * noise / noise.abs().max(), ref), PolarQuantConfig(
+    assert metrics.passes(m, cfg) and metrics.passes(exact, cfg)
+    assert not metrics.passes(metrics.metrics(ref + 0.1 * noise / noise.abs().max(), ref), PolarQuantConfig(
         atol=1e-2, rtol=0.0, min_sqnr_db=0))  # one-off error of 0.1 > atol
-    assert not verify.passes(verify.metrics(ref + 100 * noise, ref), cfg)  # SQNR ~20 dB < 30
+    assert not metrics.passes(metrics.metrics(ref + 100 * noise, ref), cfg)  # SQNR ~20 dB < 30
 
 
 def test_mutated_inputs_found_through_views():
@@ -109,10 +118,7 @@ def test_mutated_inputs_found_through_views():
 @torch.no_grad()
 def test_kernel_check_passes_on_correct_kernels(model, ids):
     compiled = _compile(model, verify="first")
-    cache = transformers.DynamicCache(config=model.config)
-    compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
-    for t in range(PROMPT, PROMPT + 3):
-        _step(compiled, ids, t, cache)
+    _prefill(compiled, model, ids, 3)
     states = verify.states()
     assert len(states) == counters.totals["graphs"] >= 2
     for st in states:
@@ -131,8 +137,7 @@ def test_kernel_check_passes_on_correct_kernels(model, ids):
 def test_planted_wrong_kernel_is_caught(model, ids, monkeypatch):
     _angle_off_by_one_bin(monkeypatch)
     compiled = _compile(model, verify="first", on_mismatch="raise")
-    cache = transformers.DynamicCache(config=model.config)
-    compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True)  # prefill attention stays dense: passes
+    cache = _prefill(compiled, model, ids)  # prefill attention stays dense: passes
     assert verify.states()[0]["status"] == "passed"
     with pytest.raises(verify.VerifyMismatch, match=r"model\.layers\.\d\.self_attn \(polar_sdpa"):
         _step(compiled, ids, PROMPT, cache)
@@ -148,8 +153,7 @@ def test_planted_wrong_kernel_is_caught(model, ids, monkeypatch):
 def test_warn_returns_the_compiled_result(model, ids, monkeypatch):
     _angle_off_by_one_bin(monkeypatch)
     compiled = _compile(model, verify="first", on_mismatch="warn")
-    cache = transformers.DynamicCache(config=model.config)
-    compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+    cache = _prefill(compiled, model, ids)
     reference = copy.deepcopy(cache)
     with pytest.warns(UserWarning, match="polarquant verify: call 1"):
         wrong = _step(compiled, ids, PROMPT, cache)
@@ -162,8 +166,7 @@ def test_warn_returns_the_compiled_result(model, ids, monkeypatch):
 def test_fallback_gives_the_original_graph_output_exactly(model, ids, monkeypatch, tmp_path):
     _angle_off_by_one_bin(monkeypatch)
     compiled = _compile(model, verify="first", on_mismatch="fallback", report=str(tmp_path))
-    cache = transformers.DynamicCache(config=model.config)
-    compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+    cache = _prefill(compiled, model, ids)
     for t in range(PROMPT, PROMPT + 5):
         reference = copy.deepcopy(cache)  # the same compressed state, for the dense model run eagerly
         out = _step(compiled, ids, t, cache)
@@ -180,10 +183,7 @@ def test_fallback_gives_the_original_graph_output_exactly(model, ids, monkeypatc
 @torch.no_grad()
 def test_every_n_checks_calls_1_n_plus_1(model, ids):
     compiled = _compile(model, verify="every:3")
-    cache = transformers.DynamicCache(config=model.config)
-    compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
-    for t in range(PROMPT, PROMPT + 8):
-        _step(compiled, ids, t, cache)
+    _prefill(compiled, model, ids, 8)
     busiest = max(verify.states(), key=lambda st: st["calls"])
     assert busiest["calls"] >= 5
     assert [e["call"] for e in busiest["events"]] == list(range(1, busiest["calls"] + 1, 3))
@@ -263,8 +263,7 @@ def test_eager_attention_sites_are_checked_against_their_matmul_softmax_chain(id
     model = tiny_llama(layers=2, hidden=128, heads=4, kv_heads=2, qk_gain=3.0)
     model.set_attn_implementation("eager")
     compiled = _compile(model, verify="first")
-    cache = transformers.DynamicCache(config=model.config)
-    compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+    _prefill(compiled, model, ids)
     prefill = verify.states()[0]["events"][0]["checks"]
     sites = [c for c in prefill if c["what"] == "SDPA vs the original attention ops"]
     assert [c["site"] for c in sites] == [0, 1]
