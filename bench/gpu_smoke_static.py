@@ -67,7 +67,6 @@ def main() -> None:
         counters.clear()
         dynamo_counters.clear()
         try:
-            cache = PolarStaticCache(config=cfg, max_cache_len=CAP)
             cc = transformers.CompileConfig(backend=polarquant)
             for _ in range(3):
                 cache = PolarStaticCache(config=cfg, max_cache_len=CAP)

@@ -77,9 +77,12 @@ class StaticPolarKeys(torch.Tensor):
         return sum(t.numel() * t.element_size() for t in (self.codes, self.params, self.ring, self.length))
 
     @staticmethod
-    def _length_slice(x, dim=0, start=None, end=None, step=1) -> bool:
-        return (isinstance(x, StaticPolarKeys) and dim in (2, -2) and start in (None, 0) and step == 1
-                and isinstance(end, int) and end > 0)
+    def _length_view(x, dim=0, start=None, end=None, step=1) -> int | None:
+        """aten.slice arguments of keys[:, :, :n] -> n (at most the logical length); anything else -> None."""
+        if (isinstance(x, StaticPolarKeys) and dim in (2, -2) and start in (None, 0) and step == 1
+                and isinstance(end, int) and end > 0):
+            return min(end, x.shape[2])
+        return None
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -98,10 +101,10 @@ class StaticPolarKeys(torch.Tensor):
                 if dst is not src:
                     dst.copy_(src)
             return args[0]
-        if func is aten.slice.Tensor and cls._length_slice(*args, **kwargs):
+        if func is aten.slice.Tensor and (n := cls._length_view(*args, **kwargs)) is not None:
             # keys[:, :, :n] (HF's eager sdpa slices a static cache to the written length): a shorter logical view
-            k, end = args[0], min(args[3] if len(args) > 3 else kwargs.get("end"), args[0].shape[2])
-            return StaticPolarKeys(k.codes, k.params, k.ring, k.length, k.codec, (*k.shape[:2], end, k.shape[3]))
+            k = args[0]
+            return StaticPolarKeys(k.codes, k.params, k.ring, k.length, k.codec, (*k.shape[:2], n, k.shape[3]))
         if func is aten.index_select.default and isinstance(args[0], StaticPolarKeys) and args[1] == 0:
             # beam search (HF's reorder_cache): pick batch rows of every buffer; the length is shared by all rows
             k, _, idx = args

@@ -149,8 +149,7 @@ def polar_encode_kernel(
 
 
 @triton.jit
-def decode_pairs(crow, pp, sp_k, offs_p, pmask, tile, NB: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
-                 G: tl.constexpr, BLOCK_P: tl.constexpr):
+def decode_pairs(crow, pp, sp_k, offs_p, pmask, NB: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr):
     """The reconstructed x, y [G, BLOCK_P] (fp32, accurate cos/sin) of one encoded group (codec.decode)."""
     W: tl.constexpr = RB + AB
     if W == 8:
@@ -217,7 +216,7 @@ def polar_static_write_kernel(
         if FIRST:  # the group's tokens before `start`: the ring, or decoded codes after a rewind
             old_ok = (tt < start)[:, None] & pmask[None, :]
             if (g + 1) * G <= tl.load(Len).to(tl.int32):
-                ox, oy = decode_pairs(crow, pp, sp_k, offs_p, pmask, tile, NB, RB, AB, G, BLOCK_P)
+                ox, oy = decode_pairs(crow, pp, sp_k, offs_p, pmask, NB, RB, AB)
                 ox = ox.to(RT).to(tl.float32)
                 oy = oy.to(RT).to(tl.float32)
                 to_ring = tt < end  # the re-opened group's kept tokens move back to the ring
