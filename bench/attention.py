@@ -3,6 +3,8 @@
     python bench/attention.py                 # check, then the full table; JSON to bench/results/
     python bench/attention.py --tune          # check, then sweep kernel launch configs on a few shapes
     python bench/attention.py --out DIR       # where the JSON goes (default bench/results)
+    python bench/attention.py --sweep-encode  # also time encode and one-token static writes per tile config
+    python bench/attention.py --shapes extra  # only some rows (all, main, extra, none)
 
 Contenders on the same logical cache (q_len 1, bf16): SDPA flash and SDPA cuDNN on dense bf16 K/V
 (enable_gqa), and the polar kernel (4+4, 3+3, 2+2 keys, bf16 V). Encode is timed against the SDPA
@@ -25,7 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pqcompile import codec as ref
 from pqcompile import kernels
 
-SCRIPT_VERSION = 5  # 4: parallel split reduction, exact fp32 dots; 5: byte-plane code loads tuned for 3+3
+SCRIPT_VERSION = 6  # 4: parallel split reduction, exact fp32 dots; 5: byte-plane code loads tuned for 3+3;
+# 6: tuner on CUDA-graph time, encode timed on GPU time too, encode / one-token static write tile sweep
 DEFAULT_CONFIG = dict(kernels.ATTN_CONFIG)
 BITS = [(4, 4), (3, 3), (2, 2)]
 MAIN = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (8, 32768), (8, 131072), (32, 32768)]
@@ -213,18 +216,57 @@ def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=
     if encode:  # encode vs prefill of the same tokens
         c = ref.Codec(4, 4, 128, ref.Pairing())
         row["encode44_us"] = us(lambda: kernels.encode_groups(k, c))
+        row["encode44_graph_us"] = graph_us(lambda: kernels.encode_groups(k, c))
         if B * T <= PREFILL_MAX_TOKENS:
             qp = torch.randn(B, Hq, T, D, device="cuda", dtype=dt)
             pre = [x for x in (dense_us(qp, k, v, "flash", True), dense_us(qp, k, v, "cudnn", True)) if x]
             row["prefill_best_us"] = min(pre)
             row["encode_frac_of_prefill"] = row["encode44_us"] / row["prefill_best_us"]
+            if row["encode44_graph_us"]:  # (prefill's host cost is negligible next to its GPU time)
+                row["encode_graph_frac_of_prefill"] = row["encode44_graph_us"] / row["prefill_best_us"]
     torch.cuda.empty_cache()  # the caches go when the function returns
+    return row
+
+
+TILE_SWEEP = [(64, 8), (32, 8), (32, 4), (16, 4), (16, 2), (8, 2)]  # (block_p, num_warps)
+
+
+def sweep_tiles(H, D, B, T) -> dict:
+    """GPU time (graph replay) of encode_groups over B*T tokens and of a one-token static write (a decode step,
+    not at a group end, so replays are idempotent) into a cache of T tokens, per (block_p, num_warps)."""
+    torch.manual_seed(2)
+    c = ref.Codec(4, 4, 128, ref.Pairing())
+    k = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+    G, P = c.group_size, D // 2
+    codes = torch.zeros(B, H, T, c.code_bytes(D), dtype=torch.uint8, device="cuda")
+    params = torch.zeros(B, H, T // G, 4, P, dtype=torch.bfloat16, device="cuda")
+    ring = torch.zeros(B, H, G, D, dtype=torch.bfloat16, device="cuda")
+    pos = T - G // 2
+    length = torch.tensor([pos], dtype=torch.int64, device="cuda")
+    positions = torch.tensor([pos], dtype=torch.int64, device="cuda")
+    new = k[:, :, :1].contiguous()
+    row = {"B": B, "T": T, "Hkv": H, "D": D}
+    for cfg_name, cfg, fn in (
+            ("encode", kernels.ENCODE_CONFIG, lambda: kernels.encode_groups(k, c)),
+            ("write1", kernels.WRITE_CONFIG,
+             lambda: kernels.static_write(codes, params, ring, length, new, positions, c, check=False))):
+        saved = dict(cfg)
+        try:
+            for bp, w in TILE_SWEEP:
+                cfg.update(block_p=bp, num_warps=w)
+                row[f"{cfg_name}_p{bp}w{w}_us"] = graph_us(fn)
+        finally:
+            cfg.update(saved)
+    print({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--sweep-encode", action="store_true")
+    ap.add_argument("--shapes", choices=["all", "main", "extra", "none"], default="all",
+                    help="which rows of the table (main: Hq 32 / Hkv 8 / D 128; extra: D 64 and D 256 MQA)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     import triton
@@ -239,6 +281,18 @@ def main() -> None:
     meta["copy_bandwidth_TBps"] = bw * 1e-12
     print(f"copy bandwidth {bw * 1e-12:.2f} TB/s; correctness {'OK' if ok else 'FAILED'}", flush=True)
     rows = []
+    sweeps: list = []
+    os.makedirs(args.out, exist_ok=True)
+    name = f"attention-{datetime.date.today().isoformat()}{'-tune' if args.tune else ''}.json"
+
+    def save() -> None:  # after every row: a run cut short still leaves its numbers
+        with open(os.path.join(args.out, name), "w") as f:
+            json.dump({"meta": meta, "checks": checks, "rows": rows, "tile_sweep": sweeps}, f, indent=1)
+
+    if args.sweep_encode:
+        for B, T in ((1, 4096), (1, 32768), (8, 32768)):
+            sweeps.append(sweep_tiles(8, 128, B, T))
+            save()
     if args.tune:
         base = {"autotune": False, "block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
                 "split_dot": True, "code_planes": False, "ablate": 0}
@@ -257,26 +311,26 @@ def main() -> None:
         print({k: round(v, 1) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
         cols = [k for k in rows[0] if k.endswith(("_us", "_ratio"))]
     else:
-        for B, T in MAIN:
-            rows.append(time_shape(32, 8, 128, B, T, bw, graphs=True))
-            print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
-        for Hq, H, D, B, T in EXTRA:
+        shapes = ([(32, 8, 128, B, T) for B, T in MAIN] if args.shapes in ("all", "main") else []) + (
+            EXTRA if args.shapes in ("all", "extra") else [])
+        for Hq, H, D, B, T in shapes:
             rows.append(time_shape(Hq, H, D, B, T, bw, graphs=True))
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
+            save()
         cols = ["dense_best_us", "polar44_us", "polar44_ratio", "polar44_floor_frac", "polar33_ratio", "polar22_ratio",
                 "dense_graph_best_us", "polar44_graph_us", "polar44_graph_ratio", "polar44_graph_floor_frac",
-                "polar44_host_us", "encode44_us", "encode_frac_of_prefill"]
+                "polar44_host_us", "encode44_us", "encode44_graph_us", "encode_graph_frac_of_prefill"]
     if args.tune:
         cols = []
     table = [[f"{r['B']}x{r['T'] // 1024}k Hq{r['Hq']}/{r['Hkv']} D{r['D']}"]
              + [None if r.get(k) is None else round(r[k], 3 if not k.endswith("_us") else 1) for k in cols]
              for r in rows]
-    if cols:
+    if cols and rows:
         print(tabulate(table, headers=["shape"] + cols, tablefmt="github"))
-    os.makedirs(args.out, exist_ok=True)
-    name = f"attention-{datetime.date.today().isoformat()}{'-tune' if args.tune else ''}.json"
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump({"meta": meta, "checks": checks, "rows": rows}, f, indent=1)
+    if sweeps:
+        print(tabulate([[f"{r['B']}x{r['T'] // 1024}k", *(round(v, 1) for k, v in r.items() if k.endswith("_us"))]
+                        for r in sweeps], headers=["tokens"] + [k for k in sweeps[0] if k.endswith("_us")]))
+    save()
     if not ok:
         sys.exit(1)
 

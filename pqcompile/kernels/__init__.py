@@ -26,7 +26,16 @@ from . import common
 from .attend import ATTN_CONFIG, ATTN_TUNE_SPACE, LAST_CONFIG, attention, static_attention
 from .polar_encode import polar_encode_kernel, polar_static_write_kernel
 
-ENCODE_CONFIG = {"num_warps": 8}
+# Encode and static-write launches: a program owns one group's tokens x a tile of at most block_p pairs (capped
+# by P and by 8192 // G elements). Smaller tiles mean more, shorter programs. Picked on the H200 by
+# `bench/attention.py --sweep-encode` (v6): encode 8 pairs x 2 warps (-36% at every size vs 64 x 8), a
+# one-token static write 16 x 4 (3.1 vs 5.8 us).
+ENCODE_CONFIG = {"block_p": 8, "num_warps": 2}
+WRITE_CONFIG = {"block_p": 16, "num_warps": 4}
+
+
+def _pair_tile(cfg: dict, G: int, P: int) -> int:
+    return max(8, min(triton.next_power_of_2(cfg["block_p"]), 8192 // G, triton.next_power_of_2(P)))
 
 
 # --------------------------------------------------------------------------- encode
@@ -61,7 +70,7 @@ def encode_groups_into(keys: torch.Tensor, codes: torch.Tensor, params: torch.Te
     if n == 0 or B * H == 0:
         return
     xi, yi = common.pair_index(codec.pairing, D, keys.device)
-    block_p = min(max(8, 8192 // G), max(8, triton.next_power_of_2(P)))
+    block_p = _pair_tile(ENCODE_CONFIG, G, P)
     pairs = 0
     if codec.pairing.rotary_dim in (None, D):
         pairs = 1 if codec.pairing.layout is PairingMode.HALF else 2
@@ -161,14 +170,14 @@ def static_write(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor, 
             raise ValueError(f"static cache writes must be contiguous from the current length {L}; got positions "
                              f"[{start}, ..] of {S}")
     xi, yi = common.pair_index(codec.pairing, D, new_keys.device)
-    block_p = min(max(8, 8192 // G), max(8, triton.next_power_of_2(P)))
+    block_p = _pair_tile(WRITE_CONFIG, G, P)
     on_gpu = new_keys.is_cuda and not common.interpret()
     for first, n_groups in ((True, 1), (False, max(1, triton.cdiv(S - 1, G)))):  # the second stores the length
         polar_static_write_kernel[(B * H, n_groups, triton.cdiv(P, block_p))](
             new_keys, *new_keys.stride(), positions, length, ring, *ring.stride(), xi, yi,
             codes, *codes.stride()[:3], params, *params.stride()[:4], H, S, Tcap // G,
             P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits, BLOCK_P=block_p, FIRST=first,
-            ON_GPU=on_gpu, num_warps=ENCODE_CONFIG["num_warps"],
+            ON_GPU=on_gpu, num_warps=WRITE_CONFIG["num_warps"],
         )
 
 
@@ -176,6 +185,7 @@ __all__ = [
     "ATTN_CONFIG",
     "ATTN_TUNE_SPACE",
     "ENCODE_CONFIG",
+    "WRITE_CONFIG",
     "LAST_CONFIG",
     "append",
     "attention",
