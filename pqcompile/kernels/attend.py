@@ -28,7 +28,6 @@ ATTN_CONFIG = {"autotune": True, "block_n": 64, "split_dot": True, "programs_per
 ATTN_TUNE_SPACE = [  # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, CODE_PLANES)
     (64, True, 2, 4, 3, False), (64, False, 2, 4, 3, False), (64, True, 4, 4, 3, False), (128, True, 2, 4, 3, False),
     (32, True, 4, 4, 3, False), (32, True, 8, 2, 4, False), (64, True, 8, 4, 3, False),
-    (128, True, 2, 8, 3, False), (64, True, 4, 8, 3, False),  # 8 warps: two MMA tiles of the block in flight
 ]
 # codes that straddle bytes (3+3, 2+3, ...) also try byte-plane loads (load_codes): same results, fewer loads
 
