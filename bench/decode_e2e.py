@@ -40,6 +40,7 @@ from tabulate import tabulate
 import pqcompile
 from pqcompile import counters
 from pqcompile.backend import polarquant
+from pqcompile.hf_compat import CACHE_KW
 from pqcompile.static_cache import PolarStaticCache
 
 VERSION = 4  # 3: static-cache + CUDA-graph contenders, prefill keeps only the last logits; 4: --interleave
@@ -48,7 +49,6 @@ DYNAMIC = ("eager", "inductor", "polarquant")
 STATIC = ("inductor-static-graphs", "polar-static-graphs", "polar-static", "hf-generate-polar")
 GRAPHED = ("inductor-static-graphs", "polar-static-graphs", "hf-generate-polar")  # mode="reduce-overhead"
 _FORWARD = inspect.signature(transformers.LlamaModel.forward).parameters
-CACHE_KW = "cache" if "cache" in _FORWARD else "past_key_values"  # renamed in transformers ~5.2x (old name deprecated)
 TAKES_CACHE_POSITION = "cache_position" in _FORWARD  # removed from Llama's forward in 2026 (transformers PR 44181)
 T0 = time.perf_counter()
 

@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 
 from pqcompile import counters
 from pqcompile.backend import polarquant
+from pqcompile.hf_compat import cache_kw
 from pqcompile.static_cache import PolarStaticCache
 
 PROMPT, NEW, CAP = 300, 48, 512
@@ -27,13 +28,13 @@ def greedy(forward, model, ids, warm: int = 0):
     cfg = model.config
     cache.early_initialization(ids.shape[0], cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
                                torch.bfloat16, ids.device)
-    out = forward(ids, past_key_values=cache, use_cache=True)
+    out = forward(ids, **cache_kw(cache), use_cache=True)
     tok = out.logits[:, -1:].argmax(-1)
     toks, times = [tok], []
     for i in range(NEW - 1):
         pos = torch.full((1, 1), PROMPT + i, device=ids.device, dtype=torch.long)
         t0 = time.perf_counter()
-        out = forward(tok, past_key_values=cache, position_ids=pos, use_cache=True)
+        out = forward(tok, **cache_kw(cache), position_ids=pos, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -70,7 +71,7 @@ def main() -> None:
             cc = transformers.CompileConfig(backend=polarquant)
             for _ in range(3):
                 cache = PolarStaticCache(config=cfg, max_cache_len=CAP)
-                out = model.generate(ids, past_key_values=cache, max_new_tokens=NEW, min_new_tokens=NEW,
+                out = model.generate(ids, **cache_kw(cache), max_new_tokens=NEW, min_new_tokens=NEW,
                                      do_sample=False, compile_config=cc)
             results["generate+CompileConfig"] = (out[:, PROMPT:], cache, float("nan"))
             print(f"generate+CompileConfig: graphs {counters.totals['graphs']} rewritten_static "

@@ -13,6 +13,7 @@ from tabulate import tabulate
 from torch.profiler import ProfilerActivity, profile
 
 from pqcompile.backend import polarquant
+from pqcompile.hf_compat import cache_kw
 from pqcompile.static_cache import PolarStaticCache
 
 
@@ -37,7 +38,7 @@ def main() -> None:
         cache = make(config=cfg, max_cache_len=cap)
         fwd = torch.compile(model, backend=backend)
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)  # eager prefill, as generate does
+            model(ids, **cache_kw(cache), use_cache=True)  # eager prefill, as generate does
             tok = ids[:, -1:]
             for i in range(3 + args.steps):
                 if i == 3:
@@ -45,7 +46,7 @@ def main() -> None:
                     prof = profile(activities=[ProfilerActivity.CUDA])
                     prof.__enter__()
                 pos = torch.full((1, 1), args.context + i, device="cuda", dtype=torch.long)
-                tok = fwd(tok, past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1:].argmax(-1)
+                tok = fwd(tok, **cache_kw(cache), position_ids=pos, use_cache=True).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             prof.__exit__(None, None, None)
         rows = []

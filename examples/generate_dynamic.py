@@ -8,6 +8,7 @@ import torch
 import pqcompile
 from pqcompile import counters
 from pqcompile.cache import polar_keys_in
+from pqcompile.hf_compat import cache_of
 from pqcompile.models import tiny_llama
 
 
@@ -18,7 +19,7 @@ def main() -> None:
         eager = model.generate(ids, max_new_tokens=32, do_sample=False)
         model.compile(backend="polarquant", options={"radius_bits": 4, "angle_bits": 4})
         out = model.generate(ids, max_new_tokens=32, do_sample=False, return_dict_in_generate=True)
-    keys = polar_keys_in(out.past_key_values)
+    keys = polar_keys_in(cache_of(out))
     print(f"pqcompile {pqcompile.__version__}: {counters.totals['sites_rewritten']} attention sites rewritten in "
           f"{counters.totals['graphs']} graphs")
     print(f"cache keys: {keys[0]!r}")

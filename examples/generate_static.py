@@ -6,6 +6,7 @@
 import torch
 
 from pqcompile import PolarStaticCache, counters
+from pqcompile.hf_compat import cache_kw
 from pqcompile.models import tiny_llama
 
 
@@ -15,7 +16,7 @@ def main() -> None:
     model.compile(backend="polarquant")
     cache = PolarStaticCache(config=model.config, max_cache_len=512)
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=32, do_sample=False)
+        out = model.generate(ids, **cache_kw(cache), max_new_tokens=32, do_sample=False)
     keys = cache.layers[0].keys
     print(f"{out.shape[1] - 200} tokens generated; graphs compiled: {counters.totals['graphs']}, "
           f"static sites rewritten: {counters.totals['rewritten_static']}")

@@ -34,6 +34,7 @@ import transformers
 
 from pqcompile import counters
 from pqcompile.cache import polar_keys_in
+from pqcompile.hf_compat import cache_of
 from pqcompile.models import tiny_llama
 
 
@@ -92,7 +93,7 @@ def generate(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], obje
                              return_dict_in_generate=True)
     if ids.is_cuda:
         torch.cuda.synchronize()
-    return out.sequences[0, ids.shape[1]:].tolist(), out.past_key_values, time.perf_counter() - start
+    return out.sequences[0, ids.shape[1]:].tolist(), cache_of(out), time.perf_counter() - start
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -8,6 +8,8 @@ import sys
 import torch
 from tabulate import tabulate
 
+from .hf_compat import cache_kw, cache_of
+
 
 def _keys_demo(model, prompt_len: int) -> list[list]:
     """Codec compression and error on the model's real post-RoPE keys (read from HF's own cache)."""
@@ -16,7 +18,7 @@ def _keys_demo(model, prompt_len: int) -> list[list]:
 
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len))
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = cache_of(model(ids, use_cache=True))
     keys = torch.cat([layer.keys for layer in cache.layers], dim=1)  # [1, L*Hkv, T, D]
     rows = []
     for rb, ab in ((4, 4), (3, 3), (2, 2)):
@@ -46,8 +48,8 @@ def _generate_demo(args: argparse.Namespace) -> list[list]:
     for name, fwd in (("eager", model), ("polarquant", compiled)):
         cache = transformers.DynamicCache(config=model.config)
         with torch.no_grad():
-            fwd(ids[:, : args.prompt_len], past_key_values=cache, use_cache=True)
-            steps = [fwd(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+            fwd(ids[:, : args.prompt_len], **cache_kw(cache), use_cache=True)
+            steps = [fwd(ids[:, t : t + 1], **cache_kw(cache), use_cache=True).logits[0, -1]
                      for t in range(args.prompt_len, args.prompt_len + args.steps)]
         logits[name] = torch.stack(steps)
     keys = polar_keys_in(cache)

@@ -35,6 +35,7 @@ import transformers as T
 from . import codec, counters
 from .cache import PolarKeys
 from .codec import Codec, Pairing
+from .hf_compat import cache_kw, cache_of
 
 PROMPT = 37  # 2 complete groups of 16 + a 5-token tail: decode steps flush groups at 48, 64, 80, 96
 OPTIONS = {"group_size": 16}  # radius 4 + angle 4 bits, the reference configuration but for the group size
@@ -150,10 +151,10 @@ def reference_keys(model: torch.nn.Module, modules: dict[str, str], cfg: Codec):
 def teacher_forced(model: torch.nn.Module, seq: torch.Tensor, prompt: int) -> torch.Tensor:
     """Eager (uncompiled) prefill of seq[:, :prompt], then one token at a time: logits [steps, V]."""
     cache = T.DynamicCache(config=model.config)
-    out = model.forward(seq[:, :prompt], past_key_values=cache, use_cache=True)
+    out = model.forward(seq[:, :prompt], **cache_kw(cache), use_cache=True)
     logits = [out.logits[0, -1]]
     for t in range(prompt, seq.shape[1] - 1):
-        out = model.forward(seq[:, t:t + 1], past_key_values=cache, use_cache=True)
+        out = model.forward(seq[:, t:t + 1], **cache_kw(cache), use_cache=True)
         logits.append(out.logits[0, -1])
     return torch.stack(logits)
 
@@ -225,7 +226,7 @@ def measure(family: Family, steps: int = 64, inner: str = "aot_eager", options: 
         ref = teacher_forced(sdpa_model, seq, PROMPT)
 
     held, accounted = 0, True
-    keys = [layer.keys for layer in out.past_key_values.layers]
+    keys = [layer.keys for layer in cache_of(out).layers]
     for k in keys:
         B, H, n, D = k.shape
         if isinstance(k, PolarKeys):
@@ -233,7 +234,7 @@ def measure(family: Family, steps: int = 64, inner: str = "aot_eager", options: 
             accounted &= k.nbytes_held() * 8 == B * H * codec.state_bits(k.codec, n, D, k.tail.element_size() * 8)
         else:
             held += k.numel() * k.element_size()
-    n_tok = out.past_key_values.get_seq_length()
+    n_tok = cache_of(out).get_seq_length()
     dense16 = sum(k.shape[0] * k.shape[1] * k.shape[3] * 2 for k in keys)
     differ = (seq[0, PROMPT:] != eager_seq[0, PROMPT:]).nonzero()
     return Measurement(

@@ -12,7 +12,8 @@ a group when it completes; the attention pass routes SDPA over it to a polar op 
 
 Recipe (two lines):
     cache = PolarStaticCache(config=model.config, max_cache_len=4096)
-    model.generate(ids, past_key_values=cache, ...)   # with model.compile(backend="polarquant")
+    model.generate(ids, cache=cache, ...)   # with model.compile(backend="polarquant")
+(transformers before the 5.2x rename of the keyword: past_key_values=cache)
 """
 
 from __future__ import annotations

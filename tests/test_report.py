@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from pqcompile import cli, codec, counters, report
+from pqcompile.hf_compat import cache_kw
 from pqcompile.models import tiny_llama
 
 PROMPT, G = 40, 16
@@ -31,9 +32,9 @@ def _run(model, steps=2, **options):
     ids = torch.randint(0, model.config.vocab_size, (1, PROMPT + steps), generator=torch.Generator().manual_seed(0))
     cache = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
-        compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+        compiled(ids[:, :PROMPT], **cache_kw(cache), use_cache=True)
         for t in range(PROMPT, PROMPT + steps):
-            compiled(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            compiled(ids[:, t:t + 1], **cache_kw(cache), use_cache=True)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import transformers
 from pqcompile import codec, counters, metrics, verify
 from pqcompile.cache import PolarKeys
 from pqcompile.config import PolarQuantConfig, VerifyMode
+from pqcompile.hf_compat import cache_kw
 from pqcompile.models import tiny_llama
 
 PROMPT, G = 40, 16
@@ -37,13 +38,13 @@ def _compile(model, **options):
 
 
 def _step(fwd, ids, t, cache):
-    return fwd(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits
+    return fwd(ids[:, t:t + 1], **cache_kw(cache), use_cache=True).logits
 
 
 def _prefill(compiled, model, ids, steps: int = 0):
     """A fresh DynamicCache, the prompt through `compiled`, then `steps` decode steps; returns the cache."""
     cache = transformers.DynamicCache(config=model.config)
-    compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+    compiled(ids[:, :PROMPT], **cache_kw(cache), use_cache=True)
     for t in range(PROMPT, PROMPT + steps):
         _step(compiled, ids, t, cache)
     return cache
@@ -198,8 +199,8 @@ def _drift(model, ids, bits, n=3, steps=5):
     cache = transformers.DynamicCache(config=model.config)
     dense = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
-        compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
-        model(ids[:, :PROMPT], past_key_values=dense, use_cache=True)
+        compiled(ids[:, :PROMPT], **cache_kw(cache), use_cache=True)
+        model(ids[:, :PROMPT], **cache_kw(dense), use_cache=True)
         pairs = [(_step(compiled, ids, t, cache), _step(model, ids, t, dense)) for t in range(PROMPT, PROMPT + steps)]
     events = sorted((e for st in verify.states() for e in st["events"]), key=lambda e: e["step"])
     return events, pairs
@@ -245,8 +246,8 @@ def test_static_cache_graphs_are_checked_and_fall_back_exactly(model, ids, monke
     # mask construction, by rounding only)
     original = torch.compile(model, backend="eager")
     cache, reference = (PolarStaticCache(config=model.config, max_cache_len=64, group_size=G) for _ in range(2))
-    outs = [compiled(ids[:, :PROMPT], past_key_values=cache, use_cache=True).logits]
-    refs = [original(ids[:, :PROMPT], past_key_values=reference, use_cache=True).logits]
+    outs = [compiled(ids[:, :PROMPT], **cache_kw(cache), use_cache=True).logits]
+    refs = [original(ids[:, :PROMPT], **cache_kw(reference), use_cache=True).logits]
     for t in range(PROMPT, PROMPT + 4):
         outs.append(_step(compiled, ids, t, cache))
         refs.append(_step(original, ids, t, reference))

@@ -52,8 +52,8 @@ def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
             continue
         result.matched += 1
         if not isinstance(val(key), StaticPolarKeys):
-            site.reason = ("dense StaticCache (index_copy_ KV-append): pass past_key_values="
-                           "pqcompile.PolarStaticCache(...) to keep it compressed")
+            site.reason = ("dense StaticCache (index_copy_ KV-append): pass a "
+                           "pqcompile.PolarStaticCache(...) as the cache to keep it compressed")
             result.skipped.append((site.sdpa.name, site.reason))
             continue
         value, _ = _strip_length_slice(strip_gqa_repeat(v)[0])

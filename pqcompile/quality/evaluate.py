@@ -22,6 +22,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
+from ..hf_compat import cache_kw
 from .methods import Method
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def window_logits(forward, model, ids: torch.Tensor, method: Method, cache=None)
     cache = make_cache(model, method) if cache is None else cache
     out = []
     for s, e in chunk_bounds(ids.shape[1], method.group_size):
-        out.append(forward(ids[:, s:e], past_key_values=cache, use_cache=True).logits.float())
+        out.append(forward(ids[:, s:e], **cache_kw(cache), use_cache=True).logits.float())
     return torch.cat(out, dim=1)
 
 
@@ -85,7 +86,7 @@ def window_logits(forward, model, ids: torch.Tensor, method: Method, cache=None)
 def token_by_token_logits(forward, model, ids: torch.Tensor, method: Method) -> torch.Tensor:
     """Logits [B, T, V]: the first token alone, then one decode step per token (the ground truth)."""
     cache = make_cache(model, method)
-    return torch.cat([forward(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits.float()
+    return torch.cat([forward(ids[:, t:t + 1], **cache_kw(cache), use_cache=True).logits.float()
                       for t in range(ids.shape[1])], dim=1)
 
 

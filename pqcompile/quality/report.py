@@ -8,7 +8,6 @@ import logging
 import math
 import platform
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -28,7 +27,6 @@ def run(method_names: list[str], *, text: str = "wiki", tokens: int = 16384, com
         progress: bool = True, partial: Path | None = None) -> dict:
     """Evaluate every method on `tokens // window` windows of `text` (product methods on the first
     `compiled_tokens // window` of them; all when None). fp always runs."""
-    warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
     names = list(dict.fromkeys(["fp", *method_names]))
     select(names)  # unknown names fail before the model loads
     data.require("gguf", "accelerate", "gensim", "matplotlib", data.GGUF_PACKAGE)

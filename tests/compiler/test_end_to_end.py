@@ -9,6 +9,7 @@ import transformers
 
 from pqcompile import codec, counters
 from pqcompile.cache import PolarKeys, polar_keys_in
+from pqcompile.hf_compat import cache_kw, cache_of
 from pqcompile.models import tiny_llama
 
 PROMPT, STEPS = 160, 200
@@ -22,13 +23,13 @@ def model():
 
 def _teacher_forced(forward, model, ids, cache, shuffle_keys=False):
     """Prefill the prompt, then feed the reference tokens one by one; returns per-step logits [STEPS, V]."""
-    out = forward(ids[:, :PROMPT], past_key_values=cache, use_cache=True)
+    out = forward(ids[:, :PROMPT], **cache_kw(cache), use_cache=True)
     logits = []
     for t in range(PROMPT, PROMPT + STEPS):
         if shuffle_keys:
             for layer in cache.layers:
                 layer.keys = layer.keys[:, :, torch.randperm(layer.keys.shape[2])]
-        out = forward(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        out = forward(ids[:, t:t + 1], **cache_kw(cache), use_cache=True)
         logits.append(out.logits[0, -1])
     return torch.stack(logits)
 
@@ -93,7 +94,7 @@ def test_generate_holds_compressed_keys_only():
     ids = torch.randint(0, model.config.vocab_size, (1, prompt))
     out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = cache_of(out)
     N = cache.get_seq_length()
     assert N == prompt + new - 1
     assert counters.totals["graphs"] <= 4
@@ -120,11 +121,11 @@ def test_generate_300_tokens_and_beam_search(model):
                             return_dict_in_generate=True)
     assert out.sequences.shape[1] == PROMPT + 300
     assert counters.totals["graphs"] <= 4 and counters.totals["sites_declined"] == 0
-    assert len(polar_keys_in(out.past_key_values)) == 2
+    assert len(polar_keys_in(cache_of(out))) == 2
     # beam search reorders the cache (index_select on the batch dim) between compiled calls
     out = compiled.generate(ids[:, :40], max_new_tokens=8, num_beams=2, do_sample=False,
                             return_dict_in_generate=True)
-    keys = polar_keys_in(out.past_key_values)
+    keys = polar_keys_in(cache_of(out))
     assert keys and keys[0].shape[0] == 2
 
 

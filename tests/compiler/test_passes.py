@@ -9,9 +9,10 @@ import transformers
 
 from pqcompile import cache as pq_cache
 from pqcompile.config import PolarQuantConfig
+from pqcompile.hf_compat import cache_kw
+from pqcompile.models import tiny_llama
 from pqcompile.passes import infer_pairing, rewrite_attention, run_all, trace_kv_append
 from pqcompile.passes.common import SDPA_TARGETS, sites
-from pqcompile.models import tiny_llama
 
 CFG = PolarQuantConfig(group_size=16)
 
@@ -38,10 +39,10 @@ def llama_graphs():
     cache = transformers.DynamicCache(config=model.config)
     ids = torch.randint(0, 256, (1, 20))
     with torch.no_grad():
-        prefill = _capture(model, ids, past_key_values=cache, use_cache=True)[0]
+        prefill = _capture(model, ids, **cache_kw(cache), use_cache=True)[0]
         for layer in cache.layers:  # what the compiled prefill leaves in the cache
             layer.keys = pq_cache.PolarKeys.from_dense(layer.keys, pq_cache.ops._codec(4, 4, 16, "half"))
-        decode = _capture(model, ids[:, :1], past_key_values=cache, use_cache=True)[0]
+        decode = _capture(model, ids[:, :1], **cache_kw(cache), use_cache=True)[0]
     return prefill, decode
 
 

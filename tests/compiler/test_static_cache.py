@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import transformers
 
 from pqcompile import counters, static_cache
+from pqcompile.hf_compat import cache_kw
 from pqcompile.models import tiny_llama
 from pqcompile.static_cache import PolarStaticCache, StaticPolarKeys
 
@@ -32,10 +33,10 @@ def _positions(start: int, stop: int) -> dict:
 
 
 def _decode(forward, cache, ids):
-    out = forward(ids[:, :PROMPT], past_key_values=cache, use_cache=True, **_positions(0, PROMPT))
+    out = forward(ids[:, :PROMPT], **cache_kw(cache), use_cache=True, **_positions(0, PROMPT))
     logits = [out.logits[0, -1]]
     for t in range(PROMPT, PROMPT + STEPS):
-        step = forward(ids[:, t:t + 1], past_key_values=cache, use_cache=True, **_positions(t, t + 1))
+        step = forward(ids[:, t:t + 1], **cache_kw(cache), use_cache=True, **_positions(t, t + 1))
         logits.append(step.logits[0, -1])
     return torch.stack(logits)
 
@@ -62,7 +63,7 @@ def test_one_graph_for_all_decode_steps_and_matches_eager(model):
 @torch.no_grad()
 def test_holds_no_dense_key_buffer(model):
     cache = PolarStaticCache(config=model.config, max_cache_len=1024, group_size=128)
-    model(torch.randint(0, 256, (1, 8)), past_key_values=cache, use_cache=True)
+    model(torch.randint(0, 256, (1, 8)), **cache_kw(cache), use_cache=True)
     for layer in cache.layers:
         keys = layer.keys
         assert isinstance(keys, StaticPolarKeys) and keys.shape == (1, 2, 1024, 32)
@@ -85,7 +86,7 @@ def test_seq_length_reads_the_written_length_without_dequantizing(model, monkeyp
         raise AssertionError(f"get_seq_length dequantized the keys ({func})")
 
     for start, stop in ((0, PROMPT), (PROMPT, PROMPT + 1)):
-        model(ids[:, start:stop], past_key_values=cache, use_cache=True, **_positions(start, stop))
+        model(ids[:, start:stop], **cache_kw(cache), use_cache=True, **_positions(start, stop))
         with monkeypatch.context() as patch:
             patch.setattr(static_cache, "_dense_fallback", no_dense_fallback)
             assert int(cache.get_seq_length()) == stop
@@ -97,14 +98,14 @@ def test_generate_with_compiled_model_and_capacity_error(model):
     compiled.compile(backend="polarquant")
     ids = torch.randint(0, 256, (1, PROMPT))
     cache = PolarStaticCache(config=model.config, max_cache_len=MAX_LEN, group_size=G)
-    out = compiled.generate(ids, past_key_values=cache, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    out = compiled.generate(ids, **cache_kw(cache), max_new_tokens=32, min_new_tokens=32, do_sample=False)
     assert out.shape[1] == PROMPT + 32
     assert int(cache.layers[0].keys.length) == PROMPT + 31
     assert counters.totals["rewritten_static"] >= 2
     full = PolarStaticCache(config=model.config, max_cache_len=PROMPT, group_size=G)
-    model(ids, past_key_values=full, use_cache=True)
+    model(ids, **cache_kw(full), use_cache=True)
     with pytest.raises(IndexError, match="out of bounds"):
-        model(ids[:, :1], past_key_values=full, use_cache=True)
+        model(ids[:, :1], **cache_kw(full), use_cache=True)
 
 
 @torch.no_grad()
@@ -112,9 +113,9 @@ def test_dense_static_cache_is_declined_with_a_reason(model):
     compiled = torch.compile(model, backend="polarquant")
     cache = transformers.StaticCache(config=model.config, max_cache_len=MAX_LEN)
     ids = torch.randint(0, 256, (1, 12))
-    out = compiled(ids, past_key_values=cache, use_cache=True)
-    torch.testing.assert_close(out.logits, model(ids, past_key_values=transformers.StaticCache(
-        config=model.config, max_cache_len=MAX_LEN), use_cache=True).logits, rtol=1e-4, atol=1e-4)
+    out = compiled(ids, **cache_kw(cache), use_cache=True)
+    torch.testing.assert_close(out.logits, model(ids, **cache_kw(transformers.StaticCache(
+        config=model.config, max_cache_len=MAX_LEN)), use_cache=True).logits, rtol=1e-4, atol=1e-4)
     assert counters.totals["sites_rewritten"] == 0
     assert all("PolarStaticCache" in reason for _, _, _, reason, _ in counters.graphs[0]["sites"])
 
@@ -130,7 +131,7 @@ def test_left_padded_batch_matches_eager(model):
     att[1, :7] = 0
     kw = dict(attention_mask=att, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0,
               output_logits=True, return_dict_in_generate=True)
-    outs = [m.generate(ids, past_key_values=PolarStaticCache(config=model.config, max_cache_len=MAX_LEN, group_size=G),
+    outs = [m.generate(ids, **cache_kw(PolarStaticCache(config=model.config, max_cache_len=MAX_LEN, group_size=G)),
                        **kw) for m in (compiled, model)]
     assert counters.totals["rewritten_static"] >= 2
     got, want = (torch.stack(o.logits, 1) for o in outs)
@@ -148,7 +149,7 @@ def test_beam_search_keeps_the_cache_compressed(model):
     kw = dict(num_beams=3, max_new_tokens=20, min_new_tokens=20, do_sample=False, output_scores=True,
               return_dict_in_generate=True)
     caches = [PolarStaticCache(config=model.config, max_cache_len=MAX_LEN, group_size=G) for _ in range(2)]
-    outs = [m.generate(ids, past_key_values=c, **kw) for m, c in zip((compiled, model), caches)]
+    outs = [m.generate(ids, **cache_kw(c), **kw) for m, c in zip((compiled, model), caches)]
     assert all(isinstance(layer.keys, StaticPolarKeys) for c in caches for layer in c.layers)
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     for got, want in zip(outs[0].scores, outs[1].scores):
@@ -202,11 +203,11 @@ def test_cuda_graphs_give_the_same_tokens_as_no_graphs():
             cfg = gpu.config  # buffers allocated (and marked static) outside the compiled prefill
             cache.early_initialization(1, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
                                        torch.float32, torch.device("cuda"))
-            tok = forward(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = forward(ids, **cache_kw(cache), use_cache=True).logits[:, -1:].argmax(-1)
             out = [tok]
             for t in range(PROMPT, PROMPT + 32):
                 pos = torch.full((1, 1), t, device="cuda")
-                tok = forward(tok, past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1:].argmax(-1)
+                tok = forward(tok, **cache_kw(cache), position_ids=pos, use_cache=True).logits[:, -1:].argmax(-1)
                 out.append(tok)
         tokens[mode] = torch.cat(out, 1)
         if mode:

@@ -12,6 +12,7 @@ import transformers as T
 
 from pqcompile import counters, coverage
 from pqcompile.cache import polar_keys_in
+from pqcompile.hf_compat import cache_of
 
 STEPS = 8
 OPTIONS = {"group_size": 16, "backend": "eager"}
@@ -45,7 +46,7 @@ def test_sliding_window_cache_is_declined():
     out = _generate_both(model, _ids())
     statuses = _statuses()
     assert statuses and all(s == "declined" and "sliding-window layer" in r and "4095" in r for _, s, r in statuses)
-    assert not polar_keys_in(out.past_key_values)
+    assert not polar_keys_in(cache_of(out))
 
 
 def test_softcapping_outside_sdpa_is_declined():
@@ -59,7 +60,7 @@ def test_softcapping_outside_sdpa_is_declined():
     statuses = _statuses()
     assert len(statuses) == 2 * 3  # 2 layers x (prefill + 2 decode graphs)
     assert all(s == "declined" and "logit softcapping" in r for _, s, r in statuses), statuses
-    assert not polar_keys_in(out.past_key_values)
+    assert not polar_keys_in(cache_of(out))
 
 
 def test_encoder_decoder_cross_attention_is_declined():

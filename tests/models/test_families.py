@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from pqcompile import counters, coverage
+from pqcompile.hf_compat import cache_kw
 
 STEPS = 16
 
@@ -89,7 +90,7 @@ def test_static_cache_left_padded_batch(name):
     att[1, :5] = 0
     kw = dict(attention_mask=att, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
               output_logits=True, return_dict_in_generate=True)
-    outs = [m.generate(ids, past_key_values=PolarStaticCache(config=m.config, max_cache_len=96, group_size=16), **kw)
+    outs = [m.generate(ids, **cache_kw(PolarStaticCache(config=m.config, max_cache_len=96, group_size=16)), **kw)
             for m in (compiled, model)]
     got, want = (torch.stack(o.logits, 1) for o in outs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

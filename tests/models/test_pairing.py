@@ -19,6 +19,7 @@ import torch
 
 from pqcompile import codec, counters, coverage
 from pqcompile.codec import Codec, Pairing
+from pqcompile.hf_compat import cache_of
 
 G = 16
 # family: wrong pairings (other layout, whole head, other rotary width). Each splits some true RoPE pair;
@@ -42,7 +43,7 @@ def _inferred(model) -> str:
 
 def _keys(model) -> torch.Tensor:
     ids = torch.full((1, 128), 7)  # one token repeated: identical pre-RoPE keys at every position
-    return model(ids, use_cache=True).past_key_values.layers[0].keys  # [1, H, 128, 16] post-RoPE
+    return cache_of(model(ids, use_cache=True)).layers[0].keys  # [1, H, 128, 16] post-RoPE
 
 
 def _radius_spread(keys, spec: str) -> float:
