@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -79,7 +79,7 @@ class PolarKeys(torch.Tensor):
         return self.shape[2]
 
     @classmethod
-    def from_dense(cls, keys: torch.Tensor, codec: Codec) -> "PolarKeys":
+    def from_dense(cls, keys: torch.Tensor, codec: Codec) -> PolarKeys:
         """keys [B, H, T, D] (post-RoPE) -> compressed. Traceable: this is what the prefill rewrite calls."""
         B, H, T, D = keys.shape
         codes, params, tail = ref.empty(codec, B, H, D, keys.dtype, keys.device)
@@ -90,7 +90,7 @@ class PolarKeys(torch.Tensor):
         """Dense keys [B, H, T, D] reconstructed from the codes (lossy) and the tail (exact)."""
         return ops.decode(self.codes, self.params, self.tail, self.seq_len, *ops.codec_args(self.codec))
 
-    def with_data(self, codes, params, tail, seq_len) -> "PolarKeys":
+    def with_data(self, codes, params, tail, seq_len) -> PolarKeys:
         B, H, _, D = tail.shape
         return PolarKeys(codes, params, tail, self.codec, (B, H, seq_len, D))
 

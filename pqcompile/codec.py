@@ -46,7 +46,7 @@ class Pairing:
         return self.layout.value + ("" if self.rotary_dim is None else f"@{self.rotary_dim}")
 
     @classmethod
-    def parse(cls, spec: str) -> "Pairing":
+    def parse(cls, spec: str) -> Pairing:
         layout, _, rot = spec.partition("@")
         return cls(PairingMode(layout), int(rot) if rot else None)
 
@@ -75,7 +75,7 @@ class Codec:
     pairing: Pairing = Pairing()
 
     @classmethod
-    def from_config(cls, cfg: PolarQuantConfig, pairing: Pairing) -> "Codec":
+    def from_config(cls, cfg: PolarQuantConfig, pairing: Pairing) -> Codec:
         return cls(cfg.radius_bits, cfg.angle_bits, cfg.group_size, pairing)
 
     def __str__(self) -> str:

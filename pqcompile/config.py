@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class PairingMode(str, enum.Enum):
@@ -140,7 +141,7 @@ class PolarQuantConfig:
         return self.verify.value + (f":{self.verify_n}" if self.verify_n else "")
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any] | None) -> "PolarQuantConfig":
+    def from_options(cls, options: Mapping[str, Any] | None) -> PolarQuantConfig:
         """Build from torch.compile's `options=` dict; unknown names raise listing the valid ones."""
         options = dict(options or {})
         valid = [f.name for f in dataclasses.fields(cls)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 import torch
 
@@ -22,7 +21,7 @@ from .codec import TAIL_PAD, Codec, Pairing, PolarData
 _LIB = "pqcompile"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _codec(radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> Codec:
     return Codec(radius_bits, angle_bits, group_size, Pairing.parse(pairing))
 
@@ -105,7 +104,7 @@ def _(codes, params, tail, seq_len, radius_bits, angle_bits, group_size, pairing
 
 @torch.library.custom_op(f"{_LIB}::attention", mutates_args=())
 def attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, v: torch.Tensor,
-              seq_len: int, mask: Optional[torch.Tensor], scale: float, softcap: float, is_causal: bool,
+              seq_len: int, mask: torch.Tensor | None, scale: float, softcap: float, is_causal: bool,
               radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> torch.Tensor:
     """Attention of q [B, Hq, S, D] over compressed keys and dense v [B, Hkv|Hq, T, Dv] -> [B, Hq, S, Dv].
 
@@ -183,7 +182,7 @@ def _(codes, params, ring, length, new_keys, positions, radius_bits, angle_bits,
 
 @torch.library.custom_op(f"{_LIB}::static_attention", mutates_args=())
 def static_attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
-                     length: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                     length: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                      is_causal: bool, radius_bits: int, angle_bits: int, group_size: int, pairing: str
                      ) -> torch.Tensor:
     """Attention of q [B, Hq, S, D] over the first `length` tokens of a static state; v [B, Hkv|Hq, Tmax, Dv],

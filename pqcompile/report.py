@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.fx as fx
 from tabulate import tabulate
+from torch import fx
 
 from . import codec
 from .config import PolarQuantConfig
@@ -236,7 +236,7 @@ class GraphReport:
 
     @classmethod
     def create(cls, root: str, before: fx.GraphModule, after: fx.GraphModule, sites: list, results: list,
-               cfg: PolarQuantConfig) -> "GraphReport":
+               cfg: PolarQuantConfig) -> GraphReport:
         data = build(before, after, sites, results, cfg, _compile_id())
         rep = cls(root, data, before.print_readable(print_output=False), after.print_readable(print_output=False))
         rep.write()

@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from . import ops
-from . import cache
+from . import cache, ops
 from .cache import _dense_fallback
 from .codec import Codec, Pairing
 from .config import PairingMode, PolarQuantConfig

@@ -6,7 +6,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
@@ -16,17 +16,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pathlib  # noqa: E402
-from importlib.metadata import entry_points  # noqa: E402
+import pathlib
+from importlib.metadata import entry_points
 
-import pytest  # noqa: E402
+import pytest
 
-from pqcompile import counters  # noqa: E402
+from pqcompile import counters
 
 # A source checkout run without `pip install` (the GPU machine: PYTHONPATH only) has no entry point for the
 # backend's name; register the same callable the entry point names, so tests can say backend="polarquant".
 if "polarquant" not in {ep.name for ep in entry_points(group="torch_dynamo_backends")}:
-    from pqcompile.backend import polarquant  # noqa: E402
+    from pqcompile.backend import polarquant
 
     torch._dynamo.register_backend(polarquant, name="polarquant")
 

@@ -7,9 +7,9 @@ import operator
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 import transformers
+from torch import fx
 
 from pqcompile import codec, counters, metrics, verify
 from pqcompile.cache import PolarKeys

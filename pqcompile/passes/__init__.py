@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch.fx as fx
+from torch import fx
 
 from ..config import PolarQuantConfig
 from . import infer_pairing, match_eager_attention, rewrite_attention, trace_kv_append, trace_static_cache

@@ -7,7 +7,7 @@ import operator
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 SITES_KEY = "pqcompile_sites"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..codec import Pairing
 from ..config import PairingMode, PolarQuantConfig

@@ -29,7 +29,7 @@ import operator
 from numbers import Number
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..config import PolarQuantConfig
 from . import trace_kv_append

@@ -12,8 +12,7 @@ removed (only what the rewrite left without users; in-place methods stay alive).
 
 from __future__ import annotations
 
-import torch
-import torch.fx as fx
+from torch import fx
 
 from .. import cache, static_cache
 from ..codec import Pairing

@@ -20,7 +20,7 @@ A site is declined (and stays exactly as it was) when:
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from ..cache import PolarKeys
 from ..config import PolarQuantConfig

@@ -14,7 +14,7 @@ Runs after trace_kv_append, on the sites it declined.
 
 from __future__ import annotations
 
-import torch.fx as fx
+from torch import fx
 
 from ..config import PolarQuantConfig
 from ..static_cache import StaticPolarKeys
