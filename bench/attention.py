@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pqcompile import codec as ref
 from pqcompile import kernels
 
-SCRIPT_VERSION = 6  # 4: parallel split reduction, exact fp32 dots; 5: byte-plane code loads tuned for 3+3;
-# 6: tuner on CUDA-graph time, encode timed on GPU time too, encode / one-token static write tile sweep
+SCRIPT_VERSION = 7  # 4: parallel split reduction, exact fp32 dots; 5: byte-plane code loads tuned for 3+3;
+# 6: tuner on CUDA-graph time, encode timed on GPU time too, encode / one-token static write tile sweep;
+# 7: per-pair byte loads tuned for sub-byte codes (2+2)
 DEFAULT_CONFIG = dict(kernels.ATTN_CONFIG)
 BITS = [(4, 4), (3, 3), (2, 2)]
 MAIN = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (8, 32768), (8, 131072), (32, 32768)]
@@ -90,11 +91,11 @@ def check(log: list) -> bool:
         kw = {"mask": mask, "is_causal": causal, "softcap": softcap}
         o_r = ref.attention(q, rd, T, v, c, **kw)
         if len(log) == 0:  # every config of the tuning space, fixed, on the first case
-            for bn, sd, pps, w, st, planes in kernels.ATTN_TUNE_SPACE:
+            for bn, sd, pps, w, st, alt in kernels.ATTN_TUNE_SPACE:
                 kernels.ATTN_CONFIG.update(autotune=False, block_n=bn, split_dot=sd, programs_per_sm=pps,
-                                           num_warps=w, num_stages=st, code_planes=planes)
+                                           num_warps=w, num_stages=st, alt_code_load=alt)
                 e = (kernels.attention(q, rd, T, v, c, **kw).float() - o_r.float()).norm() / o_r.float().norm()
-                print(f"  config {bn, sd, pps, w, st, planes}: err={e.item():.2e}", flush=True)
+                print(f"  config {bn, sd, pps, w, st, alt}: err={e.item():.2e}", flush=True)
                 ok &= e.item() < 2e-2
             kernels.ATTN_CONFIG.update(DEFAULT_CONFIG)
         o_k = kernels.attention(q, rd, T, v, c, **kw)
@@ -196,7 +197,7 @@ def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=
                 t = us(fn)
                 key = f"polar{rb}{ab}{name}"
                 if kernels.ATTN_CONFIG["autotune"]:
-                    # (BLOCK_N, SPLIT_DOT, PPS, warps, stages, CODE_PLANES)
+                    # (BLOCK_N, SPLIT_DOT, PPS, warps, stages, ALT_CODE_LOAD)
                     row[key + "_config"] = str(kernels.LAST_CONFIG[0])
                 if graphs and (rb, ab) == (4, 4):
                     row[key + "_graph_us"] = g = graph_us(fn)
@@ -295,7 +296,7 @@ def main() -> None:
             save()
     if args.tune:
         base = {"autotune": False, "block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
-                "split_dot": True, "code_planes": False, "ablate": 0}
+                "split_dot": True, "alt_code_load": False, "ablate": 0}
         variants = {"": {}, "_join": {"split_dot": False}, "_p4": {"programs_per_sm": 4},
                     "_n128": {"block_n": 128}, "_n32p4": {"block_n": 32, "programs_per_sm": 4},
                     "_n32p8w2": {"block_n": 32, "programs_per_sm": 8, "num_warps": 2, "num_stages": 4},

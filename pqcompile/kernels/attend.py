@@ -24,12 +24,12 @@ log = logging.getLogger(__name__)
 # fixed config below (interpreter, group_size < 32, or autotune=False). ablate != 0 gives wrong results on
 # purpose: timing of the kernel with one stage left out (bench only).
 ATTN_CONFIG = {"autotune": True, "block_n": 64, "split_dot": True, "programs_per_sm": 2, "num_warps": 4,
-               "num_stages": 3, "code_planes": False, "ablate": 0}
-ATTN_TUNE_SPACE = [  # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, CODE_PLANES)
+               "num_stages": 3, "alt_code_load": False, "ablate": 0}
+ATTN_TUNE_SPACE = [  # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, ALT_CODE_LOAD)
     (64, True, 2, 4, 3, False), (64, False, 2, 4, 3, False), (64, True, 4, 4, 3, False), (128, True, 2, 4, 3, False),
     (32, True, 4, 4, 3, False), (32, True, 8, 2, 4, False), (64, True, 8, 4, 3, False),
 ]
-# codes that straddle bytes (3+3, 2+3, ...) also try byte-plane loads (load_codes): same results, fewer loads
+# codes narrower than a byte also try the other way to load them (load_codes' ALT): same results
 
 
 LAST_CONFIG = [None]  # the config the last tuned attention call used (bench reports it)
@@ -199,7 +199,7 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
     part = {}
 
     def launch(c):
-        block_n, split_dot, pps, warps, stages, planes = c
+        block_n, split_dot, pps, warps, stages, alt = c
         splits = n_splits(block_n, pps)
         if splits > 1 and part.get("n", 0) < splits:
             part.update(n=splits, o=common.alloc((n_prog * splits * block_m * block_dv,), torch.float32, q.device),
@@ -215,7 +215,7 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
             SOFTCAP=bool(softcap), CAUSAL=causal, FAST=on_gpu, QT=qt, VT=vt, ABLATE=cfg["ablate"],
             LEN_DEVICE=length is not None, PREC="ieee" if torch.float32 in (q.dtype, v.dtype) else "tf32",
             CB=W // math.gcd(W, 8),
-            BLOCK_N=block_n, SPLIT_DOT=split_dot, PPS=pps, PLANES=planes, num_warps=warps, num_stages=stages,
+            BLOCK_N=block_n, SPLIT_DOT=split_dot, PPS=pps, ALT=alt, num_warps=warps, num_stages=stages,
         )
         if splits > 1:
             polar_attn_reduce_kernel[(n_prog, min(block_m, rows))](
@@ -224,7 +224,7 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
             )
 
     space = [c for c in ATTN_TUNE_SPACE if c[0] <= G and c[0] * block_p <= 8192]  # a block never spans groups
-    if 8 % W:
+    if W != 8:
         space += [c[:5] + (True,) for c in space]
     if on_gpu and cfg["autotune"] and num_splits is None and not cfg["ablate"] and space:
         key = (length is None, (Tc + L).bit_length(), n_prog.bit_length(), P, NB, codec.radius_bits, G, block_m,
@@ -234,5 +234,5 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
     else:
         block_n = min(G, cfg["block_n"], max(16, 8192 // block_p))
         launch((block_n, cfg["split_dot"], cfg["programs_per_sm"], cfg["num_warps"], cfg["num_stages"],
-                cfg["code_planes"] and bool(8 % W)))
+                cfg["alt_code_load"] and W != 8))
     return out

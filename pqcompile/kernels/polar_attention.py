@@ -38,19 +38,24 @@ def half_up(c):
 
 
 @triton.jit
-def load_codes(Crow, offs_j, ok, NB: tl.constexpr, W: tl.constexpr, BLOCK_P: tl.constexpr, PLANES: tl.constexpr,
+def load_codes(Crow, offs_j, ok, NB: tl.constexpr, W: tl.constexpr, BLOCK_P: tl.constexpr, ALT: tl.constexpr,
                CB: tl.constexpr):
     """Raw code bytes of BLOCK_N tokens (row pointers Crow [N, 1]); ok: scalar, False -> zeros.
 
-    W-bit codes that straddle bytes: either the two bytes holding each pair's bits (two gathers per pair), or
-    PLANES: 8*CB/W pairs fill CB whole bytes (a word), loaded as CB strided byte planes and joined."""
+    Sub-byte codes (W | 8): the row's bytes, unpacked by a reshape in decode_codes; ALT: each pair's own byte
+    (a gather of neighbouring lanes, no reshape). Codes that straddle bytes: the two bytes holding each pair's
+    bits (two gathers per pair); ALT: 8*CB/W pairs fill CB whole bytes (a word), loaded as CB strided byte
+    planes and joined. ALT is a tuned variant: same results, the faster one wins on the GPU."""
     nb = tl.where(ok, NB, 0)  # (a scalar bool in a mask trips the interpreter)
     if W == 8:
         raw = tl.load(Crow + offs_j[None, :], mask=(offs_j < nb)[None, :], other=0)
+    elif 8 % W == 0 and ALT:  # each pair's byte
+        idx = (offs_j * W) >> 3
+        raw = tl.load(Crow + idx[None, :], mask=(idx < nb)[None, :], other=0)
     elif 8 % W == 0:  # whole codes per byte: one contiguous byte load
         offs_b = tl.arange(0, BLOCK_P // (8 // W))
         raw = tl.load(Crow + offs_b[None, :], mask=(offs_b < nb)[None, :], other=0)
-    elif PLANES:
+    elif ALT:
         PPW: tl.constexpr = 8 * CB // W
         offs_w = tl.arange(0, BLOCK_P // PPW) * CB
         raw = tl.load(Crow + offs_w[None, :], mask=(offs_w < nb)[None, :], other=0).to(tl.int64)
@@ -66,21 +71,21 @@ def load_codes(Crow, offs_j, ok, NB: tl.constexpr, W: tl.constexpr, BLOCK_P: tl.
 
 
 @triton.jit
-def decode_codes(raw, offs_j, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, PLANES: tl.constexpr,
+def decode_codes(raw, offs_j, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, ALT: tl.constexpr,
                  CB: tl.constexpr):
     """Raw bytes from load_codes -> int32 [N, BLOCK_P] W-bit codes in pair order."""
     if W == 8:
         code = raw.to(tl.int32)
-    elif 8 % W == 0:
+    elif 8 % W == 0 and not ALT:
         PER: tl.constexpr = 8 // W
         code = (raw.to(tl.int32)[:, :, None] >> (tl.arange(0, PER) * W)[None, None, :]) & ((1 << W) - 1)
         code = tl.reshape(code, [BLOCK_N, BLOCK_P])
-    elif PLANES:
+    elif 8 % W != 0 and ALT:
         PPW: tl.constexpr = 8 * CB // W
         code = (raw[:, :, None] >> (tl.arange(0, PPW) * W).to(tl.int64)[None, None, :]) & ((1 << W) - 1)
         code = tl.reshape(code.to(tl.int32), [BLOCK_N, BLOCK_P])
-    else:
-        code = (raw >> ((offs_j * W) & 7)[None, :]) & ((1 << W) - 1)
+    else:  # one byte (W | 8, ALT) or two (straddling) per pair, in lane order
+        code = (raw.to(tl.int32) >> ((offs_j * W) & 7)[None, :]) & ((1 << W) - 1)
     return code
 
 
@@ -135,7 +140,7 @@ def polar_attn_fwd_kernel(
     CAUSAL: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, VT: tl.constexpr, ABLATE: tl.constexpr,
     LEN_DEVICE: tl.constexpr, PREC: tl.constexpr,  # PREC: "ieee" for fp32 inputs (no TF32 rounding)
     CB: tl.constexpr,  # bytes of the smallest whole word of codes: W / gcd(W, 8)
-    BLOCK_N: tl.constexpr, SPLIT_DOT: tl.constexpr, PPS: tl.constexpr, PLANES: tl.constexpr,  # tuned (PPS: grid)
+    BLOCK_N: tl.constexpr, SPLIT_DOT: tl.constexpr, PPS: tl.constexpr, ALT: tl.constexpr,  # tuned (PPS: grid)
 ):
     W: tl.constexpr = RB + AB
     if LEN_DEVICE:  # a static cache: nothing on the host knows the length (CUDA-graph replays)
@@ -198,8 +203,8 @@ def polar_attn_fwd_kernel(
         if ABLATE == 2:  # timing only: no code stream
             code = tl.zeros([BLOCK_N, BLOCK_P], tl.int32) + offs_n[:, None]
         else:
-            raw = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, t0 >= 0, NB, W, BLOCK_P, PLANES, CB)
-            code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P, PLANES, CB)
+            raw = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, t0 >= 0, NB, W, BLOCK_P, ALT, CB)
+            code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P, ALT, CB)
         rad = r_min[None, :] + half_up(code & ((1 << RB) - 1)) * r_s[None, :]
         phi = a_min[None, :] + half_up(code >> RB) * a_s[None, :]
         if ABLATE == 1:  # timing only: no trig

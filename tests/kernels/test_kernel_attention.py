@@ -61,11 +61,12 @@ def test_bits_and_pairings(bits, pairing, poisoned):
     run_case(1, 4, 2, 45, 64, 2, bits=bits, pairing=pairing, causal=True, splits=2)
 
 
-@pytest.mark.parametrize("bits", [(3, 3), (2, 3), (4, 3), (1, 2), (3, 4)])  # W = 6, 5, 7, 3, 7
+@pytest.mark.parametrize("bits", [(3, 3), (2, 3), (4, 3), (1, 2), (3, 4), (2, 2), (1, 1), (1, 3)])  # W 6 5 7 3 7 4 2 4
 @pytest.mark.parametrize("D", [64, 96])  # 96: the last word of a row is cut by the row's end
-def test_byte_plane_code_loads(monkeypatch, bits, D, poisoned):
-    """Codes that straddle bytes, loaded as whole words of byte planes (a tuned variant): same results."""
-    monkeypatch.setitem(kernels.ATTN_CONFIG, "code_planes", True)
+def test_alternative_code_loads(monkeypatch, bits, D, poisoned):
+    """The tuned variant's code loads: byte planes joined into words (codes that straddle bytes), or each
+    pair's own byte (sub-byte codes). Same results as the reference."""
+    monkeypatch.setitem(kernels.ATTN_CONFIG, "alt_code_load", True)
     run_case(1, 4, 2, 45, D, 1, bits=bits, splits=2, seed=sum(bits) + D)
 
 
