@@ -98,6 +98,12 @@ def check(log: list) -> bool:
                 print(f"  config {bn, sd, pps, w, st, alt}: err={e.item():.2e}", flush=True)
                 ok &= e.item() < 2e-2
             kernels.ATTN_CONFIG.update(DEFAULT_CONFIG)
+        if c.code_bits != 8:  # the alternative code load of this width, fixed (the tuner may not pick it here)
+            kernels.ATTN_CONFIG.update(autotune=False, alt_code_load=True)
+            e = (kernels.attention(q, rd, T, v, c, **kw).float() - o_r.float()).norm() / o_r.float().norm()
+            print(f"  alt code load ({c.code_bits}-bit codes): err={e.item():.2e}", flush=True)
+            ok &= e.item() < 2e-2
+            kernels.ATTN_CONFIG.update(DEFAULT_CONFIG)
         o_k = kernels.attention(q, rd, T, v, c, **kw)
         # the error the output dtype itself makes: fp32 reference rounded to dt, against the fp64-ish ref
         err = ((o_k.float() - o_r.float()).norm() / o_r.float().norm()).item()
@@ -266,6 +272,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--sweep-encode", action="store_true")
+    ap.add_argument("--alt-sub-byte", action="store_true",
+                    help="let the tuner try per-pair byte loads for sub-byte codes (2+2; v7, unverified on a GPU)")
     ap.add_argument("--shapes", choices=["all", "main", "extra", "none"], default="all",
                     help="which rows of the table (main: Hq 32 / Hkv 8 / D 128; extra: D 64 and D 256 MQA)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -276,6 +284,7 @@ def main() -> None:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta = {"script_version": SCRIPT_VERSION, "date": now, "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "triton": triton.__version__, "attn_config": dict(kernels.ATTN_CONFIG)}
+    kernels.ATTN_CONFIG["tune_alt_sub_byte"] = DEFAULT_CONFIG["tune_alt_sub_byte"] = args.alt_sub_byte
     checks: list = []
     ok = check(checks)
     bw = copy_bandwidth()

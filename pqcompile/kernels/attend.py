@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 # fixed config below (interpreter, group_size < 32, or autotune=False). ablate != 0 gives wrong results on
 # purpose: timing of the kernel with one stage left out (bench only).
 ATTN_CONFIG = {"autotune": True, "block_n": 64, "split_dot": True, "programs_per_sm": 2, "num_warps": 4,
-               "num_stages": 3, "alt_code_load": False, "ablate": 0}
+               "num_stages": 3, "alt_code_load": False, "ablate": 0,
+               "tune_alt_sub_byte": False}  # per-pair byte loads of sub-byte codes: tuned once run on a GPU (NOTES v7)
 ATTN_TUNE_SPACE = [  # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, ALT_CODE_LOAD)
     (64, True, 2, 4, 3, False), (64, False, 2, 4, 3, False), (64, True, 4, 4, 3, False), (128, True, 2, 4, 3, False),
     (32, True, 4, 4, 3, False), (32, True, 8, 2, 4, False), (64, True, 8, 4, 3, False),
@@ -34,6 +35,15 @@ ATTN_TUNE_SPACE = [  # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, ALT_CODE
 
 LAST_CONFIG = [None]  # the config the last tuned attention call used (bench reports it)
 _TUNED: dict = {}  # shape class -> the fastest config of the space
+
+
+def tune_space(G: int, block_p: int, W: int) -> list[tuple]:
+    """The configs tried for a group size, pair block and code width: a block never spans groups; codes that
+    straddle bytes also try byte planes; sub-byte codes try per-pair bytes only when tune_alt_sub_byte is set."""
+    space = [c for c in ATTN_TUNE_SPACE if c[0] <= G and c[0] * block_p <= 8192]
+    if 8 % W or (W < 8 and ATTN_CONFIG["tune_alt_sub_byte"]):
+        space += [c[:5] + (True,) for c in space]
+    return space
 
 
 def _tune(key, launch, space):
@@ -223,9 +233,7 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
                 BLOCK_M=block_m, BLOCK_DV=block_dv, BLOCK_S=min(32, triton.next_power_of_2(splits)), num_warps=4,
             )
 
-    space = [c for c in ATTN_TUNE_SPACE if c[0] <= G and c[0] * block_p <= 8192]  # a block never spans groups
-    if W != 8:
-        space += [c[:5] + (True,) for c in space]
+    space = tune_space(G, block_p, W)
     if on_gpu and cfg["autotune"] and num_splits is None and not cfg["ablate"] and space:
         key = (length is None, (Tc + L).bit_length(), n_prog.bit_length(), P, NB, codec.radius_bits, G, block_m,
                block_dv, has_mask, mask_bool, causal, bool(softcap), q.dtype, v.dtype, tail.dtype)

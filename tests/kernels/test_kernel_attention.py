@@ -136,6 +136,16 @@ def test_gpu_real_shapes(bits, poisoned):
     run_case(2, 8, 1, 1000, 256, 4, bits=bits, G=128, dtype=torch.bfloat16, causal=True)
 
 
+def test_tune_space_gates_the_alternative_code_loads(monkeypatch):
+    base = len(attend.tune_space(128, 64, 8))
+    assert base > 0 and not any(c[5] for c in attend.tune_space(128, 64, 8))
+    assert len(attend.tune_space(128, 64, 6)) == 2 * base  # byte planes: run on the H200 (v5)
+    assert len(attend.tune_space(128, 64, 4)) == base  # per-pair bytes: not yet run on a GPU
+    monkeypatch.setitem(kernels.ATTN_CONFIG, "tune_alt_sub_byte", True)
+    assert len(attend.tune_space(128, 64, 4)) == 2 * base
+    assert all(c[0] <= 32 for c in attend.tune_space(32, 64, 8))  # a block never spans a group
+
+
 def test_tuner_times_each_config_once_per_shape_class(monkeypatch):
     timed = []
     monkeypatch.setattr(attend, "_gpu_time", lambda fn: (fn(), {1: 3.0, 2: 1.0, 3: 2.0}[timed[-1]])[1])
