@@ -79,7 +79,7 @@ def encode_groups_into(keys: torch.Tensor, codes: torch.Tensor, params: torch.Te
         keys, *keys.stride(), xi, yi, codes, *codes.stride()[:3], params, *params.stride()[:4],
         H, n, group_offset,
         P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits, BLOCK_P=block_p, PAIRS=pairs,
-        ON_GPU=keys.is_cuda and not common.interpret(), num_warps=ENCODE_CONFIG["num_warps"],
+        ON_GPU=common.on_gpu(keys), num_warps=ENCODE_CONFIG["num_warps"],
     )
 
 
@@ -171,7 +171,7 @@ def static_write(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor, 
                              f"[{start}, ..] of {S}")
     xi, yi = common.pair_index(codec.pairing, D, new_keys.device)
     block_p = _pair_tile(WRITE_CONFIG, G, P)
-    on_gpu = new_keys.is_cuda and not common.interpret()
+    on_gpu = common.on_gpu(new_keys)
     for first, n_groups in ((True, 1), (False, max(1, triton.cdiv(S - 1, G)))):  # the second stores the length
         polar_static_write_kernel[(B * H, n_groups, triton.cdiv(P, block_p))](
             new_keys, *new_keys.stride(), positions, length, ring, *ring.stride(), xi, yi,

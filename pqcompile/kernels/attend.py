@@ -198,7 +198,7 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
         want = num_splits if num_splits is not None else triton.cdiv(pps * sms, n_prog)
         return triton.cdiv(n_blocks, triton.cdiv(n_blocks, max(1, min(want, n_blocks))))
 
-    on_gpu = q.is_cuda and not common.interpret()
+    on_gpu = common.on_gpu(q)
     qt = common.TL[q.dtype] if on_gpu else tl.float32
     vt = common.TL[v.dtype] if on_gpu else tl.float32
     xi, yi = common.pair_index(codec.pairing, D, q.device)

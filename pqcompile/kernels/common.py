@@ -25,6 +25,11 @@ def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def on_gpu(t: torch.Tensor) -> bool:
+    """Launches for t are compiled for the GPU (fast trig, tensor-core dtypes), not run by the interpreter."""
+    return t.is_cuda and not interpret()
+
+
 def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device} (shape {tuple(t.shape)})")

@@ -1,0 +1,234 @@
+"""Compile the Triton kernels for an H200 (sm_90) on any machine, no GPU needed: what the interpreter accepts
+and a GPU compile rejects shows here, and the SASS can be read without device time.
+
+    python bench/compile_kernels.py                          # every group, one line per launch variant
+    python bench/compile_kernels.py --group attention --sass # + SASS counts of each kernel's hottest loop
+
+The host wrappers run on CPU tensors of real shapes with the kernel launches recorded instead of executed
+(the wrappers believe they are on a GPU: fast trig, tensor-core dtypes, 132 SMs); each recorded launch is
+specialized exactly as Triton's JIT would specialize it (argument types, ints equal to 1, 16-byte alignment)
+and compiled by Triton's own nvidia backend (ptxas is bundled). Exit status 1 if any variant fails. The local
+triton may be newer than the GPU machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be real JIT functions here
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import native_specialize_impl  # noqa: E402
+
+from pqcompile import codec as ref  # noqa: E402
+from pqcompile import kernels  # noqa: E402
+from pqcompile.kernels import attend, common  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SMS = 132  # H200
+B16 = torch.bfloat16
+
+
+class Recorder:
+    """Stands in for a JIT kernel: `rec[grid](*args, **kwargs)` records the launch."""
+
+    def __init__(self, fn, launches: list):
+        self.fn, self.launches = fn, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
+
+
+@contextlib.contextmanager
+def recording():
+    """Host wrappers run on CPU as if on the GPU; their launches land in the yielded list."""
+    launches: list = []
+    saved = {}
+    for mod, name in ((attend, "polar_attn_fwd_kernel"), (attend, "polar_attn_reduce_kernel"),
+                      (kernels, "polar_encode_kernel"), (kernels, "polar_static_write_kernel")):
+        saved[mod, name] = getattr(mod, name)
+        setattr(mod, name, Recorder(saved[mod, name], launches))
+    patches = {(common, "on_gpu"): lambda t: True, (common, "interpret"): lambda: True,
+               (common, "sm_count"): lambda device: SMS}
+    for (mod, name), f in patches.items():
+        saved[mod, name] = getattr(mod, name)
+        setattr(mod, name, f)
+    cfg = dict(attend.ATTN_CONFIG)
+    attend.ATTN_CONFIG["autotune"] = False  # the tuner times on a GPU; configs are set explicitly here
+    try:
+        yield launches
+    finally:
+        for (mod, name), f in saved.items():
+            setattr(mod, name, f)
+        attend.ATTN_CONFIG.clear()
+        attend.ATTN_CONFIG.update(cfg)
+
+
+def compile_launch(fn, args, kwargs):
+    """Specialize one recorded launch the way Triton's JIT does, then compile it for sm_90."""
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    values = list(args) + [kwargs[p.name] for p in fn.params[len(args):]]
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (p, v) in enumerate(zip(fn.params, values)):
+        if p.is_constexpr:
+            signature[p.name], constexprs[(i,)] = "constexpr", v
+            continue
+        ty, attr = native_specialize_impl(BaseBackend, v, p.is_const, not p.do_not_specialize,
+                                          not p.do_not_specialize_on_alignment)
+        signature[p.name] = ty
+        if ty == "constexpr":
+            constexprs[(i,)] = v
+        elif isinstance(attr, str):
+            attrs[(i,)] = BaseBackend.parse_attr(attr)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options)
+
+
+# --------------------------------------------------------------------------- launch variants (host calls)
+
+
+def codec(bits=(4, 4), pairing="half"):
+    return ref.Codec(*bits, 128, ref.Pairing.parse(pairing))
+
+
+def attention_calls():
+    """(name, call) pairs; each call runs kernels.attention / static_attention on CPU tensors."""
+    def dense_call(bits=(4, 4), B=1, Hq=32, H=8, T=4096 + 77, D=128, S=1, dtype=B16, mask=None, softcap=None,
+                   causal=False, cfg=None):
+        def call():
+            c = codec(bits)
+            data = ref.empty(c, B, H, D, dtype, "cpu")
+            codes = torch.zeros(B, H, T // 128 * 128, c.code_bytes(D), dtype=torch.uint8)
+            params = torch.zeros(B, H, T // 128, 4, D // 2, dtype=B16)
+            tail = torch.zeros(B, H, T % 128 + data.tail.shape[2], D, dtype=dtype)
+            q, v = torch.zeros(B, Hq, S, D, dtype=dtype), torch.zeros(B, H, T, D, dtype=dtype)
+            m = None if mask is None else (torch.ones(B, 1, S, T, dtype=torch.bool) if mask == "bool"
+                                            else torch.zeros(B, Hq, S, T, dtype=torch.float32))
+            attend.ATTN_CONFIG.update(cfg or {})
+            kernels.attention(q, ref.PolarData(codes, params, tail), T, v, c, mask=m, softcap=softcap,
+                              is_causal=causal)
+        return call
+
+    def static_call(B=1, Hq=32, H=8, cap=8192, D=128, S=1):
+        def call():
+            c = codec()
+            kernels.static_attention(torch.zeros(B, Hq, S, D, dtype=B16),
+                                     torch.zeros(B, H, cap, c.code_bytes(D), dtype=torch.uint8),
+                                     torch.zeros(B, H, cap // 128, 4, D // 2, dtype=B16), torch.zeros(B, H, 128, D, dtype=B16),
+                                     torch.tensor([1000]), torch.zeros(B, H, cap, D, dtype=B16), c, is_causal=S > 1)
+        return call
+
+    yield "4+4 bf16 D128 (default config)", dense_call()
+    for tuned in attend.ATTN_TUNE_SPACE:
+        bn, sd, pps, w, st, alt = tuned
+        cfg = dict(block_n=bn, split_dot=sd, programs_per_sm=pps, num_warps=w, num_stages=st, alt_code_load=alt)
+        yield f"4+4 tuned {tuned}", dense_call(cfg=cfg)
+    for bits in ((3, 3), (2, 2), (4, 3), (2, 3), (1, 1)):
+        for alt in (False, True):
+            yield f"{bits[0]}+{bits[1]} alt={alt}", dense_call(bits, cfg={"alt_code_load": alt})
+    yield "fp16, bool mask, q_len 4 causal", dense_call(dtype=torch.float16, mask="bool", S=4, causal=True)
+    yield "fp32 (ieee dots)", dense_call(dtype=torch.float32)
+    yield "float mask + softcap, D64 Hq9/Hkv3", dense_call(Hq=9, H=3, D=64, mask="float", softcap=30.0)
+    yield "D256 MQA", dense_call(Hq=8, H=1, D=256)
+    yield "D96, q_len 16 causal", dense_call(Hq=12, H=4, D=96, S=16, causal=True)
+    yield "static (length on the device)", static_call()
+    yield "static, prompt of 37", static_call(S=37)
+
+
+def encode_calls():
+    for bits in ((4, 4), (3, 3), (2, 2)):
+        for pairing in ("half", "interleaved", "half@64"):
+            yield f"encode {bits[0]}+{bits[1]} {pairing}", lambda bits=bits, pairing=pairing: kernels.encode_groups(
+                torch.zeros(1, 8, 1024, 128, dtype=B16), codec(bits, pairing))
+    yield "encode fp32 keys", lambda: kernels.encode_groups(torch.zeros(1, 8, 256, 128), codec())
+
+
+def write_calls():
+    def call(S, bits=(4, 4), dtype=B16):
+        def run():
+            c, cap = codec(bits), 1024
+            kernels.static_write(torch.zeros(1, 8, cap, c.code_bytes(128), dtype=torch.uint8),
+                                 torch.zeros(1, 8, cap // 128, 4, 64, dtype=B16), torch.zeros(1, 8, 128, 128, dtype=dtype),
+                                 torch.tensor([300]), torch.zeros(1, 8, S, 128, dtype=dtype),
+                                 torch.arange(300, 300 + S), c)
+        return run
+    yield "static write, one token", call(1)
+    yield "static write, 300 tokens, 3+3", call(300, (3, 3))
+    yield "static write, fp32 ring", call(5, dtype=torch.float32)
+
+
+GROUPS = {"attention": attention_calls, "encode": encode_calls, "write": write_calls}
+
+
+# --------------------------------------------------------------------------- SASS
+
+
+def sass(cubin: bytes) -> list[tuple[int, str, str]]:
+    """(address, mnemonic, instruction) of a cubin, through the bundled cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return [(int(m.group(1), 16), m.group(3).split(".")[0], m.group(2))
+            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)[^;]*);", text)]
+
+
+def hottest_loop(ins) -> dict:
+    """Instruction classes of the largest backward-branch loop (the per-block loop of a kernel); the whole
+    kernel (loop 0) when it has no loop of 64 instructions or more."""
+    at = {a: i for i, (a, _, _) in enumerate(ins)}
+    best = (0, 0)
+    for i, (a, op, text) in enumerate(ins):
+        target = re.search(r"0x([0-9a-f]+)", text) if op == "BRA" else None
+        if target and int(target.group(1), 16) < a and int(target.group(1), 16) in at:
+            best = max(best, (i + 1 - at[int(target.group(1), 16)], at[int(target.group(1), 16)]))
+    n, start = best if best[0] >= 64 else (0, 0)
+    ops = collections.Counter(op for _, op, _ in ins[start:start + n] if n) or collections.Counter(op for _, op, _ in ins)
+    return {"loop": n, "MUFU": ops["MUFU"], "HMMA": ops["HMMA"], "LDG": ops["LDG"] + ops["LDGSTS"],
+            "STS+LDS": ops["STS"] + ops["LDS"] + ops["LDSM"], "int ALU": sum(ops[k] for k in (
+                "IMAD", "IADD3", "LEA", "LOP3", "SHF", "PRMT", "VIADD", "ISETP", "SEL", "IMNMX")),
+            "fp ALU": sum(ops[k] for k in ("FFMA", "FMUL", "FADD", "FSETP", "FSEL", "FMNMX", "F2FP"))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--group", choices=list(GROUPS), action="append", help="default: all")
+    ap.add_argument("--sass", action="store_true", help="count the SASS of each kernel's hottest loop")
+    args = ap.parse_args()
+    failed = 0
+    for group in args.group or list(GROUPS):
+        for name, call in GROUPS[group]():
+            with recording() as launches:
+                call()
+            for fn, a, kw in launches:
+                row = {"group": group, "variant": name, "kernel": fn.fn.__name__}
+                t = time.perf_counter()
+                try:
+                    c = compile_launch(fn, a, kw)
+                    row.update(ok=True, seconds=round(time.perf_counter() - t, 1), shared_bytes=c.metadata.shared)
+                    if args.sass:
+                        row.update(hottest_loop(sass(c.asm["cubin"])))
+                except Exception as e:  # noqa: BLE001 (report every variant, then fail)
+                    failed += 1
+                    row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+                print(json.dumps(row), flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
