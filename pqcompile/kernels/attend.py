@@ -23,14 +23,13 @@ log = logging.getLogger(__name__)
 # Attention launch: tuned on the GPU over ATTN_TUNE_SPACE (per shape class and length bucket, see _tune), else the
 # fixed config below (interpreter, group_size < 32, or autotune=False). ablate != 0 gives wrong results on
 # purpose: timing of the kernel with one stage left out (bench only).
+# tune_alt_sub_byte: per-pair byte loads of sub-byte codes join the tuned space (v7: off until run on a GPU).
 ATTN_CONFIG = {"autotune": True, "block_n": 64, "split_dot": True, "programs_per_sm": 2, "num_warps": 4,
-               "num_stages": 3, "alt_code_load": False, "ablate": 0,
-               "tune_alt_sub_byte": False}  # per-pair byte loads of sub-byte codes: tuned once run on a GPU (NOTES v7)
+               "num_stages": 3, "alt_code_load": False, "ablate": 0, "tune_alt_sub_byte": False}
 ATTN_TUNE_SPACE = [  # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, ALT_CODE_LOAD)
     (64, True, 2, 4, 3, False), (64, False, 2, 4, 3, False), (64, True, 4, 4, 3, False), (128, True, 2, 4, 3, False),
     (32, True, 4, 4, 3, False), (32, True, 8, 2, 4, False), (64, True, 8, 4, 3, False),
 ]
-# codes narrower than a byte also try the other way to load them (load_codes' ALT): same results
 
 
 LAST_CONFIG = [None]  # the config the last tuned attention call used (bench reports it)
@@ -238,6 +237,7 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
         key = (length is None, (Tc + L).bit_length(), n_prog.bit_length(), P, NB, codec.radius_bits, G, block_m,
                block_dv, has_mask, mask_bool, causal, bool(softcap), q.dtype, v.dtype, tail.dtype)
         LAST_CONFIG[0] = _tune(key, launch, space)
+        part.clear()  # partials the tuner allocated on its side stream: this launch allocates on the caller's
         launch(LAST_CONFIG[0])
     else:
         block_n = min(G, cfg["block_n"], max(16, 8192 // block_p))
