@@ -3,6 +3,7 @@ and a GPU compile rejects shows here, and the SASS can be read without device ti
 
     python bench/compile_kernels.py                          # every group, one line per launch variant
     python bench/compile_kernels.py --group attention --sass # + SASS counts of each kernel's hottest loop
+    python bench/compile_kernels.py --hash                   # + a hash of each SASS: did a refactor change it?
 
 The host wrappers run on CPU tensors of real shapes with the kernel launches recorded instead of executed
 (the wrappers believe they are on a GPU: fast trig, tensor-core dtypes, 132 SMs); each recorded launch is
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -28,15 +30,15 @@ os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be real JIT functio
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import native_specialize_impl  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import BaseBackend, GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import native_specialize_impl
 
-from pqcompile import codec as ref  # noqa: E402
-from pqcompile import kernels  # noqa: E402
-from pqcompile.kernels import attend, common  # noqa: E402
+from pqcompile import codec as ref
+from pqcompile import kernels
+from pqcompile.kernels import attend, common
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMS = 132  # H200
@@ -209,6 +211,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--group", choices=list(GROUPS), action="append", help="default: all")
     ap.add_argument("--sass", action="store_true", help="count the SASS of each kernel's hottest loop")
+    ap.add_argument("--hash", action="store_true", help="sha1 of each launch's SASS (compare two revisions)")
     args = ap.parse_args()
     failed = 0
     for group in args.group or list(GROUPS):
@@ -221,8 +224,12 @@ def main() -> None:
                 try:
                     c = compile_launch(fn, a, kw)
                     row.update(ok=True, seconds=round(time.perf_counter() - t, 1), shared_bytes=c.metadata.shared)
-                    if args.sass:
-                        row.update(hottest_loop(sass(c.asm["cubin"])))
+                    if args.sass or args.hash:
+                        ins = sass(c.asm["cubin"])
+                        if args.sass:
+                            row.update(hottest_loop(ins))
+                        if args.hash:
+                            row["sass_sha1"] = hashlib.sha1("\n".join(t for _, _, t in ins).encode()).hexdigest()[:12]
                 except Exception as e:  # noqa: BLE001 (report every variant, then fail)
                     failed += 1
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
