@@ -84,7 +84,7 @@ def compile_launch(fn, args, kwargs):
     """Specialize one recorded launch the way Triton's JIT does, then compile it for sm_90."""
     kwargs = dict(kwargs)
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-    values = list(args) + [kwargs[p.name] for p in fn.params[len(args):]]
+    values = list(args) + [kwargs[p.name] if p.name in kwargs else p.default for p in fn.params[len(args):]]
     signature, constexprs, attrs = {}, {}, {}
     for i, (p, v) in enumerate(zip(fn.params, values)):
         if p.is_constexpr:
