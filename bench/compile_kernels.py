@@ -113,10 +113,9 @@ def attention_calls():
                    causal=False, cfg=None):
         def call():
             c = codec(bits)
-            data = ref.empty(c, B, H, D, dtype, "cpu")
             codes = torch.zeros(B, H, T // 128 * 128, c.code_bytes(D), dtype=torch.uint8)
             params = torch.zeros(B, H, T // 128, 4, D // 2, dtype=B16)
-            tail = torch.zeros(B, H, T % 128 + data.tail.shape[2], D, dtype=dtype)
+            tail = torch.zeros(B, H, T % 128 + ref.TAIL_PAD, D, dtype=dtype)
             q, v = torch.zeros(B, Hq, S, D, dtype=dtype), torch.zeros(B, H, T, D, dtype=dtype)
             m = None if mask is None else (torch.ones(B, 1, S, T, dtype=torch.bool) if mask == "bool"
                                             else torch.zeros(B, Hq, S, T, dtype=torch.float32))
@@ -128,10 +127,10 @@ def attention_calls():
     def static_call(B=1, Hq=32, H=8, cap=8192, D=128, S=1):
         def call():
             c = codec()
-            kernels.static_attention(torch.zeros(B, Hq, S, D, dtype=B16),
-                                     torch.zeros(B, H, cap, c.code_bytes(D), dtype=torch.uint8),
-                                     torch.zeros(B, H, cap // 128, 4, D // 2, dtype=B16), torch.zeros(B, H, 128, D, dtype=B16),
-                                     torch.tensor([1000]), torch.zeros(B, H, cap, D, dtype=B16), c, is_causal=S > 1)
+            codes = torch.zeros(B, H, cap, c.code_bytes(D), dtype=torch.uint8)
+            params, ring = torch.zeros(B, H, cap // 128, 4, D // 2, dtype=B16), torch.zeros(B, H, 128, D, dtype=B16)
+            kernels.static_attention(torch.zeros(B, Hq, S, D, dtype=B16), codes, params, ring, torch.tensor([1000]),
+                                     torch.zeros(B, H, cap, D, dtype=B16), c, is_causal=S > 1)
         return call
 
     yield "4+4 bf16 D128 (default config)", dense_call()
@@ -163,9 +162,9 @@ def write_calls():
     def call(S, bits=(4, 4), dtype=B16):
         def run():
             c, cap = codec(bits), 1024
-            kernels.static_write(torch.zeros(1, 8, cap, c.code_bytes(128), dtype=torch.uint8),
-                                 torch.zeros(1, 8, cap // 128, 4, 64, dtype=B16), torch.zeros(1, 8, 128, 128, dtype=dtype),
-                                 torch.tensor([300]), torch.zeros(1, 8, S, 128, dtype=dtype),
+            codes = torch.zeros(1, 8, cap, c.code_bytes(128), dtype=torch.uint8)
+            params, ring = torch.zeros(1, 8, cap // 128, 4, 64, dtype=B16), torch.zeros(1, 8, 128, 128, dtype=dtype)
+            kernels.static_write(codes, params, ring, torch.tensor([300]), torch.zeros(1, 8, S, 128, dtype=dtype),
                                  torch.arange(300, 300 + S), c)
         return run
     yield "static write, one token", call(1)
@@ -200,7 +199,7 @@ def hottest_loop(ins) -> dict:
         if target and int(target.group(1), 16) < a and int(target.group(1), 16) in at:
             best = max(best, (i + 1 - at[int(target.group(1), 16)], at[int(target.group(1), 16)]))
     n, start = best if best[0] >= 64 else (0, 0)
-    ops = collections.Counter(op for _, op, _ in ins[start:start + n] if n) or collections.Counter(op for _, op, _ in ins)
+    ops = collections.Counter(op for _, op, _ in (ins[start:start + n] if n else ins))
     return {"loop": n, "MUFU": ops["MUFU"], "HMMA": ops["HMMA"], "LDG": ops["LDG"] + ops["LDGSTS"],
             "STS+LDS": ops["STS"] + ops["LDS"] + ops["LDSM"], "int ALU": sum(ops[k] for k in (
                 "IMAD", "IADD3", "LEA", "LOP3", "SHF", "PRMT", "VIADD", "ISETP", "SEL", "IMNMX")),
