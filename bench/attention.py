@@ -27,9 +27,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pqcompile import codec as ref
 from pqcompile import kernels
 
-SCRIPT_VERSION = 7  # 4: parallel split reduction, exact fp32 dots; 5: byte-plane code loads tuned for 3+3;
+SCRIPT_VERSION = 8  # 4: parallel split reduction, exact fp32 dots; 5: byte-plane code loads tuned for 3+3;
 # 6: tuner on CUDA-graph time, encode timed on GPU time too, encode / one-token static write tile sweep;
-# 7: per-pair byte loads tuned for sub-byte codes (2+2)
+# 7: per-pair byte loads tuned for sub-byte codes (2+2); 8: register-capped configs (maxnreg) in the tuned space,
+# bin centres as one FFMA from the code's bits, --bits
 DEFAULT_CONFIG = dict(kernels.ATTN_CONFIG)
 BITS = [(4, 4), (3, 3), (2, 2)]
 MAIN = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (8, 32768), (8, 131072), (32, 32768)]
@@ -91,11 +92,11 @@ def check(log: list) -> bool:
         kw = {"mask": mask, "is_causal": causal, "softcap": softcap}
         o_r = ref.attention(q, rd, T, v, c, **kw)
         if len(log) == 0:  # every config of the tuning space, fixed, on the first case
-            for bn, sd, pps, w, st, alt in kernels.ATTN_TUNE_SPACE:
+            for bn, sd, pps, w, st, alt, mr in kernels.ATTN_TUNE_SPACE:
                 kernels.ATTN_CONFIG.update(autotune=False, block_n=bn, split_dot=sd, programs_per_sm=pps,
-                                           num_warps=w, num_stages=st, alt_code_load=alt)
+                                           num_warps=w, num_stages=st, alt_code_load=alt, maxnreg=mr)
                 e = (kernels.attention(q, rd, T, v, c, **kw).float() - o_r.float()).norm() / o_r.float().norm()
-                print(f"  config {bn, sd, pps, w, st, alt}: err={e.item():.2e}", flush=True)
+                print(f"  config {bn, sd, pps, w, st, alt, mr}: err={e.item():.2e}", flush=True)
                 ok &= e.item() < 2e-2
             kernels.ATTN_CONFIG.update(DEFAULT_CONFIG)
         if c.code_bits != 8:  # the alternative code load of this width, fixed (the tuner may not pick it here)
@@ -276,8 +277,11 @@ def main() -> None:
                     help="let the tuner try per-pair byte loads for sub-byte codes (2+2; v7, unverified on a GPU)")
     ap.add_argument("--shapes", choices=["all", "main", "extra", "none"], default="all",
                     help="which rows of the table (main: Hq 32 / Hkv 8 / D 128; extra: D 64 and D 256 MQA)")
+    ap.add_argument("--bits", nargs="+", default=[f"{r}+{a}" for r, a in BITS],
+                    help="polar widths timed per row (radius+angle), default: 4+4 3+3 2+2")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
+    bits = [tuple(int(x) for x in b.split("+")) for b in args.bits]
     import triton
     from tabulate import tabulate
 
@@ -305,7 +309,7 @@ def main() -> None:
             save()
     if args.tune:
         base = {"autotune": False, "block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
-                "split_dot": True, "alt_code_load": False, "ablate": 0}
+                "split_dot": True, "alt_code_load": False, "maxnreg": None, "ablate": 0}
         variants = {"": {}, "_join": {"split_dot": False}, "_p4": {"programs_per_sm": 4},
                     "_n128": {"block_n": 128}, "_n32p4": {"block_n": 32, "programs_per_sm": 4},
                     "_n32p8w2": {"block_n": 32, "programs_per_sm": 8, "num_warps": 2, "num_stages": 4},
@@ -324,7 +328,7 @@ def main() -> None:
         shapes = ([(32, 8, 128, B, T) for B, T in MAIN] if args.shapes in ("all", "main") else []) + (
             EXTRA if args.shapes in ("all", "extra") else [])
         for Hq, H, D, B, T in shapes:
-            rows.append(time_shape(Hq, H, D, B, T, bw, graphs=True))
+            rows.append(time_shape(Hq, H, D, B, T, bw, graphs=True, bits=bits))
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
             save()
         cols = ["dense_best_us", "polar44_us", "polar44_ratio", "polar44_floor_frac", "polar33_ratio", "polar22_ratio",

@@ -83,7 +83,7 @@ def recording():
 def compile_launch(fn, args, kwargs):
     """Specialize one recorded launch the way Triton's JIT does, then compile it for sm_90."""
     kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     values = list(args) + [kwargs[p.name] if p.name in kwargs else p.default for p in fn.params[len(args):]]
     signature, constexprs, attrs = {}, {}, {}
     for i, (p, v) in enumerate(zip(fn.params, values)):
@@ -135,8 +135,9 @@ def attention_calls():
 
     yield "4+4 bf16 D128 (default config)", dense_call()
     for tuned in attend.ATTN_TUNE_SPACE:
-        bn, sd, pps, w, st, alt = tuned
-        cfg = dict(block_n=bn, split_dot=sd, programs_per_sm=pps, num_warps=w, num_stages=st, alt_code_load=alt)
+        bn, sd, pps, w, st, alt, mr = tuned
+        cfg = dict(block_n=bn, split_dot=sd, programs_per_sm=pps, num_warps=w, num_stages=st, alt_code_load=alt,
+                   maxnreg=mr)
         yield f"4+4 tuned {tuned}", dense_call(cfg=cfg)
     for bits in ((3, 3), (2, 2), (4, 3), (2, 3), (1, 1)):
         for alt in (False, True):
@@ -201,7 +202,7 @@ def hottest_loop(ins) -> dict:
     n, start = best if best[0] >= 64 else (0, 0)
     ops = collections.Counter(op for _, op, _ in (ins[start:start + n] if n else ins))
     return {"loop": n, "MUFU": ops["MUFU"], "HMMA": ops["HMMA"], "LDG": ops["LDG"] + ops["LDGSTS"],
-            "STS+LDS": ops["STS"] + ops["LDS"] + ops["LDSM"], "int ALU": sum(ops[k] for k in (
+            "STS+LDS": ops["STS"] + ops["LDS"] + ops["LDSM"], "LDL+STL": ops["LDL"] + ops["STL"], "int ALU": sum(ops[k] for k in (
                 "IMAD", "IADD3", "LEA", "LOP3", "SHF", "PRMT", "VIADD", "ISETP", "SEL", "IMNMX")),
             "fp ALU": sum(ops[k] for k in ("FFMA", "FMUL", "FADD", "FSETP", "FSEL", "FMNMX", "F2FP"))}
 

@@ -25,10 +25,17 @@ log = logging.getLogger(__name__)
 # purpose: timing of the kernel with one stage left out (bench only).
 # tune_alt_sub_byte: per-pair byte loads of sub-byte codes join the tuned space (v7: off until run on a GPU).
 ATTN_CONFIG = {"autotune": True, "block_n": 64, "split_dot": True, "programs_per_sm": 2, "num_warps": 4,
-               "num_stages": 3, "alt_code_load": False, "ablate": 0, "tune_alt_sub_byte": False}
-ATTN_TUNE_SPACE = [  # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, ALT_CODE_LOAD)
-    (64, True, 2, 4, 3, False), (64, False, 2, 4, 3, False), (64, True, 4, 4, 3, False), (128, True, 2, 4, 3, False),
-    (32, True, 4, 4, 3, False), (32, True, 8, 2, 4, False), (64, True, 8, 4, 3, False),
+               "num_stages": 3, "alt_code_load": False, "maxnreg": None, "ablate": 0, "tune_alt_sub_byte": False}
+# (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, ALT_CODE_LOAD, maxnreg). Left alone, ptxas gives the 4+4 kernel
+# ~240 registers a thread: two programs of 4 warps per SM. maxnreg caps it (a few spills) for 3 (168) or 4 (128)
+# resident programs (2 of 8 warps); PPS sizes the grid to match.
+ATTN_TUNE_SPACE = [
+    (64, True, 2, 4, 3, False, None), (64, False, 2, 4, 3, False, None), (64, True, 4, 4, 3, False, None),
+    (128, True, 2, 4, 3, False, None), (32, True, 4, 4, 3, False, None), (32, True, 8, 2, 4, False, None),
+    (64, True, 8, 4, 3, False, None),
+    (64, True, 3, 4, 3, False, 168), (64, True, 6, 4, 3, False, 168), (64, True, 4, 4, 3, False, 128),
+    (32, True, 3, 4, 3, False, 168), (32, True, 6, 4, 3, False, 168), (32, True, 4, 4, 3, False, 128),
+    (32, True, 8, 4, 3, False, 128), (64, True, 2, 8, 3, False, 128),
 ]
 
 
@@ -41,7 +48,7 @@ def tune_space(G: int, block_p: int, W: int) -> list[tuple]:
     straddle bytes also try byte planes; sub-byte codes try per-pair bytes only when tune_alt_sub_byte is set."""
     space = [c for c in ATTN_TUNE_SPACE if c[0] <= G and c[0] * block_p <= 8192]
     if 8 % W or (W < 8 and ATTN_CONFIG["tune_alt_sub_byte"]):
-        space += [c[:5] + (True,) for c in space]
+        space += [c[:5] + (True,) + c[6:] for c in space]
     return space
 
 
@@ -208,7 +215,7 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
     part = {}
 
     def launch(c):
-        block_n, split_dot, pps, warps, stages, alt = c
+        block_n, split_dot, pps, warps, stages, alt, maxnreg = c
         splits = n_splits(block_n, pps)
         if splits > 1 and part.get("n", 0) < splits:
             part.update(n=splits, o=common.alloc((n_prog * splits * block_m * block_dv,), torch.float32, q.device),
@@ -225,6 +232,7 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
             LEN_DEVICE=length is not None, PREC="ieee" if torch.float32 in (q.dtype, v.dtype) else "tf32",
             CB=W // math.gcd(W, 8),
             BLOCK_N=block_n, SPLIT_DOT=split_dot, PPS=pps, ALT=alt, num_warps=warps, num_stages=stages,
+            **({"maxnreg": maxnreg} if maxnreg else {}),
         )
         if splits > 1:
             polar_attn_reduce_kernel[(n_prog, min(block_m, rows))](
@@ -242,5 +250,5 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
     else:
         block_n = min(G, cfg["block_n"], max(16, 8192 // block_p))
         launch((block_n, cfg["split_dot"], cfg["programs_per_sm"], cfg["num_warps"], cfg["num_stages"],
-                cfg["alt_code_load"] and W != 8))
+                cfg["alt_code_load"] and W != 8, cfg["maxnreg"]))
     return out

@@ -32,9 +32,14 @@ def cos_sin(phi, FAST: tl.constexpr):
 
 
 @triton.jit
-def half_up(c):
-    """int32 c in [0, 2^23) -> float32 c + 0.5 exactly, on the integer ALU (I2F is a quarter-rate op)."""
-    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388607.5
+def bin_unit(code, SHIFT: tl.constexpr, BITS: tl.constexpr):
+    """The BITS-bit field of int32 `code` at bit SHIFT -> float32 1 + (field + 0.5) / 2^BITS, exactly, in two
+    integer ops (the field placed in the top mantissa bits, the half bit set; I2F is a quarter-rate op)."""
+    if SHIFT > 23 - BITS:
+        f = (code >> (SHIFT - (23 - BITS))) & (((1 << BITS) - 1) << (23 - BITS))
+    else:
+        f = (code << ((23 - BITS) - SHIFT)) & (((1 << BITS) - 1) << (23 - BITS))
+    return (f | (0x3F800000 | (1 << (22 - BITS)))).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -196,17 +201,18 @@ def polar_attn_fwd_kernel(
         t0 = blk * BLOCK_N
         tt = t0 + offs_n
         pg = Pbase + (t0 // G).to(tl.int64) * sp_g
-        r_min = tl.load(pg, mask=jmask, other=0.0).to(tl.float32)
-        r_s = tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32)
-        a_min = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32)
-        a_s = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32)
+        # bin centre min + (c + 0.5) * step = u * (2^bits * step) + (min - 2^bits * step), u = bin_unit(c)
+        r_w = tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << RB)
+        r_0 = tl.load(pg, mask=jmask, other=0.0).to(tl.float32) - r_w
+        a_w = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << AB)
+        a_0 = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32) - a_w
         if ABLATE == 2:  # timing only: no code stream
             code = tl.zeros([BLOCK_N, BLOCK_P], tl.int32) + offs_n[:, None]
         else:
             raw = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, t0 >= 0, NB, W, BLOCK_P, ALT, CB)
             code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P, ALT, CB)
-        rad = r_min[None, :] + half_up(code & ((1 << RB) - 1)) * r_s[None, :]
-        phi = a_min[None, :] + half_up(code >> RB) * a_s[None, :]
+        rad = bin_unit(code, 0, RB) * r_w[None, :] + r_0[None, :]
+        phi = bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :]
         if ABLATE == 1:  # timing only: no trig
             c, s = phi, rad
         else:

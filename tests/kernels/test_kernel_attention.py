@@ -70,6 +70,17 @@ def test_alternative_code_loads(monkeypatch, bits, D, poisoned):
     run_case(1, 4, 2, 45, D, 1, bits=bits, splits=2, seed=sum(bits) + D)
 
 
+@pytest.mark.parametrize("config", attend.ATTN_TUNE_SPACE, ids=str)
+def test_every_tuned_config(monkeypatch, config, poisoned):
+    """Each launch config the tuner may pick, fixed: block sizes, split heuristic, register caps (maxnreg)."""
+    bn, sd, pps, w, st, alt, mr = config
+    monkeypatch.setitem(kernels.ATTN_CONFIG, "autotune", False)
+    for k, val in dict(block_n=bn, split_dot=sd, programs_per_sm=pps, num_warps=w, num_stages=st,
+                       alt_code_load=alt, maxnreg=mr).items():
+        monkeypatch.setitem(kernels.ATTN_CONFIG, k, val)
+    run_case(1, 8, 2, 2 * bn + 77, 128, 1, G=128, seed=bn + pps)
+
+
 @pytest.mark.parametrize("mask", ["bool", "pad", "float"])
 @pytest.mark.parametrize("S", [1, 4])
 def test_masks(mask, S, poisoned):
