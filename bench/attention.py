@@ -56,7 +56,8 @@ def copy_bandwidth() -> float:
 # --------------------------------------------------------------------------- correctness
 
 
-def check(log: list) -> bool:
+def check(log: list, first_only: bool = False) -> bool:
+    """Kernels vs the reference at real shapes; first_only: the first case (every tuned config) only."""
     torch.manual_seed(0)
     ok = True
     cases = [  # B, Hq, Hkv, T, D, S, bits, pairing, v_heads, mask, causal, softcap, dtype
@@ -68,7 +69,7 @@ def check(log: list) -> bool:
         (1, 12, 4, 1000, 96, 1, (4, 4), "half", 4, None, False, None, torch.float32),
         (2, 16, 2, 127, 128, 16, (4, 4), "half", 2, "bool", True, None, torch.bfloat16),
     ]
-    for B, Hq, H, T, D, S, bits, pairing, vh, mk, causal, softcap, dt in cases:
+    for B, Hq, H, T, D, S, bits, pairing, vh, mk, causal, softcap, dt in cases[:1] if first_only else cases:
         c = ref.Codec(*bits, 128, ref.Pairing.parse(pairing))
         keys = torch.randn(B, H, T, D, device="cuda", dtype=dt)
         kd = kernels.append(ref.empty(c, B, H, D, dt, "cuda"), 0, keys, c)
@@ -279,18 +280,22 @@ def main() -> None:
                     help="which rows of the table (main: Hq 32 / Hkv 8 / D 128; extra: D 64 and D 256 MQA)")
     ap.add_argument("--bits", nargs="+", default=[f"{r}+{a}" for r, a in BITS],
                     help="polar widths timed per row (radius+angle), default: 4+4 3+3 2+2")
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="rows to time, as BxTk (any head dim) or BxTk/Dd, e.g. 8x32k 1x32k/D256")
+    ap.add_argument("--quick-check", action="store_true",
+                    help="check only the first case (every tuned config); skips most cold compiles")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     bits = [tuple(int(x) for x in b.split("+")) for b in args.bits]
     import triton
     from tabulate import tabulate
 
+    kernels.ATTN_CONFIG["tune_alt_sub_byte"] = DEFAULT_CONFIG["tune_alt_sub_byte"] = args.alt_sub_byte
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta = {"script_version": SCRIPT_VERSION, "date": now, "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "triton": triton.__version__, "attn_config": dict(kernels.ATTN_CONFIG)}
-    kernels.ATTN_CONFIG["tune_alt_sub_byte"] = DEFAULT_CONFIG["tune_alt_sub_byte"] = args.alt_sub_byte
     checks: list = []
-    ok = check(checks)
+    ok = check(checks, args.quick_check)
     bw = copy_bandwidth()
     meta["copy_bandwidth_TBps"] = bw * 1e-12
     print(f"copy bandwidth {bw * 1e-12:.2f} TB/s; correctness {'OK' if ok else 'FAILED'}", flush=True)
@@ -327,6 +332,10 @@ def main() -> None:
     else:
         shapes = ([(32, 8, 128, B, T) for B, T in MAIN] if args.shapes in ("all", "main") else []) + (
             EXTRA if args.shapes in ("all", "extra") else [])
+        if args.only:
+            def label(Hq, H, D, B, T):
+                return {f"{B}x{T // 1024}k", f"{B}x{T // 1024}k/D{D}"}
+            shapes = [s for s in shapes if label(*s) & set(args.only)]
         for Hq, H, D, B, T in shapes:
             rows.append(time_shape(Hq, H, D, B, T, bw, graphs=True, bits=bits))
             print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
