@@ -190,6 +190,16 @@ def sass(cubin: bytes) -> list[tuple[int, str, str]]:
             for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)[^;]*);", text)]
 
 
+def registers(cubin: bytes) -> int:
+    """Registers per thread of a cubin's kernel (what sets how many programs fit an SM)."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", text).group(1))
+
+
 def hottest_loop(ins) -> dict:
     """Instruction classes of the largest backward-branch loop (the per-block loop of a kernel); the whole
     kernel (loop 0) when it has no loop of 64 instructions or more."""
@@ -223,7 +233,8 @@ def main() -> None:
                 t = time.perf_counter()
                 try:
                     c = compile_launch(fn, a, kw)
-                    row.update(ok=True, seconds=round(time.perf_counter() - t, 1), shared_bytes=c.metadata.shared)
+                    row.update(ok=True, seconds=round(time.perf_counter() - t, 1), shared_bytes=c.metadata.shared,
+                               registers=registers(c.asm["cubin"]), maxnreg=kw.get("maxnreg"))
                     if args.sass or args.hash:
                         ins = sass(c.asm["cubin"])
                         if args.sass:
