@@ -84,7 +84,7 @@ def compile_launch(fn, args, kwargs):
     """Specialize one recorded launch the way Triton's JIT does, then compile it for sm_90."""
     kwargs = dict(kwargs)
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
-    values = list(args) + [kwargs[p.name] if p.name in kwargs else p.default for p in fn.params[len(args):]]
+    values = list(args) + [kwargs.get(p.name, p.default) for p in fn.params[len(args):]]
     signature, constexprs, attrs = {}, {}, {}
     for i, (p, v) in enumerate(zip(fn.params, values)):
         if p.is_constexpr:
@@ -136,8 +136,8 @@ def attention_calls():
     yield "4+4 bf16 D128 (default config)", dense_call()
     for tuned in attend.ATTN_TUNE_SPACE:
         bn, sd, pps, w, st, alt, mr = tuned
-        cfg = dict(block_n=bn, split_dot=sd, programs_per_sm=pps, num_warps=w, num_stages=st, alt_code_load=alt,
-                   maxnreg=mr)
+        cfg = {"block_n": bn, "split_dot": sd, "programs_per_sm": pps, "num_warps": w, "num_stages": st,
+               "alt_code_load": alt, "maxnreg": mr}
         yield f"4+4 tuned {tuned}", dense_call(cfg=cfg)
     for bits in ((3, 3), (2, 2), (4, 3), (2, 3), (1, 1)):
         for alt in (False, True):

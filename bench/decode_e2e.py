@@ -102,11 +102,11 @@ def cudagraph_nodes_recorded() -> int | None:
 
 def build(args) -> transformers.PreTrainedModel:
     if args.tiny:
-        cfg = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
-                   vocab_size=512)
+        cfg = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2,
+               "vocab_size": 512}
     else:  # Llama-3-8B shape
-        cfg = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                   vocab_size=128256, rope_theta=500000.0)
+        cfg = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+               "vocab_size": 128256, "rope_theta": 500000.0}
     config = transformers.LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=131072,
                                       attn_implementation="sdpa", eos_token_id=None, **cfg)
     torch.manual_seed(0)

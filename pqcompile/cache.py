@@ -81,7 +81,7 @@ class PolarKeys(torch.Tensor):
     @classmethod
     def from_dense(cls, keys: torch.Tensor, codec: Codec) -> PolarKeys:
         """keys [B, H, T, D] (post-RoPE) -> compressed. Traceable: this is what the prefill rewrite calls."""
-        B, H, T, D = keys.shape
+        B, H, _T, D = keys.shape
         codes, params, tail = ref.empty(codec, B, H, D, keys.dtype, keys.device)
         inner = ops.append(codes, ops.flat(params), tail, keys, 0, *ops.codec_args(codec))
         return cls(*inner, codec, keys.shape)

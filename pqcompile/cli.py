@@ -57,12 +57,12 @@ def _generate_demo(args: argparse.Namespace) -> list[list]:
     top1 = (logits["eager"].argmax(-1) == logits["polarquant"].argmax(-1)).float().mean().item()
     held = sum(k.nbytes_held() for k in keys)
     dense = sum(k.numel() * k.element_size() for k in keys)  # the model's own dense keys (fp32 here)
-    return [["attention sites rewritten", f"{counters.totals['sites_rewritten']} "
+    return [["attention sites rewritten", (f"{counters.totals['sites_rewritten']} "
              f"({counters.totals['rewritten_prefill']} prefill, {counters.totals['rewritten_decode']} decode) "
-             f"in {counters.totals['graphs']} graphs, {counters.totals['sites_declined']} declined"],
+             f"in {counters.totals['graphs']} graphs, {counters.totals['sites_declined']} declined")],
             ["cache key type", type(cache.layers[0].keys).__name__ + f" x{len(keys)} layers"],
-            [f"key bytes held vs dense {keys[0].dtype}", f"{held / dense:.3f}x ({held} B vs {dense} B at "
-                                                      f"T={keys[0].shape[2]}; the tail stays {keys[0].dtype})"],
+            [f"key bytes held vs dense {keys[0].dtype}", (f"{held / dense:.3f}x ({held} B vs {dense} B at "
+                                                      f"T={keys[0].shape[2]}; the tail stays {keys[0].dtype})")],
             ["logits cosine vs eager", f"{cos:.4f} ({args.steps} teacher-forced decode steps)"],
             ["top-1 agreement vs eager", f"{top1:.1%}"]]
 

@@ -112,7 +112,7 @@ def attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tail: 
     """
     c = _codec(radius_bits, angle_bits, group_size, pairing)
     data = PolarData(codes, unflat(params), tail)
-    kwargs = dict(mask=mask, scale=scale, softcap=softcap if softcap > 0 else None, is_causal=is_causal)
+    kwargs = {"mask": mask, "scale": scale, "softcap": softcap if softcap > 0 else None, "is_causal": is_causal}
     if _use_kernels(q):
         from . import kernels
 

@@ -160,10 +160,10 @@ def render_summary(data: dict[str, Any]) -> str:
     cfg, t, g = data["config"], data["totals"], data["graph"]
     lines = [f"polarquant report · graph {data['compile_id']} ({g['kind']}) · torch {data['versions']['torch']}",
              one_line(data),
-             f"config: {cfg['radius_bits']}+{cfg['angle_bits']} bits, group {cfg['group_size']}, pairing "
-             f"{cfg['pairing']}, backend {cfg['backend']}, verify {cfg['verify']} (on_mismatch {cfg['on_mismatch']})",
-             f"graph: {g['nodes_before']} -> {g['nodes_after']} nodes; added {', '.join(g['added']) or '-'}; "
-             f"removed {', '.join(g['removed']) or '-'}", "", "Attention sites"]
+             (f"config: {cfg['radius_bits']}+{cfg['angle_bits']} bits, group {cfg['group_size']}, pairing "
+             f"{cfg['pairing']}, backend {cfg['backend']}, verify {cfg['verify']} (on_mismatch {cfg['on_mismatch']})"),
+             (f"graph: {g['nodes_before']} -> {g['nodes_after']} nodes; added {', '.join(g['added']) or '-'}; "
+             f"removed {', '.join(g['removed']) or '-'}"), "", "Attention sites"]
     rows = [[f["index"], f["module"], f["kind"] or "-", f["kv_append"] or "-",
              f"{f['pairing'] or '-'} ({f['pairing_source'] or '-'})", f["gqa"],
              _bits(f),

@@ -50,11 +50,11 @@ def render_html(data: dict[str, Any], before: str, after: str) -> str:
     """diff.html: standalone (inline CSS, no scripts, no external assets)."""
     esc = html.escape
     g = data["graph"]
-    out = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>polarquant {esc(data['compile_id'])}"
-           f"</title><style>{_CSS}</style></head><body>",
+    out = [(f"<!doctype html><html lang=en><head><meta charset=utf-8><title>polarquant {esc(data['compile_id'])}"
+           f"</title><style>{_CSS}</style></head><body>"),
            f"<h1>polarquant · graph {esc(data['compile_id'])} ({esc(g['kind'])})</h1><p>{esc(one_line(data))}</p>",
-           "<h2>Attention sites</h2><table><tr><th>#</th><th>module</th><th>kind</th><th>KV-append</th>"
-           "<th>pairing</th><th>GQA</th><th>bits</th><th>status</th><th>nodes</th><th>verify</th></tr>"]
+           ("<h2>Attention sites</h2><table><tr><th>#</th><th>module</th><th>kind</th><th>KV-append</th>"
+           "<th>pairing</th><th>GQA</th><th>bits</th><th>status</th><th>nodes</th><th>verify</th></tr>")]
     for f in data["sites"]:
         nodes = [f'<a href="#{side}-{esc(n)}">{esc(n)}</a>' for side in ("after", "before")
                  for n, i in g["added" if side == "after" else "removed"].items() if i == f["index"]]
@@ -97,9 +97,9 @@ def render_html(data: dict[str, Any], before: str, after: str) -> str:
             rows.append(f"<tr>{left}{right}</tr>")
         if op == "equal" and len(rows) > 2 * _CONTEXT + 2:  # fold unchanged runs (no anchors live in them)
             hidden = rows[_CONTEXT:-_CONTEXT]
-            rows[_CONTEXT:-_CONTEXT] = [f'<tr><td colspan="4" class="fold"><details><summary>{len(hidden)} unchanged '
+            rows[_CONTEXT:-_CONTEXT] = [(f'<tr><td colspan="4" class="fold"><details><summary>{len(hidden)} unchanged '
                                         f'lines</summary><table class="diff">{_COLS}{"".join(hidden)}</table>'
-                                        '</details></td></tr>']
+                                        '</details></td></tr>')]
         out.extend(rows)
     out.append("</table></body></html>")
     return "\n".join(out)

@@ -237,8 +237,8 @@ def test_cli_report_shows_the_latest_run(reports, tmp_path, capsys):
     ('{"schema": "tlparse/1"}', "is not a pqcompile report (schema 'tlparse/1'"),
     ('[1, 2]', "is not a pqcompile report"),
     ('{"schema": "pqcompile.report/1", "compile_id": "0/0"}', "is corrupt: missing config"),
-    ('{"schema": "pqcompile.report/1", "compile_id": "0/0", "config": {}, "graph": {}, "sites": [], "totals": {},'
-     ' "verify": {}}', "is corrupt: KeyError"),
+    (('{"schema": "pqcompile.report/1", "compile_id": "0/0", "config": {}, "graph": {}, "sites": [], "totals": {},'
+     ' "verify": {}}'), "is corrupt: KeyError"),
 ])
 def test_cli_report_rejects_foreign_or_corrupt_folders(tmp_path, capsys, content, message):
     if content is not None:

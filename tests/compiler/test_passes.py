@@ -64,7 +64,7 @@ def test_prefill_compresses_the_cached_key_and_keeps_dense_attention(llama_graph
 
 def test_decode_reads_the_codes(llama_graphs):
     gm = copy.deepcopy(llama_graphs[1])
-    results, found = run_all(gm, CFG)
+    _results, found = run_all(gm, CFG)
     assert [s.kind for s in found] == ["decode", "decode"]
     assert all(s.status == "rewritten" for s in found)
     targets = _targets(gm)
@@ -131,7 +131,7 @@ def test_rewrite_keeps_unused_calls_it_did_not_make_dead():
     gm = _capture(decode, *args)[0]
     nesting = [n.name for n in gm.graph.nodes if "vmap_increment_nesting" in str(n.target)]
     assert nesting
-    results, found = run_all(gm, CFG)
+    _results, found = run_all(gm, CFG)
     assert [s.status for s in found] == ["rewritten"] and _targets(gm).count(pq_cache.polar_sdpa) == 1
     assert [n.name for n in gm.graph.nodes if "vmap_increment_nesting" in str(n.target)] == nesting
     compiled = torch.compile(decode, backend="polarquant", options={"group_size": 16, "backend": "aot_eager"})

@@ -129,8 +129,8 @@ def test_left_padded_batch_matches_eager(model):
     ids = torch.randint(1, model.config.vocab_size, (2, PROMPT))
     att = torch.ones_like(ids)
     att[1, :7] = 0
-    kw = dict(attention_mask=att, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0,
-              output_logits=True, return_dict_in_generate=True)
+    kw = {"attention_mask": att, "max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False, "pad_token_id": 0,
+          "output_logits": True, "return_dict_in_generate": True}
     outs = [m.generate(ids, **cache_kw(PolarStaticCache(config=model.config, max_cache_len=MAX_LEN, group_size=G)),
                        **kw) for m in (compiled, model)]
     assert counters.totals["rewritten_static"] >= 2
@@ -146,8 +146,8 @@ def test_beam_search_keeps_the_cache_compressed(model):
     compiled = tiny_llama(layers=2, hidden=256, heads=8, kv_heads=2, qk_gain=3.0)
     compiled.compile(backend="polarquant")
     ids = torch.randint(1, model.config.vocab_size, (1, PROMPT))
-    kw = dict(num_beams=3, max_new_tokens=20, min_new_tokens=20, do_sample=False, output_scores=True,
-              return_dict_in_generate=True)
+    kw = {"num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 20, "do_sample": False, "output_scores": True,
+          "return_dict_in_generate": True}
     caches = [PolarStaticCache(config=model.config, max_cache_len=MAX_LEN, group_size=G) for _ in range(2)]
     outs = [m.generate(ids, **cache_kw(c), **kw) for m, c in zip((compiled, model), caches)]
     assert all(isinstance(layer.keys, StaticPolarKeys) for c in caches for layer in c.layers)

@@ -77,8 +77,8 @@ def test_every_tuned_config(monkeypatch, config, poisoned):
     tuner skips a config that fails to compile)."""
     bn, sd, pps, w, st, alt, mr = config
     monkeypatch.setitem(kernels.ATTN_CONFIG, "autotune", False)
-    for k, val in dict(block_n=bn, split_dot=sd, programs_per_sm=pps, num_warps=w, num_stages=st,
-                       alt_code_load=alt, maxnreg=mr).items():
+    for k, val in {"block_n": bn, "split_dot": sd, "programs_per_sm": pps, "num_warps": w, "num_stages": st,
+                   "alt_code_load": alt, "maxnreg": mr}.items():
         monkeypatch.setitem(kernels.ATTN_CONFIG, k, val)
     run_case(1, 8, 2, 2 * bn + 77, 128, 1, G=128, dtype=torch.bfloat16, seed=bn + pps)
 

@@ -19,7 +19,7 @@ PTXAS = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "
 @pytest.mark.parametrize("group", ["attention", "encode", "write"])
 def test_every_launch_compiles_for_sm90(group):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_kernels.py"), "--group", group],
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_kernels.py"), "--group", group], check=False,
                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert rows, run.stderr[-2000:]

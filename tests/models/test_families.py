@@ -88,8 +88,8 @@ def test_static_cache_left_padded_batch(name):
     ids = torch.randint(3, coverage.VOCAB, (2, 40))
     att = torch.ones_like(ids)
     att[1, :5] = 0
-    kw = dict(attention_mask=att, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0,
-              output_logits=True, return_dict_in_generate=True)
+    kw = {"attention_mask": att, "max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False, "pad_token_id": 0,
+          "output_logits": True, "return_dict_in_generate": True}
     outs = [m.generate(ids, **cache_kw(PolarStaticCache(config=m.config, max_cache_len=96, group_size=16)), **kw)
             for m in (compiled, model)]
     got, want = (torch.stack(o.logits, 1) for o in outs)
