@@ -27,10 +27,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pqcompile import codec as ref
 from pqcompile import kernels
 
-SCRIPT_VERSION = 8  # 4: parallel split reduction, exact fp32 dots; 5: byte-plane code loads tuned for 3+3;
+SCRIPT_VERSION = 9  # 4: parallel split reduction, exact fp32 dots; 5: byte-plane code loads tuned for 3+3;
 # 6: tuner on CUDA-graph time, encode timed on GPU time too, encode / one-token static write tile sweep;
 # 7: per-pair byte loads tuned for sub-byte codes (2+2); 8: register-capped configs (maxnreg) in the tuned space,
-# bin centres as one FFMA from the code's bits, --bits
+# bin centres as one FFMA from the code's bits, --bits; 9: pair chunks (NCH) in the tuned space
 DEFAULT_CONFIG = dict(kernels.ATTN_CONFIG)
 BITS = [(4, 4), (3, 3), (2, 2)]
 MAIN = [(1, 4096), (1, 32768), (1, 131072), (8, 8192), (8, 32768), (8, 131072), (32, 32768)]
@@ -93,11 +93,17 @@ def check(log: list, first_only: bool = False) -> bool:
         kw = {"mask": mask, "is_causal": causal, "softcap": softcap}
         o_r = ref.attention(q, rd, T, v, c, **kw)
         if len(log) == 0:  # every config of the tuning space, fixed, on the first case
-            for bn, sd, pps, w, st, alt, mr in kernels.ATTN_TUNE_SPACE:
+            for cfg in kernels.ATTN_TUNE_SPACE:
+                bn, sd, pps, w, st, alt, mr, nch = cfg
                 kernels.ATTN_CONFIG.update(autotune=False, block_n=bn, split_dot=sd, programs_per_sm=pps,
-                                           num_warps=w, num_stages=st, alt_code_load=alt, maxnreg=mr)
-                e = (kernels.attention(q, rd, T, v, c, **kw).float() - o_r.float()).norm() / o_r.float().norm()
-                print(f"  config {bn, sd, pps, w, st, alt, mr}: err={e.item():.2e}", flush=True)
+                                           num_warps=w, num_stages=st, alt_code_load=alt, maxnreg=mr, pair_chunks=nch)
+                try:
+                    e = (kernels.attention(q, rd, T, v, c, **kw).float() - o_r.float()).norm() / o_r.float().norm()
+                except Exception as ex:  # noqa: BLE001 (report it; the tuner skips a config that fails to compile)
+                    print(f"  config {cfg}: FAILED {type(ex).__name__}: {str(ex)[:200]}", flush=True)
+                    ok = False
+                    continue
+                print(f"  config {cfg}: err={e.item():.2e}", flush=True)
                 ok &= e.item() < 2e-2
             kernels.ATTN_CONFIG.update(DEFAULT_CONFIG)
         if c.code_bits != 8:  # the alternative code load of this width, fixed (the tuner may not pick it here)
@@ -314,7 +320,7 @@ def main() -> None:
             save()
     if args.tune:
         base = {"autotune": False, "block_n": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2,
-                "split_dot": True, "alt_code_load": False, "maxnreg": None, "ablate": 0}
+                "split_dot": True, "alt_code_load": False, "maxnreg": None, "pair_chunks": 1, "ablate": 0}
         variants = {"": {}, "_join": {"split_dot": False}, "_p4": {"programs_per_sm": 4},
                     "_n128": {"block_n": 128}, "_n32p4": {"block_n": 32, "programs_per_sm": 4},
                     "_n32p8w2": {"block_n": 32, "programs_per_sm": 8, "num_warps": 2, "num_stages": 4},

@@ -135,9 +135,9 @@ def attention_calls():
 
     yield "4+4 bf16 D128 (default config)", dense_call()
     for tuned in attend.ATTN_TUNE_SPACE:
-        bn, sd, pps, w, st, alt, mr = tuned
+        bn, sd, pps, w, st, alt, mr, nch = tuned
         cfg = {"block_n": bn, "split_dot": sd, "programs_per_sm": pps, "num_warps": w, "num_stages": st,
-               "alt_code_load": alt, "maxnreg": mr}
+               "alt_code_load": alt, "maxnreg": mr, "pair_chunks": nch}
         yield f"4+4 tuned {tuned}", dense_call(cfg=cfg)
     for bits in ((3, 3), (2, 2), (4, 3), (2, 3), (1, 1)):
         for alt in (False, True):

@@ -25,17 +25,20 @@ log = logging.getLogger(__name__)
 # purpose: timing of the kernel with one stage left out (bench only).
 # tune_alt_sub_byte: per-pair byte loads of sub-byte codes join the tuned space (v7: off until run on a GPU).
 ATTN_CONFIG = {"autotune": True, "block_n": 64, "split_dot": True, "programs_per_sm": 2, "num_warps": 4,
-               "num_stages": 3, "alt_code_load": False, "maxnreg": None, "ablate": 0, "tune_alt_sub_byte": False}
-# (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, ALT_CODE_LOAD, maxnreg). Left alone, ptxas gives the 4+4 kernel
-# ~240 registers a thread: two programs of 4 warps per SM. maxnreg caps it (a few spills) for 3 (168) or 4 (128)
-# resident programs (2 of 8 warps); PPS sizes the grid to match.
+               "num_stages": 3, "alt_code_load": False, "maxnreg": None, "pair_chunks": 1, "ablate": 0, "tune_alt_sub_byte": False}
+# (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, ALT_CODE_LOAD, maxnreg, NCH). Left alone, ptxas gives the 4+4
+# kernel ~240 registers a thread: two programs of 4 warps per SM. maxnreg caps it for 3 (168) or 4 (128) resident
+# programs (2 of 8 warps); PPS sizes the grid to match. NCH > 1 scores an encoded block in NCH chunks of pairs
+# (8-bit codes, split dots): shorter live ranges, so the caps cost fewer or no spills.
 ATTN_TUNE_SPACE = [
-    (64, True, 2, 4, 3, False, None), (64, False, 2, 4, 3, False, None), (64, True, 4, 4, 3, False, None),
-    (128, True, 2, 4, 3, False, None), (32, True, 4, 4, 3, False, None), (32, True, 8, 2, 4, False, None),
-    (64, True, 8, 4, 3, False, None),
-    (64, True, 3, 4, 3, False, 168), (64, True, 6, 4, 3, False, 168), (64, True, 4, 4, 3, False, 128),
-    (32, True, 3, 4, 3, False, 168), (32, True, 6, 4, 3, False, 168), (32, True, 4, 4, 3, False, 128),
-    (32, True, 8, 4, 3, False, 128), (64, True, 2, 8, 3, False, 128),
+    (64, True, 2, 4, 3, False, None, 1), (64, False, 2, 4, 3, False, None, 1), (64, True, 4, 4, 3, False, None, 1),
+    (128, True, 2, 4, 3, False, None, 1), (32, True, 4, 4, 3, False, None, 1), (32, True, 8, 2, 4, False, None, 1),
+    (64, True, 8, 4, 3, False, None, 1),
+    (64, True, 3, 4, 3, False, 168, 1), (64, True, 6, 4, 3, False, 168, 1), (64, True, 4, 4, 3, False, 128, 1),
+    (32, True, 3, 4, 3, False, 168, 1), (32, True, 6, 4, 3, False, 168, 1), (32, True, 4, 4, 3, False, 128, 1),
+    (32, True, 8, 4, 3, False, 128, 1), (64, True, 2, 8, 3, False, 128, 1),
+    (64, True, 6, 4, 3, False, 168, 2), (64, True, 8, 4, 3, False, 128, 2), (32, True, 8, 4, 3, False, 128, 2),
+    (64, True, 4, 8, 3, False, 128, 2),
 ]
 
 
@@ -44,9 +47,11 @@ _TUNED: dict = {}  # shape class -> the fastest config of the space
 
 
 def tune_space(G: int, block_p: int, W: int) -> list[tuple]:
-    """The configs tried for a group size, pair block and code width: a block never spans groups; codes that
-    straddle bytes also try byte planes; sub-byte codes try per-pair bytes only when tune_alt_sub_byte is set."""
-    space = [c for c in ATTN_TUNE_SPACE if c[0] <= G and c[0] * block_p <= 8192]
+    """The configs tried for a group size, pair block and code width: a block never spans groups; pair chunks
+    only for 8-bit codes (and chunks of >= 16 pairs); codes that straddle bytes also try byte planes; sub-byte
+    codes try per-pair bytes only when tune_alt_sub_byte is set."""
+    space = [c for c in ATTN_TUNE_SPACE if c[0] <= G and c[0] * block_p <= 8192
+             and (c[7] == 1 or (W == 8 and block_p // c[7] >= 16))]
     if 8 % W or (W < 8 and ATTN_CONFIG["tune_alt_sub_byte"]):
         space += [c[:5] + (True,) + c[6:] for c in space]
     return space
@@ -215,7 +220,7 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
     part = {}
 
     def launch(c):
-        block_n, split_dot, pps, warps, stages, alt, maxnreg = c
+        block_n, split_dot, pps, warps, stages, alt, maxnreg, nch = c
         splits = n_splits(block_n, pps)
         if splits > 1 and part.get("n", 0) < splits:
             part.update(n=splits, o=common.alloc((n_prog * splits * block_m * block_dv,), torch.float32, q.device),
@@ -231,7 +236,7 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
             SOFTCAP=bool(softcap), CAUSAL=causal, FAST=on_gpu, QT=qt, VT=vt, ABLATE=cfg["ablate"],
             LEN_DEVICE=length is not None, PREC="ieee" if torch.float32 in (q.dtype, v.dtype) else "tf32",
             CB=W // math.gcd(W, 8),
-            BLOCK_N=block_n, SPLIT_DOT=split_dot, PPS=pps, ALT=alt, num_warps=warps, num_stages=stages,
+            BLOCK_N=block_n, SPLIT_DOT=split_dot, PPS=pps, ALT=alt, NCH=nch, num_warps=warps, num_stages=stages,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )
         if splits > 1:
@@ -249,6 +254,10 @@ def _attend(q, codes, params, tail, v, codec, *, seq_len, length, mask, scale, s
         launch(LAST_CONFIG[0])
     else:
         block_n = min(G, cfg["block_n"], max(16, 8192 // block_p))
+        nch = cfg["pair_chunks"]
+        if nch > 1 and (W != 8 or not cfg["split_dot"] or block_p % nch or block_p // nch < 16):
+            raise ValueError(f"pair_chunks={nch} needs 8-bit codes, split dots and chunks of >= 16 pairs "
+                             f"(codes of {W} bits, {block_p} pairs)")
         launch((block_n, cfg["split_dot"], cfg["programs_per_sm"], cfg["num_warps"], cfg["num_stages"],
-                cfg["alt_code_load"] and W != 8, cfg["maxnreg"]))
+                cfg["alt_code_load"] and W != 8, cfg["maxnreg"], nch))
     return out

@@ -95,6 +95,27 @@ def decode_codes(raw, offs_j, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: t
 
 
 @triton.jit
+def score_pair_chunk(qk, Qrow, sq_d, row_ok, XI, YI, Crow, Pg, sp_k, c, P: tl.constexpr, RB: tl.constexpr,
+                     AB: tl.constexpr, PC: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, PREC: tl.constexpr):
+    """qk += q · k over pairs [c*PC, (c+1)*PC) of one block of 8-bit codes (byte j = pair j). Splitting the pairs
+    into chunks shortens the dequantized tiles' live ranges (fewer registers a thread, more programs per SM);
+    the q chunks are loop-invariant loads the compiler hoists out of the block loop."""
+    offs_h = c * PC + tl.arange(0, PC)
+    hmask = offs_h < P
+    qx = tl.load(Qrow + tl.load(XI + offs_h)[None, :] * sq_d, mask=row_ok[:, None] & hmask[None, :], other=0.0)
+    qy = tl.load(Qrow + tl.load(YI + offs_h)[None, :] * sq_d, mask=row_ok[:, None] & hmask[None, :], other=0.0)
+    r_w = tl.load(Pg + sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) * (1 << RB)
+    r_0 = tl.load(Pg + offs_h, mask=hmask, other=0.0).to(tl.float32) - r_w
+    a_w = tl.load(Pg + 3 * sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) * (1 << AB)
+    a_0 = tl.load(Pg + 2 * sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) - a_w
+    code = tl.load(Crow + offs_h[None, :], mask=hmask[None, :], other=0).to(tl.int32)
+    rad = bin_unit(code, 0, RB) * r_w[None, :] + r_0[None, :]
+    cs, sn = cos_sin(bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :], FAST)
+    qk = tl.dot(qx.to(QT), tl.trans((rad * cs).to(QT)), qk, input_precision=PREC)
+    return tl.dot(qy.to(QT), tl.trans((rad * sn).to(QT)), qk, input_precision=PREC)
+
+
+@triton.jit
 def block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale, softcap,
                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr,
                  VT: tl.constexpr, ABLATE: tl.constexpr, PREC: tl.constexpr):
@@ -146,6 +167,7 @@ def polar_attn_fwd_kernel(
     LEN_DEVICE: tl.constexpr, PREC: tl.constexpr,  # PREC: "ieee" for fp32 inputs (no TF32 rounding)
     CB: tl.constexpr,  # bytes of the smallest whole word of codes: W / gcd(W, 8)
     BLOCK_N: tl.constexpr, SPLIT_DOT: tl.constexpr, PPS: tl.constexpr, ALT: tl.constexpr,  # tuned (PPS: grid)
+    NCH: tl.constexpr,  # tuned: pair chunks per encoded block (> 1: 8-bit codes and split dots only)
 ):
     W: tl.constexpr = RB + AB
     if LEN_DEVICE:  # a static cache: nothing on the host knows the length (CUDA-graph replays)
@@ -201,28 +223,36 @@ def polar_attn_fwd_kernel(
         t0 = blk * BLOCK_N
         tt = t0 + offs_n
         pg = Pbase + (t0 // G).to(tl.int64) * sp_g
-        # bin centre min + (c + 0.5) * step = u * (2^bits * step) + (min - 2^bits * step), u = bin_unit(c)
-        r_w = tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << RB)
-        r_0 = tl.load(pg, mask=jmask, other=0.0).to(tl.float32) - r_w
-        a_w = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << AB)
-        a_0 = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32) - a_w
-        if ABLATE == 2:  # timing only: no code stream
-            code = tl.zeros([BLOCK_N, BLOCK_P], tl.int32) + offs_n[:, None]
+        if NCH > 1:
+            tl.static_assert(W == 8 and SPLIT_DOT and ABLATE == 0, "pair chunks: 8-bit codes, split dots")
+            qk = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            pg0 = Pp + b * sp_b + kvh * sp_h + (t0 // G).to(tl.int64) * sp_g
+            for c in tl.static_range(NCH):
+                qk = score_pair_chunk(qk, Qrow, sq_d, row_ok, XI, YI, Crow + t0.to(tl.int64) * sc_t, pg0, sp_k, c,
+                                      P, RB, AB, BLOCK_P // NCH, FAST, QT, PREC)
         else:
-            raw = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, t0 >= 0, NB, W, BLOCK_P, ALT, CB)
-            code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P, ALT, CB)
-        rad = bin_unit(code, 0, RB) * r_w[None, :] + r_0[None, :]
-        phi = bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :]
-        if ABLATE == 1:  # timing only: no trig
-            c, s = phi, rad
-        else:
-            c, s = cos_sin(phi, FAST)
-        if SPLIT_DOT:
-            qk = tl.dot(qx, tl.trans((rad * c).to(QT)), input_precision=PREC)
-            qk = tl.dot(qy, tl.trans((rad * s).to(QT)), qk, input_precision=PREC)
-        else:
-            k = tl.reshape(tl.join((rad * c).to(QT), (rad * s).to(QT)), [BLOCK_N, 2 * BLOCK_P])
-            qk = tl.dot(qxy, tl.trans(k), input_precision=PREC)
+            # bin centre min + (c + 0.5) * step = u * (2^bits * step) + (min - 2^bits * step), u = bin_unit(c)
+            r_w = tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << RB)
+            r_0 = tl.load(pg, mask=jmask, other=0.0).to(tl.float32) - r_w
+            a_w = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << AB)
+            a_0 = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32) - a_w
+            if ABLATE == 2:  # timing only: no code stream
+                code = tl.zeros([BLOCK_N, BLOCK_P], tl.int32) + offs_n[:, None]
+            else:
+                raw = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, t0 >= 0, NB, W, BLOCK_P, ALT, CB)
+                code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P, ALT, CB)
+            rad = bin_unit(code, 0, RB) * r_w[None, :] + r_0[None, :]
+            phi = bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :]
+            if ABLATE == 1:  # timing only: no trig
+                c, s = phi, rad
+            else:
+                c, s = cos_sin(phi, FAST)
+            if SPLIT_DOT:
+                qk = tl.dot(qx, tl.trans((rad * c).to(QT)), input_precision=PREC)
+                qk = tl.dot(qy, tl.trans((rad * s).to(QT)), qk, input_precision=PREC)
+            else:
+                k = tl.reshape(tl.join((rad * c).to(QT), (rad * s).to(QT)), [BLOCK_N, 2 * BLOCK_P])
+                qk = tl.dot(qxy, tl.trans(k), input_precision=PREC)
         v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=dv_mask[None, :], other=0.0)
         m_i, l_i, acc = block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale,
                                      softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE, PREC)

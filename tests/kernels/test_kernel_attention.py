@@ -75,12 +75,23 @@ def test_every_tuned_config(monkeypatch, config, poisoned):
     """Each launch config the tuner may pick, fixed: block sizes, split heuristic, register caps (maxnreg).
     16-bit inputs: the space is for them (fp32 V at BLOCK_N 128 needs more shared memory than an H200 has; the
     tuner skips a config that fails to compile)."""
-    bn, sd, pps, w, st, alt, mr = config
+    bn, sd, pps, w, st, alt, mr, nch = config
     monkeypatch.setitem(kernels.ATTN_CONFIG, "autotune", False)
     for k, val in {"block_n": bn, "split_dot": sd, "programs_per_sm": pps, "num_warps": w, "num_stages": st,
-                   "alt_code_load": alt, "maxnreg": mr}.items():
+                   "alt_code_load": alt, "maxnreg": mr, "pair_chunks": nch}.items():
         monkeypatch.setitem(kernels.ATTN_CONFIG, k, val)
     run_case(1, 8, 2, 2 * bn + 77, 128, 1, G=128, dtype=torch.bfloat16, seed=bn + pps)
+
+
+@pytest.mark.parametrize("D, S, mask, causal", [(96, 1, None, False), (64, 4, "bool", True), (128, 2, "float", False)])
+def test_pair_chunks(monkeypatch, D, S, mask, causal, poisoned):
+    """Encoded blocks scored in two chunks of pairs: a chunk cut by the row's end (D 96: 48 pairs in chunks of
+    32), q_len > 1 with a causal offset, masks. Codes of other widths refuse the setting."""
+    monkeypatch.setitem(kernels.ATTN_CONFIG, "autotune", False)
+    monkeypatch.setitem(kernels.ATTN_CONFIG, "pair_chunks", 2)
+    run_case(2, 8, 2, 301, D, S, mask=mask, causal=causal, splits=3, G=32, seed=D + S)
+    with pytest.raises(ValueError, match="pair_chunks=2 needs 8-bit codes"):
+        run_case(1, 4, 2, 45, 64, 1, bits=(3, 3), splits=2)
 
 
 @pytest.mark.parametrize("mask", ["bool", "pad", "float"])
@@ -149,14 +160,18 @@ def test_gpu_real_shapes(bits, poisoned):
     run_case(2, 8, 1, 1000, 256, 4, bits=bits, G=128, dtype=torch.bfloat16, causal=True)
 
 
-def test_tune_space_gates_the_alternative_code_loads(monkeypatch):
-    base = len(attend.tune_space(128, 64, 8))
-    assert base > 0 and not any(c[5] for c in attend.tune_space(128, 64, 8))
+def test_tune_space_gates_the_code_loads_and_pair_chunks(monkeypatch):
+    space8 = attend.tune_space(128, 64, 8)
+    chunked = [c for c in space8 if c[7] > 1]  # pair chunks: 8-bit codes only
+    base = len(space8) - len(chunked)
+    assert base > 0 and chunked and not any(c[5] for c in space8)
     assert len(attend.tune_space(128, 64, 6)) == 2 * base  # byte planes: run on the H200 (v5)
-    assert len(attend.tune_space(128, 64, 4)) == base  # per-pair bytes: not yet run on a GPU
+    assert len(attend.tune_space(128, 64, 4)) == base  # per-pair bytes: verified on the H200, never faster (v7)
     monkeypatch.setitem(kernels.ATTN_CONFIG, "tune_alt_sub_byte", True)
     assert len(attend.tune_space(128, 64, 4)) == 2 * base
     assert all(c[0] <= 32 for c in attend.tune_space(32, 64, 8))  # a block never spans a group
+    assert not any(c[7] > 1 for c in attend.tune_space(128, 64, 6) + attend.tune_space(128, 64, 4))
+    assert not any(c[7] > 1 for c in attend.tune_space(128, 16, 8))  # chunks of >= 16 pairs
 
 
 def test_tuner_times_each_config_once_per_shape_class(monkeypatch):
