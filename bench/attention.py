@@ -14,6 +14,7 @@ prefill (causal, q_len = T) of the same tokens. Times are do_bench medians in mi
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -288,18 +289,24 @@ def main() -> None:
                     help="polar widths timed per row (radius+angle), default: 4+4 3+3 2+2")
     ap.add_argument("--only", nargs="+", default=None,
                     help="rows to time, as BxTk (any head dim) or BxTk/Dd, e.g. 8x32k 1x32k/D256")
+    ap.add_argument("--space", nargs="+", default=None, metavar="TUPLE",
+                    help="replace the tuned space by these configs (A/B runs on little device time), e.g. "
+                         "'(64, True, 6, 4, 3, False, 168, 2)'")
     ap.add_argument("--quick-check", action="store_true",
                     help="check only the first case (every tuned config); skips most cold compiles")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     bits = [tuple(int(x) for x in b.split("+")) for b in args.bits]
+    if args.space:
+        kernels.ATTN_TUNE_SPACE[:] = [tuple(ast.literal_eval(c)) for c in args.space]
     import triton
     from tabulate import tabulate
 
     kernels.ATTN_CONFIG["tune_alt_sub_byte"] = DEFAULT_CONFIG["tune_alt_sub_byte"] = args.alt_sub_byte
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta = {"script_version": SCRIPT_VERSION, "date": now, "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "triton": triton.__version__, "attn_config": dict(kernels.ATTN_CONFIG)}
+            "torch": torch.__version__, "triton": triton.__version__, "attn_config": dict(kernels.ATTN_CONFIG),
+            "tune_space": [str(c) for c in kernels.ATTN_TUNE_SPACE]}
     checks: list = []
     ok = check(checks, args.quick_check)
     bw = copy_bandwidth()
