@@ -17,6 +17,7 @@ import argparse
 import ast
 import datetime
 import json
+import logging
 import os
 import sys
 
@@ -297,6 +298,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args()
     bits = [tuple(int(x) for x in b.split("+")) for b in args.bits]
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("pqcompile.kernels.attend").setLevel(logging.INFO)  # the tuner's times, every config
     if args.space:
         kernels.ATTN_TUNE_SPACE[:] = [tuple(ast.literal_eval(c)) for c in args.space]
     import triton

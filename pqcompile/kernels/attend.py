@@ -80,7 +80,8 @@ def _tune(key, launch, space):
         return space[0]
     best = min(times)[1]
     _TUNED[key] = best
-    log.info("polar attention tuned %s -> %s (%.1f us)", key, best, min(times)[0] * 1e3)
+    log.info("polar attention tuned %s -> %s (%.1f us); every config: %s", key, best, min(times)[0] * 1e3,
+             ", ".join(f"{c} {t * 1e3:.1f}" for t, c in sorted(times)))
     return best
 
 
