@@ -290,6 +290,8 @@ def main() -> None:
                     help="polar widths timed per row (radius+angle), default: 4+4 3+3 2+2")
     ap.add_argument("--only", nargs="+", default=None,
                     help="rows to time, as BxTk (any head dim) or BxTk/Dd, e.g. 8x32k 1x32k/D256")
+    ap.add_argument("--pair-chunks", action="store_true",
+                    help="let the tuner try scoring blocks in chunks of pairs (4+4; v9, not yet run on a GPU)")
     ap.add_argument("--space", nargs="+", default=None, metavar="TUPLE",
                     help="replace the tuned space by these configs (A/B runs on little device time), e.g. "
                          "'(64, True, 6, 4, 3, False, 168, 2)'")
@@ -306,6 +308,7 @@ def main() -> None:
     from tabulate import tabulate
 
     kernels.ATTN_CONFIG["tune_alt_sub_byte"] = DEFAULT_CONFIG["tune_alt_sub_byte"] = args.alt_sub_byte
+    kernels.ATTN_CONFIG["tune_pair_chunks"] = DEFAULT_CONFIG["tune_pair_chunks"] = args.pair_chunks
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta = {"script_version": SCRIPT_VERSION, "date": now, "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "triton": triton.__version__, "attn_config": dict(kernels.ATTN_CONFIG),

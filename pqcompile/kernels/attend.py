@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 # Attention launch: tuned on the GPU over ATTN_TUNE_SPACE (per shape class and length bucket, see _tune), else the
 # fixed config below (interpreter, group_size < 32, or autotune=False). ablate != 0 gives wrong results on
 # purpose: timing of the kernel with one stage left out (bench only).
-# tune_alt_sub_byte: per-pair byte loads of sub-byte codes join the tuned space (v7: off until run on a GPU).
+# tune_alt_sub_byte: per-pair byte loads of sub-byte codes join the tuned space (v7: verified on the H200, never
+# faster). tune_pair_chunks: the NCH > 1 configs join it (v9: off until run on a GPU).
 ATTN_CONFIG = {"autotune": True, "block_n": 64, "split_dot": True, "programs_per_sm": 2, "num_warps": 4,
-               "num_stages": 3, "alt_code_load": False, "maxnreg": None, "pair_chunks": 1, "ablate": 0, "tune_alt_sub_byte": False}
+               "num_stages": 3, "alt_code_load": False, "maxnreg": None, "pair_chunks": 1, "ablate": 0, "tune_alt_sub_byte": False,
+               "tune_pair_chunks": False}
 # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, ALT_CODE_LOAD, maxnreg, NCH). Left alone, ptxas gives the 4+4
 # kernel ~240 registers a thread: two programs of 4 warps per SM. maxnreg caps it for 3 (168) or 4 (128) resident
 # programs (2 of 8 warps); PPS sizes the grid to match. NCH > 1 scores an encoded block in NCH chunks of pairs
@@ -48,10 +50,10 @@ _TUNED: dict = {}  # shape class -> the fastest config of the space
 
 def tune_space(G: int, block_p: int, W: int) -> list[tuple]:
     """The configs tried for a group size, pair block and code width: a block never spans groups; pair chunks
-    only for 8-bit codes (and chunks of >= 16 pairs); codes that straddle bytes also try byte planes; sub-byte
-    codes try per-pair bytes only when tune_alt_sub_byte is set."""
+    only for 8-bit codes (chunks of >= 16 pairs) when tune_pair_chunks is set; codes that straddle bytes also
+    try byte planes; sub-byte codes try per-pair bytes only when tune_alt_sub_byte is set."""
     space = [c for c in ATTN_TUNE_SPACE if c[0] <= G and c[0] * block_p <= 8192
-             and (c[7] == 1 or (W == 8 and block_p // c[7] >= 16))]
+             and (c[7] == 1 or (W == 8 and block_p // c[7] >= 16 and ATTN_CONFIG["tune_pair_chunks"]))]
     if 8 % W or (W < 8 and ATTN_CONFIG["tune_alt_sub_byte"]):
         space += [c[:5] + (True,) + c[6:] for c in space]
     return space

@@ -161,10 +161,12 @@ def test_gpu_real_shapes(bits, poisoned):
 
 
 def test_tune_space_gates_the_code_loads_and_pair_chunks(monkeypatch):
+    base = len(attend.tune_space(128, 64, 8))
+    assert not any(c[7] > 1 for c in attend.tune_space(128, 64, 8))  # pair chunks: not yet run on a GPU (v9)
+    monkeypatch.setitem(kernels.ATTN_CONFIG, "tune_pair_chunks", True)
     space8 = attend.tune_space(128, 64, 8)
     chunked = [c for c in space8 if c[7] > 1]  # pair chunks: 8-bit codes only
-    base = len(space8) - len(chunked)
-    assert base > 0 and chunked and not any(c[5] for c in space8)
+    assert len(space8) - len(chunked) == base > 0 and chunked and not any(c[5] for c in space8)
     assert len(attend.tune_space(128, 64, 6)) == 2 * base  # byte planes: run on the H200 (v5)
     assert len(attend.tune_space(128, 64, 4)) == base  # per-pair bytes: verified on the H200, never faster (v7)
     monkeypatch.setitem(kernels.ATTN_CONFIG, "tune_alt_sub_byte", True)
