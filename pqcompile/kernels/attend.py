@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 # tune_alt_sub_byte: per-pair byte loads of sub-byte codes join the tuned space (v7: verified on the H200, never
 # faster). tune_pair_chunks: the NCH > 1 configs join it (v9: off until run on a GPU).
 ATTN_CONFIG = {"autotune": True, "block_n": 64, "split_dot": True, "programs_per_sm": 2, "num_warps": 4,
-               "num_stages": 3, "alt_code_load": False, "maxnreg": None, "pair_chunks": 1, "ablate": 0, "tune_alt_sub_byte": False,
-               "tune_pair_chunks": False}
+               "num_stages": 3, "alt_code_load": False, "maxnreg": None, "pair_chunks": 1, "ablate": 0,
+               "tune_alt_sub_byte": False, "tune_pair_chunks": False}
 # (BLOCK_N, SPLIT_DOT, PPS, num_warps, num_stages, ALT_CODE_LOAD, maxnreg, NCH). Left alone, ptxas gives the 4+4
 # kernel ~240 registers a thread: two programs of 4 warps per SM. maxnreg caps it for 3 (168) or 4 (128) resident
 # programs (2 of 8 warps); PPS sizes the grid to match. NCH > 1 scores an encoded block in NCH chunks of pairs

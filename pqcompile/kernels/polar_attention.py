@@ -5,11 +5,12 @@ heads, one head when V was already repeated to Hq heads) times S query positions
 over one contiguous range of BLOCK_N-token blocks of its kv-head. Encoded blocks are dequantized in
 registers (r, phi from the bin centers; cos/sin through the hardware approximations on the GPU) into
 their x and y halves [N, P] and scored with tl.dot shared by all rows (two dots q_x k_x^T + q_y k_y^T,
-or one over x/y interleaved: SPLIT_DOT). The full-precision tail blocks are scored the same way from the
-tail buffer. BLOCK_N, SPLIT_DOT, PPS (programs per SM, sets the split count) and the warp/stage counts
-are tuned on the GPU by the host wrapper. Online softmax in
-fp32, P @ V with dense V, then either the final output (one split) or per-split partials (acc, max, sum)
-reduced by polar_attn_reduce_kernel. Dense dequantized keys never leave registers.
+or one over x/y interleaved: SPLIT_DOT), whole (NCH = 1) or in NCH chunks of pairs. The full-precision tail
+blocks are scored the same way from the tail buffer. BLOCK_N, SPLIT_DOT, PPS (programs per SM, sets the split
+count), NCH, the warp/stage counts and a register cap (maxnreg: how many programs fit an SM) are tuned on the
+GPU by the host wrapper. Online softmax in fp32, P @ V with dense V, then either the final output (one split)
+or per-split partials (acc, max, sum) reduced by polar_attn_reduce_kernel. Dense dequantized keys never leave
+registers.
 LEN_DEVICE (static caches, CUDA graphs): the length is read from device memory, the grid is sized by the
 capacity and every split divides the actual length; the tail is the cache's ring (token t at slot t % G).
 """
@@ -99,7 +100,8 @@ def score_pair_chunk(qk, Qrow, sq_d, row_ok, XI, YI, Crow, Pg, sp_k, c, P: tl.co
                      AB: tl.constexpr, PC: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, PREC: tl.constexpr):
     """qk += q · k over pairs [c*PC, (c+1)*PC) of one block of 8-bit codes (byte j = pair j). Splitting the pairs
     into chunks shortens the dequantized tiles' live ranges (fewer registers a thread, more programs per SM);
-    the q chunks are loop-invariant loads the compiler hoists out of the block loop."""
+    the q chunks are loop-invariant loads the compiler hoists out of the block loop. The dequant is the
+    whole-block path's, written out again so that path compiles to the code timed on the H200 (v8)."""
     offs_h = c * PC + tl.arange(0, PC)
     hmask = offs_h < P
     qx = tl.load(Qrow + tl.load(XI + offs_h)[None, :] * sq_d, mask=row_ok[:, None] & hmask[None, :], other=0.0)
