@@ -97,8 +97,8 @@ def check(log: list, first_only: bool = False) -> bool:
         if len(log) == 0:  # every config of the tuning space, fixed, on the first case
             for cfg in kernels.ATTN_TUNE_SPACE:
                 bn, sd, pps, w, st, alt, mr, nch = cfg
-                kernels.ATTN_CONFIG.update(autotune=False, block_n=bn, split_dot=sd, programs_per_sm=pps,
-                                           num_warps=w, num_stages=st, alt_code_load=alt, maxnreg=mr, pair_chunks=nch)
+                kernels.ATTN_CONFIG.update(autotune=False, block_n=bn, split_dot=sd, programs_per_sm=pps, num_warps=w,
+                                           num_stages=st, alt_code_load=alt, maxnreg=mr, pair_chunks=nch)
                 try:
                     e = (kernels.attention(q, rd, T, v, c, **kw).float() - o_r.float()).norm() / o_r.float().norm()
                 except Exception as ex:  # noqa: BLE001 (report it; the tuner skips a config that fails to compile)
@@ -283,7 +283,8 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--sweep-encode", action="store_true")
     ap.add_argument("--alt-sub-byte", action="store_true",
-                    help="let the tuner try per-pair byte loads for sub-byte codes (2+2; v7, unverified on a GPU)")
+                    help="let the tuner try per-pair byte loads for sub-byte codes (2+2; v7: correct on the H200, "
+                         "never picked)")
     ap.add_argument("--shapes", choices=["all", "main", "extra", "none"], default="all",
                     help="which rows of the table (main: Hq 32 / Hkv 8 / D 128; extra: D 64 and D 256 MQA)")
     ap.add_argument("--bits", nargs="+", default=[f"{r}+{a}" for r, a in BITS],
@@ -294,7 +295,7 @@ def main() -> None:
                     help="let the tuner try scoring blocks in chunks of pairs (4+4; v9, not yet run on a GPU)")
     ap.add_argument("--space", nargs="+", default=None, metavar="TUPLE",
                     help="replace the tuned space by these configs (A/B runs on little device time), e.g. "
-                         "'(64, True, 6, 4, 3, False, 168, 2)'")
+                         "'(64, True, 6, 4, 3, False, 168, 2)' (chunked ones also need --pair-chunks)")
     ap.add_argument("--quick-check", action="store_true",
                     help="check only the first case (every tuned config); skips most cold compiles")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
