@@ -212,8 +212,9 @@ def hottest_loop(ins) -> dict:
     n, start = best if best[0] >= 64 else (0, 0)
     ops = collections.Counter(op for _, op, _ in (ins[start:start + n] if n else ins))
     return {"loop": n, "MUFU": ops["MUFU"], "HMMA": ops["HMMA"], "LDG": ops["LDG"] + ops["LDGSTS"],
-            "STS+LDS": ops["STS"] + ops["LDS"] + ops["LDSM"], "LDL+STL": ops["LDL"] + ops["STL"], "int ALU": sum(ops[k] for k in (
-                "IMAD", "IADD3", "LEA", "LOP3", "SHF", "PRMT", "VIADD", "ISETP", "SEL", "IMNMX")),
+            "STS+LDS": ops["STS"] + ops["LDS"] + ops["LDSM"], "LDL+STL": ops["LDL"] + ops["STL"],
+            "int ALU": sum(ops[k] for k in ("IMAD", "IADD3", "LEA", "LOP3", "SHF", "PRMT", "VIADD", "ISETP", "SEL",
+                                            "IMNMX")),
             "fp ALU": sum(ops[k] for k in ("FFMA", "FMUL", "FADD", "FSETP", "FSEL", "FMNMX", "F2FP"))}
 
 

@@ -383,7 +383,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4, help="decode steps before timing (compile, graph recording)")
     parser.add_argument("--group-size", type=int, default=128, help="PolarStaticCache group size")
     parser.add_argument("--interleave", type=int, default=0,
-                        help="R rounds of --burst steps per static contender, alternating in one process (robust ratios)")
+                        help="R rounds of --burst steps per static contender, alternating in one process "
+                             "(robust ratios)")
     parser.add_argument("--burst", type=int, default=8, help="timed steps per contender per interleaved round")
     parser.add_argument("--tiny", action="store_true", help="small model for a CPU smoke run")
     parser.add_argument("--tag", default=None, help="file name tag (default: tiny or <layers>layers)")
