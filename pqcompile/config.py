@@ -63,6 +63,31 @@ class InnerBackend(str, enum.Enum):
     EAGER = "eager"  # run the rewritten GraphModule in Python (debugging)
 
 
+VALUE_BITS = (2, 4, 8)
+
+
+def value_options_error(value_bits: Any, value_group: Any, *, dense_ok: bool = True) -> str | None:
+    """Why (value_bits, value_group) are invalid, or None when they are valid (value_bits None = values dense,
+    allowed when dense_ok).
+
+    The one rule PolarQuantConfig and value_codec.ValueCodec share: value_bits in {2, 4, 8} and value_group a
+    power of two >= 2 whose codes fill whole bytes (value_group * value_bits % 8 == 0), so a packed token row
+    splits into byte-aligned channel groups. Whether head_dim divides into value_group is known only at compile
+    time (value_codec.check_fits).
+    """
+    if (value_bits is not None or not dense_ok) and (
+            not isinstance(value_bits, int) or isinstance(value_bits, bool) or value_bits not in VALUE_BITS):
+        allowed = ("None, " if dense_ok else "") + ", ".join(map(str, VALUE_BITS))
+        return f"value_bits={value_bits!r} is invalid; allowed: {allowed}"
+    if not isinstance(value_group, int) or isinstance(value_group, bool) or value_group < 2 or (
+            value_group & (value_group - 1)):
+        return f"value_group={value_group!r} is invalid; allowed: a power of two >= 2"
+    if value_bits is not None and value_group * value_bits % 8:
+        return (f"value_group={value_group} is invalid with value_bits={value_bits}; allowed: a power of two "
+                f">= {8 // value_bits} (each group's {value_bits}-bit codes fill whole bytes)")
+    return None
+
+
 def _enum_field(enum_cls: type[enum.Enum], name: str, value: Any) -> enum.Enum:
     try:
         return enum_cls(value)
@@ -77,14 +102,17 @@ class PolarQuantConfig:
 
     radius_bits + angle_bits <= 8 bits are stored per key pair; the group parameters (min and scale of
     radius and angle, bf16) are kept per `group_size` tokens; the newest `seq_len % group_size` tokens
-    stay in full precision until their group is complete.
+    stay in full precision until their group is complete. Values stay dense unless `value_bits` is set: then
+    each value vector is quantized per token in groups of `value_group` channels (bf16 min and scale per group,
+    see value_codec.py), with the same full-precision tail.
     """
 
     radius_bits: int = 4
     angle_bits: int = 4
     group_size: int = 128
     pairing: PairingMode = PairingMode.AUTO
-    value_bits: int | None = None  # reserved: per-token quantized values
+    value_bits: int | None = None  # None: values dense; 2, 4 or 8: per-token quantized values (value_codec.py)
+    value_group: int = 64  # channels of a value vector sharing one (min, scale); must divide head_dim
     verify: VerifyMode = VerifyMode.OFF  # "off" | "first" | "every:N" | "shadow:N" (see verify.py)
     verify_n: int = 0  # the N of "every:N" / "shadow:N" (parsed from `verify`)
     on_mismatch: OnMismatch = OnMismatch.RAISE
@@ -112,10 +140,9 @@ class PolarQuantConfig:
         g = self.group_size
         if g < 16 or g & (g - 1):
             raise ValueError(f"PolarQuantConfig.group_size={g} is invalid; allowed: a power of two >= 16")
-        if self.value_bits not in (None, 2, 4):
-            raise ValueError(f"PolarQuantConfig.value_bits={self.value_bits!r} is invalid; allowed: None, 2, 4")
-        if self.value_bits is not None:
-            raise ValueError("PolarQuantConfig.value_bits is reserved; quantized values are not implemented yet")
+        error = value_options_error(self.value_bits, self.value_group)  # value_group checked even while dense
+        if error:
+            raise ValueError(f"PolarQuantConfig.{error}")
         if not (isinstance(self.atol, (int, float)) and self.atol > 0):
             raise ValueError(f"PolarQuantConfig.atol={self.atol!r} is invalid; allowed: a float > 0")
         if not (isinstance(self.rtol, (int, float)) and self.rtol >= 0):

@@ -13,7 +13,8 @@ def test_defaults_are_the_reference_configuration():
     assert (cfg.radius_bits, cfg.angle_bits, cfg.group_size) == (4, 4, 128)
     assert cfg.code_bits == 8
     assert cfg.pairing is PairingMode.AUTO
-    assert cfg.value_bits is None
+    assert cfg.value_bits is None  # values dense unless asked for
+    assert cfg.value_group == 64
 
 
 @pytest.mark.parametrize("r, a", [(1, 1), (2, 2), (3, 3), (4, 4), (3, 5), (5, 3), (1, 7), (7, 1), (2, 6)])
@@ -57,8 +58,17 @@ INVALID = [
     ("group_size", 129, "power of two >= 16"),
     ("group_size", -128, "power of two >= 16"),
     ("group_size", 128.0, "int"),
-    ("value_bits", 3, "None, 2, 4"),
-    ("value_bits", 8, "None, 2, 4"),
+    ("value_bits", 3, "allowed: None, 2, 4, 8"),
+    ("value_bits", 16, "allowed: None, 2, 4, 8"),
+    ("value_bits", 0, "allowed: None, 2, 4, 8"),
+    ("value_bits", 4.0, "allowed: None, 2, 4, 8"),
+    ("value_bits", True, "allowed: None, 2, 4, 8"),
+    ("value_bits", "4", "allowed: None, 2, 4, 8"),
+    ("value_group", 48, "power of two >= 2"),
+    ("value_group", 1, "power of two >= 2"),
+    ("value_group", 0, "power of two >= 2"),
+    ("value_group", -64, "power of two >= 2"),
+    ("value_group", 64.0, "power of two >= 2"),
     ("atol", 0, "> 0"),
     ("atol", -1e-3, "> 0"),
     ("atol", "big", "> 0"),
@@ -87,10 +97,21 @@ def test_bit_sum_over_eight_is_rejected(r, a):
     assert "radius_bits" in msg and "angle_bits" in msg and "<= 8" in msg
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-def test_value_bits_is_reserved(bits):
-    with pytest.raises(ValueError, match="value_bits"):
-        PolarQuantConfig(value_bits=bits)
+@pytest.mark.parametrize("bits", [None, 2, 4, 8])
+@pytest.mark.parametrize("group", [4, 16, 32, 64, 128])
+def test_valid_value_options(bits, group):
+    cfg = PolarQuantConfig(value_bits=bits, value_group=group)
+    assert (cfg.value_bits, cfg.value_group) == (bits, group)
+
+
+def test_value_group_must_fill_whole_bytes():
+    """2 channels of 2-bit codes are half a byte: a packed row would not split into byte-aligned groups."""
+    assert PolarQuantConfig(value_bits=4, value_group=2).value_group == 2
+    assert PolarQuantConfig(value_bits=8, value_group=2).value_group == 2
+    with pytest.raises(ValueError) as info:
+        PolarQuantConfig(value_bits=2, value_group=2)
+    msg = str(info.value)
+    assert "PolarQuantConfig.value_group=2" in msg and "value_bits=2" in msg and "power of two >= 4" in msg
 
 
 def test_from_options_maps_names():
@@ -113,3 +134,10 @@ def test_from_options_unknown_name_lists_valid_ones():
 def test_from_options_validates_values():
     with pytest.raises(ValueError, match="group_size=48"):
         PolarQuantConfig.from_options({"group_size": 48})
+    with pytest.raises(ValueError, match=r"PolarQuantConfig.value_bits=3 is invalid; allowed: None, 2, 4, 8"):
+        PolarQuantConfig.from_options({"value_bits": 3})
+
+
+def test_from_options_value_options():
+    cfg = PolarQuantConfig.from_options({"value_bits": 2, "value_group": 32})
+    assert (cfg.value_bits, cfg.value_group) == (2, 32)
