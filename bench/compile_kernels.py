@@ -18,6 +18,7 @@ import argparse
 import collections
 import contextlib
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -38,7 +39,13 @@ from triton.runtime.jit import native_specialize_impl
 
 from pqcompile import codec as ref
 from pqcompile import kernels
-from pqcompile.kernels import attend, common
+from pqcompile import value_codec as vref
+from pqcompile.kernels import common, settings
+
+# the host modules, by name (`kernels.attention` is the function)
+HOST = {name: importlib.import_module(f"pqcompile.kernels.{name}") for name in ("attention", "encode", "static_write")}
+# bench/attention.py (this script's folder): tuned configs not yet in the product space
+PAIR_CHUNK_SPACE = importlib.import_module("attention").PAIR_CHUNK_SPACE
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMS = 132  # H200
@@ -60,24 +67,22 @@ def recording():
     """Host wrappers run on CPU as if on the GPU; their launches land in the yielded list."""
     launches: list = []
     saved = {}
-    for mod, name in ((attend, "polar_attn_fwd_kernel"), (attend, "polar_attn_reduce_kernel"),
-                      (kernels, "polar_encode_kernel"), (kernels, "polar_static_write_kernel")):
-        saved[mod, name] = getattr(mod, name)
-        setattr(mod, name, Recorder(saved[mod, name], launches))
+    for mod, name in (("attention", "polar_attn_fwd_kernel"), ("attention", "polar_attn_reduce_kernel"),
+                      ("encode", "polar_encode_kernel"), ("static_write", "polar_static_write_kernel"),
+                      ("encode", "value_encode_kernel"), ("static_write", "value_static_write_kernel")):
+        saved[HOST[mod], name] = getattr(HOST[mod], name)
+        setattr(HOST[mod], name, Recorder(saved[HOST[mod], name], launches))
     patches = {(common, "on_gpu"): lambda t: True, (common, "interpret"): lambda: True,
                (common, "sm_count"): lambda device: SMS}
     for (mod, name), f in patches.items():
         saved[mod, name] = getattr(mod, name)
         setattr(mod, name, f)
-    cfg = dict(attend.ATTN_CONFIG)
-    attend.ATTN_CONFIG["autotune"] = False  # the tuner times on a GPU; configs are set explicitly here
     try:
-        yield launches
+        with settings.override(autotune=False):  # the tuner times on a GPU; configs are set explicitly here
+            yield launches
     finally:
         for (mod, name), f in saved.items():
             setattr(mod, name, f)
-        attend.ATTN_CONFIG.clear()
-        attend.ATTN_CONFIG.update(cfg)
 
 
 def compile_launch(fn, args, kwargs):
@@ -110,38 +115,52 @@ def codec(bits=(4, 4), pairing="half"):
 def attention_calls():
     """(name, call) pairs; each call runs kernels.attention / static_attention on CPU tensors."""
     def dense_call(bits=(4, 4), B=1, Hq=32, H=8, T=4096 + 77, D=128, S=1, dtype=B16, mask=None, softcap=None,
-                   causal=False, cfg=None):
+                   causal=False, config=None, values=None, Dv=None):
+        """values: (bits, channel group) of packed values (Dv: their head dim, default D), None: dense V."""
         def call():
             c = codec(bits)
             codes = torch.zeros(B, H, T // 128 * 128, c.code_bytes(D), dtype=torch.uint8)
             params = torch.zeros(B, H, T // 128, 4, D // 2, dtype=B16)
             tail = torch.zeros(B, H, T % 128 + ref.TAIL_PAD, D, dtype=dtype)
             q, v = torch.zeros(B, Hq, S, D, dtype=dtype), torch.zeros(B, H, T, D, dtype=dtype)
+            vc = None if values is None else vref.ValueCodec(*values, 128)
+            if vc is not None:
+                dv, tc = Dv or D, T // 128 * 128
+                v = vref.ValueData(torch.zeros(B, H, tc, vc.code_bytes(dv), dtype=torch.uint8),
+                                   torch.zeros(B, H, tc, vc.num_groups(dv), 2, dtype=B16),
+                                   torch.zeros(B, H, T - tc + ref.TAIL_PAD, dv, dtype=dtype))
             m = None if mask is None else (torch.ones(B, 1, S, T, dtype=torch.bool) if mask == "bool"
                                             else torch.zeros(B, Hq, S, T, dtype=torch.float32))
-            attend.ATTN_CONFIG.update(cfg or {})
-            kernels.attention(q, ref.PolarData(codes, params, tail), T, v, c, mask=m, softcap=softcap,
-                              is_causal=causal)
+            with settings.override(attention=config or settings.attention):
+                kernels.attention(q, ref.PolarData(codes, params, tail), T, v, c, vcodec=vc, mask=m, softcap=softcap,
+                                  is_causal=causal)
         return call
 
-    def static_call(B=1, Hq=32, H=8, cap=8192, D=128, S=1):
+    def static_call(B=1, Hq=32, H=8, cap=8192, D=128, S=1, values=None):
         def call():
             c = codec()
             codes = torch.zeros(B, H, cap, c.code_bytes(D), dtype=torch.uint8)
             params, ring = torch.zeros(B, H, cap // 128, 4, D // 2, dtype=B16), torch.zeros(B, H, 128, D, dtype=B16)
+            v, vc, mask = torch.zeros(B, H, cap, D, dtype=B16), None, None
+            if values is not None:  # HF's static mask over max_cache_len (here the capacity less 5)
+                vc = vref.ValueCodec(*values, 128)
+                v = vref.ValueData(torch.zeros(B, H, cap, vc.code_bytes(D), dtype=torch.uint8),
+                                   torch.zeros(B, H, cap, vc.num_groups(D), 2, dtype=B16),
+                                   torch.zeros(B, H, 128, D, dtype=B16))
+                mask = torch.ones(B, 1, S, cap - 5, dtype=torch.bool)
             kernels.static_attention(torch.zeros(B, Hq, S, D, dtype=B16), codes, params, ring, torch.tensor([1000]),
-                                     torch.zeros(B, H, cap, D, dtype=B16), c, is_causal=S > 1)
+                                     v, c, vcodec=vc, mask=mask, is_causal=S > 1)
         return call
 
     yield "4+4 bf16 D128 (default config)", dense_call()
-    for tuned in attend.ATTN_TUNE_SPACE:
-        bn, sd, pps, w, st, alt, mr, nch = tuned
-        cfg = {"block_n": bn, "split_dot": sd, "programs_per_sm": pps, "num_warps": w, "num_stages": st,
-               "alt_code_load": alt, "maxnreg": mr, "pair_chunks": nch}
-        yield f"4+4 tuned {tuned}", dense_call(cfg=cfg)
+    for config in settings.tuned_space:
+        yield f"4+4 tuned {tuple(config)}", dense_call(config=config)
+    for config in PAIR_CHUNK_SPACE:
+        yield f"4+4 bench-only {tuple(config)}", dense_call(config=config)
     for bits in ((3, 3), (2, 2), (4, 3), (2, 3), (1, 1)):
         for alt in (False, True):
-            yield f"{bits[0]}+{bits[1]} alt={alt}", dense_call(bits, cfg={"alt_code_load": alt})
+            config = settings.attention._replace(alt_code_load=alt)
+            yield f"{bits[0]}+{bits[1]} alt={alt}", dense_call(bits, config=config)
     yield "fp16, bool mask, q_len 4 causal", dense_call(dtype=torch.float16, mask="bool", S=4, causal=True)
     yield "fp32 (ieee dots)", dense_call(dtype=torch.float32)
     yield "float mask + softcap, D64 Hq9/Hkv3", dense_call(Hq=9, H=3, D=64, mask="float", softcap=30.0)
@@ -149,6 +168,22 @@ def attention_calls():
     yield "D96, q_len 16 causal", dense_call(Hq=12, H=4, D=96, S=16, causal=True)
     yield "static (length on the device)", static_call()
     yield "static, prompt of 37", static_call(S=37)
+    # packed values (VB > 0); the launches above keep dense V (VB = 0) and their SASS
+    for vb in (4, 2, 8):
+        yield f"4+4 V{vb} c64 bf16 D128", dense_call(values=(vb, 64))
+    for config in settings.tuned_space:
+        yield f"4+4 V4 c64 tuned {tuple(config)}", dense_call(config=config, values=(4, 64))
+    yield "4+4 V2 c32 fp16, bool mask, q_len 4 causal", dense_call(dtype=torch.float16, mask="bool", S=4, causal=True,
+                                                                   values=(2, 32))
+    yield "4+4 V8 c128 fp32 (ieee dots)", dense_call(dtype=torch.float32, values=(8, 128))
+    yield "4+4 V4 c64 float mask + softcap, D64 Hq9/Hkv3", dense_call(Hq=9, H=3, D=64, mask="float", softcap=30.0,
+                                                                      values=(4, 64))
+    yield "4+4 V4 c64 D256 MQA", dense_call(Hq=8, H=1, D=256, values=(4, 64))
+    yield "4+4 V4 c32 D96 Dv96, q_len 16 causal", dense_call(Hq=12, H=4, D=96, S=16, causal=True, values=(4, 32))
+    yield "4+4 V4 c32 D128 Dv64", dense_call(values=(4, 32), Dv=64)
+    yield "3+3 V4 alt=True", dense_call((3, 3), config=settings.attention._replace(alt_code_load=True), values=(4, 64))
+    yield "static V4 c64 (length on the device)", static_call(values=(4, 64))
+    yield "static V2 c64, prompt of 37", static_call(S=37, values=(2, 64))
 
 
 def encode_calls():
@@ -157,6 +192,10 @@ def encode_calls():
             yield f"encode {bits[0]}+{bits[1]} {pairing}", lambda bits=bits, pairing=pairing: kernels.encode_groups(
                 torch.zeros(1, 8, 1024, 128, dtype=B16), codec(bits, pairing))
     yield "encode fp32 keys", lambda: kernels.encode_groups(torch.zeros(1, 8, 256, 128), codec())
+    for vb, cg, D, dtype in ((4, 64, 128, B16), (2, 32, 128, B16), (8, 128, 128, torch.float32), (4, 32, 96, B16),
+                             (4, 64, 256, torch.float16)):
+        yield f"value encode V{vb} c{cg} D{D} {str(dtype)[6:]}", lambda vb=vb, cg=cg, D=D, dtype=dtype: \
+            kernels.encode_value_groups(torch.zeros(1, 8, 1024, D, dtype=dtype), vref.ValueCodec(vb, cg, 128))
 
 
 def write_calls():
@@ -168,9 +207,22 @@ def write_calls():
             kernels.static_write(codes, params, ring, torch.tensor([300]), torch.zeros(1, 8, S, 128, dtype=dtype),
                                  torch.arange(300, 300 + S), c)
         return run
+    def value_call(S, vb=4, cg=64, dtype=B16, D=128):
+        def run():
+            vc, cap = vref.ValueCodec(vb, cg, 128), 1024
+            codes = torch.zeros(1, 8, cap, vc.code_bytes(D), dtype=torch.uint8)
+            params = torch.zeros(1, 8, cap, vc.num_groups(D), 2, dtype=B16)
+            ring = torch.zeros(1, 8, 128, D, dtype=dtype)
+            kernels.static_write_values(codes, params, ring, torch.tensor([300]), torch.zeros(1, 8, S, D, dtype=dtype),
+                                        torch.arange(300, 300 + S), vc)
+        return run
     yield "static write, one token", call(1)
     yield "static write, 300 tokens, 3+3", call(300, (3, 3))
     yield "static write, fp32 ring", call(5, dtype=torch.float32)
+    yield "value static write V4 c64, one token", value_call(1)
+    yield "value static write V2 c32, 300 tokens", value_call(300, 2, 32)
+    yield "value static write V8 c128, fp32 ring, D256", value_call(5, 8, 128, torch.float32, 256)
+    yield "value static write V4 c64, fp16 ring, D96 c32", value_call(3, 4, 32, torch.float16, 96)
 
 
 GROUPS = {"attention": attention_calls, "encode": encode_calls, "write": write_calls}

@@ -1,4 +1,4 @@
-"""Command line: `pqcompile demo | report DIR`."""
+"""Command line: `pqcompile demo | report DIR | eval | coverage`."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def eval_(args: argparse.Namespace) -> int:
     import pathlib
 
     from .quality import data, methods
-    from .quality import report as quality
+    from .quality import summary as quality
 
     try:
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="also graphs from earlier runs into the same folder")
     p.set_defaults(func=report)
     p = sub.add_parser("eval", help="quality on SmolLM2-135M + wiki: perplexity and errors per method (make eval)")
-    from .quality.report import add_arguments
+    from .quality.summary import add_arguments
     add_arguments(p)
     p.set_defaults(func=eval_)
     p = sub.add_parser("coverage", help="run the HF decoder families (tiny random models) and print the support table")

@@ -18,7 +18,7 @@ class PairingMode(str, enum.Enum):
 
 
 class VerifyMode(str, enum.Enum):
-    """Which calls of a compiled graph verify.py checks; written "off", "first", "every:N" or "shadow:N"."""
+    """Which calls of a compiled graph pqcompile.verify checks; written "off", "first", "every:N" or "shadow:N"."""
 
     OFF = "off"
     FIRST = "first"  # kernel check on the first call of each compiled graph
@@ -102,18 +102,19 @@ class PolarQuantConfig:
 
     radius_bits + angle_bits <= 8 bits are stored per key pair; the group parameters (min and scale of
     radius and angle, bf16) are kept per `group_size` tokens; the newest `seq_len % group_size` tokens
-    stay in full precision until their group is complete. Values stay dense unless `value_bits` is set: then
-    each value vector is quantized per token in groups of `value_group` channels (bf16 min and scale per group,
-    see value_codec.py), with the same full-precision tail.
+    stay in full precision until their group is complete. `value_bits` / `value_group` describe quantized values
+    (each value vector quantized per token in groups of `value_group` channels, bf16 min and scale per group,
+    the same full-precision tail: value_codec.py); None keeps the values dense (the default until the quality
+    eval says otherwise). A site whose values cannot be compressed keeps them dense and says why in its report.
     """
 
     radius_bits: int = 4
     angle_bits: int = 4
     group_size: int = 128
     pairing: PairingMode = PairingMode.AUTO
-    value_bits: int | None = None  # None: values dense; 2, 4 or 8: per-token quantized values (value_codec.py)
+    value_bits: int | None = None  # None: values dense; 2, 4 or 8: per-token quantized values (not used yet)
     value_group: int = 64  # channels of a value vector sharing one (min, scale); must divide head_dim
-    verify: VerifyMode = VerifyMode.OFF  # "off" | "first" | "every:N" | "shadow:N" (see verify.py)
+    verify: VerifyMode = VerifyMode.OFF  # "off" | "first" | "every:N" | "shadow:N" (see verify/)
     verify_n: int = 0  # the N of "every:N" / "shadow:N" (parsed from `verify`)
     on_mismatch: OnMismatch = OnMismatch.RAISE
     # kernel check: a compared tensor passes when max|a - b| <= atol + rtol * max|b| and SQNR >= min_sqnr_db

@@ -1,4 +1,4 @@
-"""torch.library custom ops over the compressed key state: opaque to dynamo, AOTAutograd and inductor.
+"""torch.library custom ops over the compressed key and value states: opaque to dynamo, AOTAutograd and inductor.
 
 On CUDA they launch the Triton kernels (pqcompile.kernels); elsewhere they run the reference codec.
 PQCOMPILE_KERNELS=reference forces the reference everywhere (debugging); =triton forces the kernels
@@ -6,6 +6,10 @@ PQCOMPILE_KERNELS=reference forces the reference everywhere (debugging); =triton
 Every op takes the codec as (radius_bits, angle_bits, group_size, pairing spec) so it stays hashable.
 The ops see params flattened to [B, H, (T//G)*4, P] (the same memory as codec's [B, H, T//G, 4, P]): a
 group count of 1 would otherwise be a size-1 dim, which dynamo specializes on (one more recompile).
+
+Values (value_codec.py) take their codec as (value_bits, value_group, group_size) and their params flattened to
+[B, H, (T//G)*G, (Dv/cg)*2] (value_codec's [B, H, (T//G)*G, Dv/cg, 2]: one channel group would be a size-1
+dim). The ops over both states (attention_qv, static_attention_qv) take the keys' arguments, then the values'.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import os
 import torch
 
 from . import codec as ref
+from . import value_codec as vref
 from .codec import TAIL_PAD, Codec, Pairing, PolarData
+from .value_codec import ValueCodec, ValueData
 
 _LIB = "pqcompile"
 
@@ -151,7 +157,21 @@ def static_write_(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
         capturing = new_keys.is_cuda and torch.cuda.is_current_stream_capturing()
         kernels.static_write(codes, unflat(params), ring, length, new_keys, positions, c, check=not capturing)
         return
-    G, S = c.group_size, new_keys.shape[2]
+    _static_write_reference(codes, params, ring, length, new_keys, positions, G=c.group_size, rows=4,
+                            encode=lambda x: _flat_second(ref.encode_groups(x, c), flat),
+                            decode=lambda L: ref.decode(_static_view(codes, params, ring, L, c), L, c))
+
+
+def _flat_second(codes_params, flatten):
+    codes, params = codes_params
+    return codes, flatten(params)
+
+
+def _static_write_reference(codes, params, ring, length, new, positions, *, G: int, rows: int, encode, decode
+                            ) -> None:
+    """The CPU static write of keys and values: `rows` params rows per group, encode(x [B, H, n*G, D]) ->
+    (codes, flat params), decode(L) -> the first L tokens, dense."""
+    S = new.shape[2]
     start, L = int(positions[0]), int(length[0])
     end = start + S
     if end > codes.shape[2]:
@@ -162,15 +182,15 @@ def static_write_(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
                          f"[{start}, ..] of {S}")
     if start < (L // G) * G:  # rewind into an encoded group: its kept tokens move back to the ring
         g0 = start // G
-        kept = ref.decode(_static_view(codes, params, ring, (g0 + 1) * G, c), (g0 + 1) * G, c)[:, :, g0 * G: start]
+        kept = decode((g0 + 1) * G)[:, :, g0 * G: start]
         ring[:, :, : start - g0 * G] = kept.to(ring.dtype)
-    pending = torch.cat([ring[:, :, : start % G], new_keys.to(ring.dtype)], dim=2)
+    pending = torch.cat([ring[:, :, : start % G], new.to(ring.dtype)], dim=2)
     first = start // G
     done = (pending.shape[2] // G) * G
     if done:
-        k_codes, k_params = ref.encode_groups(pending[:, :, :done], c)
-        codes[:, :, first * G: first * G + done] = k_codes
-        params[:, :, first * 4: first * 4 + done // G * 4] = flat(k_params)
+        new_codes, new_params = encode(pending[:, :, :done])
+        codes[:, :, first * G: first * G + done] = new_codes
+        params[:, :, first * rows: (first + done // G) * rows] = new_params
     ring[:, :, : pending.shape[2] - done] = pending[:, :, done:]
     length.fill_(end)
 
@@ -219,4 +239,179 @@ def static_decode(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
 
 @static_decode.register_fake
 def _(codes, params, ring, length, radius_bits, angle_bits, group_size, pairing, max_len):
+    return ring.new_empty(*ring.shape[:2], max_len, ring.shape[3])
+
+
+# --------------------------------------------------------------------------- values (value_codec.py)
+# Dynamic: codes [B, H, (T//G)*G, NBv], params [B, H, (T//G)*G, ng*2], tail [B, H, T%G + TAIL_PAD, Dv].
+# Static: codes [B, H, Tcap, NBv], params [B, H, Tcap, ng*2], ring [B, H, G, Dv], length int64 [1].
+
+
+@functools.cache
+def _vcodec(value_bits: int, value_group: int, group_size: int) -> ValueCodec:
+    return ValueCodec(value_bits, value_group, group_size)
+
+
+def vcodec_args(c: ValueCodec) -> tuple[int, int, int]:
+    return c.bits, c.channel_group, c.group_size
+
+
+def vunflat(params: torch.Tensor, head_dim: int, c: ValueCodec) -> torch.Tensor:
+    """[B, H, N, ng*2] -> value_codec's [B, H, N, ng, 2] (a view)."""
+    return params.view(*params.shape[:3], c.num_groups(head_dim), 2)
+
+
+def vflat(params: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, ng, 2] -> [B, H, N, ng*2] (a view)."""
+    return params.flatten(-2)
+
+
+def _vdata(codes, params, tail, c: ValueCodec) -> ValueData:
+    return ValueData(codes, vunflat(params, tail.shape[-1], c), tail)
+
+
+def _value_shapes(B: int, H: int, T, Dv: int, c: ValueCodec):
+    Tc = (T // c.group_size) * c.group_size
+    return (B, H, Tc, c.code_bytes(Dv)), (B, H, Tc, c.num_groups(Dv) * 2), (B, H, T % c.group_size + TAIL_PAD, Dv)
+
+
+@torch.library.custom_op(f"{_LIB}::append_values", mutates_args=())
+def append_values(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, new_values: torch.Tensor,
+                  seq_len: int, value_bits: int, value_group: int, group_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Value state of seq_len tokens + new_values [B, H, S, Dv] -> state of seq_len + S tokens (fresh tensors)."""
+    c = _vcodec(value_bits, value_group, group_size)
+    data = _vdata(codes, params, tail, c)
+    if _use_kernels(new_values):
+        from . import kernels
+
+        out = kernels.append_values(data, seq_len, new_values, c)
+    else:
+        out = vref.append(data, seq_len, new_values, c)
+    codes2, params2, tail2 = (t.clone() if t._base is not None or t.data_ptr() == o.data_ptr() else t
+                              for t, o in zip(out, data))
+    return codes2.contiguous(), vflat(params2).contiguous(), tail2.contiguous()
+
+
+@append_values.register_fake
+def _(codes, params, tail, new_values, seq_len, value_bits, value_group, group_size):
+    B, H, S, Dv = new_values.shape
+    shapes = _value_shapes(B, H, seq_len + S, Dv, _vcodec(value_bits, value_group, group_size))
+    return codes.new_empty(shapes[0]), params.new_empty(shapes[1]), tail.new_empty(shapes[2])
+
+
+@torch.library.custom_op(f"{_LIB}::decode_values", mutates_args=())
+def decode_values(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, seq_len: int, value_bits: int,
+                  value_group: int, group_size: int) -> torch.Tensor:
+    """Compressed value state -> dense values [B, H, seq_len, Dv] in the tail's dtype (contiguous)."""
+    c = _vcodec(value_bits, value_group, group_size)
+    return vref.decode(_vdata(codes, params, tail, c), seq_len, c).contiguous()
+
+
+@decode_values.register_fake
+def _(codes, params, tail, seq_len, value_bits, value_group, group_size):
+    B, H, _, Dv = tail.shape
+    return tail.new_empty(B, H, seq_len, Dv)
+
+
+@torch.library.custom_op(f"{_LIB}::attention_qv", mutates_args=())
+def attention_qv(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor,
+                 v_codes: torch.Tensor, v_params: torch.Tensor, v_tail: torch.Tensor, seq_len: int,
+                 mask: torch.Tensor | None, scale: float, softcap: float, is_causal: bool, radius_bits: int,
+                 angle_bits: int, group_size: int, pairing: str, value_bits: int, value_group: int,
+                 value_group_size: int) -> torch.Tensor:
+    """`attention` with compressed values: q [B, Hq, S, D] over compressed keys and values of seq_len tokens
+    -> [B, Hq, S, Dv]."""
+    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    vc = _vcodec(value_bits, value_group, value_group_size)
+    data, vdata = PolarData(codes, unflat(params), tail), _vdata(v_codes, v_params, v_tail, vc)
+    kwargs = {"mask": mask, "scale": scale, "softcap": softcap if softcap > 0 else None, "is_causal": is_causal}
+    if _use_kernels(q):
+        from . import kernels
+
+        return kernels.attention(q, data, seq_len, vdata, c, vcodec=vc, **kwargs).contiguous()
+    return vref.attention(q, data, seq_len, vdata, c, vc, **kwargs).contiguous()
+
+
+@attention_qv.register_fake
+def _(q, codes, params, tail, v_codes, v_params, v_tail, seq_len, mask, scale, softcap, is_causal, radius_bits,
+      angle_bits, group_size, pairing, value_bits, value_group, value_group_size):
+    B, Hq, S, _ = q.shape
+    return q.new_empty(B, Hq, S, v_tail.shape[-1])
+
+
+def _static_value_view(codes, params, ring, L: int, c: ValueCodec) -> ValueData:
+    """The first L tokens of a static value state, in value_codec.py's layout (views, plus a padded tail)."""
+    G, n = c.group_size, L // c.group_size
+    tail = torch.cat([ring[:, :, : L % G], ring.new_zeros(*ring.shape[:2], TAIL_PAD, ring.shape[3])], dim=2)
+    return ValueData(codes[:, :, : n * G], vunflat(params[:, :, : n * G], ring.shape[-1], c), tail)
+
+
+@torch.library.custom_op(f"{_LIB}::static_write_values_", mutates_args=("codes", "params", "ring", "length"))
+def static_write_values_(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor, length: torch.Tensor,
+                         new_values: torch.Tensor, positions: torch.Tensor, value_bits: int, value_group: int,
+                         group_size: int) -> None:
+    """static_write_ for a static value state: write new_values [B, H, S, Dv] at positions [S] (contiguous,
+    from at or before `length`), encoding each group of G tokens that completes; earlier positions rewind."""
+    c = _vcodec(value_bits, value_group, group_size)
+    if _use_kernels(new_values):
+        from . import kernels
+
+        capturing = new_values.is_cuda and torch.cuda.is_current_stream_capturing()
+        kernels.static_write_values(codes, vunflat(params, ring.shape[-1], c), ring, length, new_values, positions,
+                                    c, check=not capturing)
+        return
+    vref.check_values("new_values", new_values, c)
+    _static_write_reference(codes, params, ring, length, new_values, positions, G=c.group_size, rows=c.group_size,
+                            encode=lambda x: _flat_second(vref.encode_groups(x, c), vflat),
+                            decode=lambda L: vref.decode(_static_value_view(codes, params, ring, L, c), L, c))
+
+
+@static_write_values_.register_fake
+def _(codes, params, ring, length, new_values, positions, value_bits, value_group, group_size):
+    return None
+
+
+@torch.library.custom_op(f"{_LIB}::static_attention_qv", mutates_args=())
+def static_attention_qv(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
+                        length: torch.Tensor, v_codes: torch.Tensor, v_params: torch.Tensor, v_ring: torch.Tensor,
+                        mask: torch.Tensor | None, scale: float, is_causal: bool, radius_bits: int, angle_bits: int,
+                        group_size: int, pairing: str, value_bits: int, value_group: int, value_group_size: int
+                        ) -> torch.Tensor:
+    """static_attention with compressed values: the first `length` (the keys') tokens of both static states."""
+    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    vc = _vcodec(value_bits, value_group, value_group_size)
+    if _use_kernels(q):
+        from . import kernels
+
+        vdata = ValueData(v_codes, vunflat(v_params, v_ring.shape[-1], vc), v_ring)
+        return kernels.static_attention(q, codes, unflat(params), ring, length, vdata, c, vcodec=vc, mask=mask,
+                                        scale=scale, is_causal=is_causal)
+    L = int(length[0])
+    data, vdata = _static_view(codes, params, ring, L, c), _static_value_view(v_codes, v_params, v_ring, L, vc)
+    mask = None if mask is None else mask[..., :L]
+    return vref.attention(q, data, L, vdata, c, vc, mask=mask, scale=scale, is_causal=is_causal).contiguous()
+
+
+@static_attention_qv.register_fake
+def _(q, codes, params, ring, length, v_codes, v_params, v_ring, mask, scale, is_causal, radius_bits, angle_bits,
+      group_size, pairing, value_bits, value_group, value_group_size):
+    B, Hq, S, _ = q.shape
+    return q.new_empty(B, Hq, S, v_ring.shape[-1])
+
+
+@torch.library.custom_op(f"{_LIB}::static_decode_values", mutates_args=())
+def static_decode_values(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor, length: torch.Tensor,
+                         value_bits: int, value_group: int, group_size: int, max_len: int) -> torch.Tensor:
+    """Dense values [B, H, max_len, Dv]: the first min(length, max_len) tokens reconstructed, zeros after."""
+    c = _vcodec(value_bits, value_group, group_size)
+    L = int(length[0])
+    out = ring.new_zeros(*ring.shape[:2], max_len, ring.shape[3])
+    n = min(L, max_len)
+    out[:, :, :n] = vref.decode(_static_value_view(codes, params, ring, L, c), L, c)[:, :, :n]
+    return out
+
+
+@static_decode_values.register_fake
+def _(codes, params, ring, length, value_bits, value_group, group_size, max_len):
     return ring.new_empty(*ring.shape[:2], max_len, ring.shape[3])

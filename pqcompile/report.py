@@ -6,9 +6,9 @@ graph, DIR/compile-<frame>_<n>/ (dynamo's compile id), files named by content:
   before.py     the graph as dynamo captured it (print_readable: runnable Python)
   after.py      the graph after the passes
   diff.html     standalone page: before/after side by side, rewritten nodes highlighted and linked to sites
-  report.json   the same facts, schema SCHEMA (documented in README "Reports")
-The facts live in one dict (the JSON); summary and HTML are rendered from it, so `pqcompile report DIR`
-re-renders any folder. Verify results arrive after compilation: the files are rewritten on each check.
+  report.json   the same facts, schema SCHEMA (documented in docs/reports.md)
+The facts live in one dict (the JSON); summary (here) and HTML (report_html.py) are rendered from it, with
+the formatting both share in report_format.py, so `pqcompile report DIR` re-renders any folder. Verify results arrive after compilation: the files are rewritten on each check.
 Also emitted through torch._logging.trace_structured("artifact") for tlparse. An unwritable DIR gives one
 warning per folder and compilation proceeds.
 """
@@ -27,9 +27,11 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-from . import codec
+from . import codec, report_html, value_codec
 from .config import PolarQuantConfig
-from .passes.common import arg, module_path, val
+from .passes.common import VALUES_COMPRESSED, SiteStatus, arg, module_path, val
+from .report_format import bits, num, one_line, ratio, site_verify, value_lines, verify_lines
+from .value_codec import ValueCodec
 
 log = logging.getLogger(__name__)
 SCHEMA = "pqcompile.report/1"
@@ -52,12 +54,13 @@ def _int(x) -> int | str:
 
 def _site_facts(i: int, site, cfg: PolarQuantConfig) -> dict[str, Any]:
     key = val(site.append) if site.append is not None else val(arg(site.sdpa, 1, "key"))
-    facts = {"index": i, "module": site.module, "node": site.sdpa.name, "kind": site.kind or None,
+    # plain str, not the enums: the dict is rendered as it is, and must equal itself read back from JSON
+    facts = {"index": i, "module": site.module, "node": site.sdpa.name, "kind": site.kind.value if site.kind else None,
              "kv_append": site.append.name if site.append is not None else None, "pairing": site.pairing or None,
-             "pairing_source": site.pairing_source or None, "gqa": site.gqa, "status": site.status,
+             "pairing_source": site.pairing_source or None, "gqa": site.gqa, "status": site.status.value,
              "reason": site.reason or None, "radius_bits": None, "angle_bits": None, "group_size": None,
              "kv_heads": None, "head_dim": None, "key_dtype": None, "key_bytes_per_token_before": None,
-             "key_bytes_per_token_after": None}
+             "key_bytes_per_token_after": None, "key_bits_per_element": None, **_value_facts(site, cfg)}
     if not isinstance(key, torch.Tensor) or key.dim() != 4:
         return facts
     c = getattr(key, "codec", None) or codec.Codec(cfg.radius_bits, cfg.angle_bits, cfg.group_size)  # compressed
@@ -67,9 +70,34 @@ def _site_facts(i: int, site, cfg: PolarQuantConfig) -> dict[str, Any]:
         before = H * D * key.dtype.itemsize
         facts["key_bytes_per_token_before"] = before
         facts["key_bytes_per_token_after"] = before
-        if site.status == "rewritten":
+        facts["key_bits_per_element"] = 8 * key.dtype.itemsize
+        if site.status is SiteStatus.REWRITTEN:
+            bpe = codec.steady_bits_per_element(c, D)
             facts.update(radius_bits=c.radius_bits, angle_bits=c.angle_bits, group_size=c.group_size,
-                         key_bytes_per_token_after=codec.steady_bits_per_element(c, D) * H * D / 8)
+                         key_bytes_per_token_after=bpe * H * D / 8, key_bits_per_element=bpe)
+    return facts
+
+
+def _value_facts(site, cfg: PolarQuantConfig) -> dict[str, Any]:
+    """The value cache of a site: whether it is compressed (or why not), its codec and bytes per token."""
+    facts = {"values": site.values or None, "value_bits": None, "value_group": None, "value_head_dim": None,
+             "value_dtype": None, "value_bits_per_element": None, "value_bytes_per_token_before": None,
+             "value_bytes_per_token_after": None}
+    value = val(site.value) if site.value is not None else None
+    if not isinstance(value, torch.Tensor) or value.dim() != 4:
+        return facts
+    H, Dv = _int(value.shape[1]), _int(value.shape[-1])
+    facts.update(value_head_dim=Dv, value_dtype=str(value.dtype).replace("torch.", ""))
+    if not (isinstance(H, int) and isinstance(Dv, int)):
+        return facts
+    before = H * Dv * value.dtype.itemsize
+    facts.update(value_bytes_per_token_before=before, value_bytes_per_token_after=before,
+                 value_bits_per_element=8 * value.dtype.itemsize)
+    if site.status is SiteStatus.REWRITTEN and site.values == VALUES_COMPRESSED:
+        vc = getattr(value, "codec", None) or ValueCodec.from_config(cfg)
+        bpe = value_codec.steady_bits_per_element(vc, Dv)
+        facts.update(value_bits=vc.bits, value_group=vc.channel_group, value_bits_per_element=bpe,
+                     value_bytes_per_token_after=bpe * H * Dv / 8)
     return facts
 
 
@@ -91,6 +119,8 @@ def build(before: fx.GraphModule, after: fx.GraphModule, sites: list, results: l
     kinds = sorted({f["kind"] for f in rewritten})
     before_b = sum(f["key_bytes_per_token_before"] or 0 for f in facts)
     after_b = sum(f["key_bytes_per_token_after"] or 0 for f in facts)
+    v_before = sum(f["value_bytes_per_token_before"] or 0 for f in facts)
+    v_after = sum(f["value_bytes_per_token_after"] or 0 for f in facts)
     return {
         "schema": SCHEMA,
         "compile_id": compile_id,
@@ -103,7 +133,11 @@ def build(before: fx.GraphModule, after: fx.GraphModule, sites: list, results: l
         "sites": facts,
         "totals": {"sites": len(facts), "rewritten": len(rewritten), "declined": len(facts) - len(rewritten),
                    "key_bytes_per_token_before": before_b, "key_bytes_per_token_after": after_b,
-                   "key_ratio": after_b / before_b if before_b else None},
+                   "key_ratio": after_b / before_b if before_b else None,
+                   "values_compressed": sum(f["values"] == VALUES_COMPRESSED for f in rewritten),
+                   "value_bytes_per_token_before": v_before, "value_bytes_per_token_after": v_after,
+                   "value_ratio": v_after / v_before if v_before else None,
+                   "kv_ratio": (after_b + v_after) / (before_b + v_before) if before_b + v_before else None},
         "passes": [{"name": r.name, "matched": r.matched, "rewritten": r.rewritten,
                     "skipped": [list(s) for s in r.skipped]} for r in results],
         "verify": {"mode": cfg.verify_spec, "status": "off" if cfg.verify_spec == "off" else "pending",
@@ -120,39 +154,7 @@ def _version() -> str:
         return "unknown"
 
 
-def one_line(data: dict[str, Any]) -> str:
-    """'polarquant: 2/2 attention sites rewritten, keys 0.27x' (the INFO line per graph)."""
-    t = data["totals"]
-    line = f"polarquant: {t['rewritten']}/{t['sites']} attention sites rewritten"
-    dtypes = sorted({f["key_dtype"] for f in data["sites"] if f["key_dtype"]})
-    if t["key_ratio"] is not None:
-        line += f", keys {t['key_ratio']:.2f}x of {'/'.join(dtypes)}"
-    return line
-
-
 # --------------------------------------------------------------------------- text
-
-
-def _num(x, fmt: str = ".3g") -> str:
-    if x is None:
-        return "-"
-    return format(x, fmt) if isinstance(x, float) else str(x)
-
-
-def _sqnr(x) -> str:
-    return "exact" if x is None else f"{x:.1f}"
-
-
-def _site_verify(data: dict[str, Any], index: int) -> str:
-    kernel = [e for e in data["verify"]["events"] if e["check"] == "kernel"]
-    if not kernel:
-        return data["verify"].get("skipped") and "skipped" or data["verify"]["status"]
-    checks = [c for c in kernel[-1]["checks"] if c.get("site") == index]
-    if not checks:
-        return "-"
-    worst = min((c["sqnr_db"] for c in checks if c["sqnr_db"] is not None), default=None)
-    return ("ok" if all(c["ok"] for c in checks) else "MISMATCH") + (
-        " (exact)" if worst is None else f" (SQNR {worst:.1f} dB)")
 
 
 def render_summary(data: dict[str, Any]) -> str:
@@ -165,57 +167,24 @@ def render_summary(data: dict[str, Any]) -> str:
              (f"graph: {g['nodes_before']} -> {g['nodes_after']} nodes; added {', '.join(g['added']) or '-'}; "
              f"removed {', '.join(g['removed']) or '-'}"), "", "Attention sites"]
     rows = [[f["index"], f["module"], f["kind"] or "-", f["kv_append"] or "-",
-             f"{f['pairing'] or '-'} ({f['pairing_source'] or '-'})", f["gqa"],
-             _bits(f),
-             f["status"], _site_verify(data, f["index"])] for f in data["sites"]]
+             f"{f['pairing'] or '-'} ({f['pairing_source'] or '-'})", f["gqa"], bits(f), f["status"],
+             site_verify(data, f["index"])] for f in data["sites"]]
     lines.append(tabulate(rows, headers=["#", "module", "kind", "KV-append", "pairing (source)", "GQA", "bits",
                                          "status", "verify"]) if rows else "(no attention site in this graph)")
     lines += [f"  #{f['index']} declined: {f['reason']}" for f in data["sites"] if f["status"] == "declined"]
+    lines += [f"  #{f['index']} values dense: {f['values']}" for f in data["sites"]
+              if f["status"] == "rewritten" and f.get("values") not in (None, "compressed")]
     lines += ["", "Key cache bytes per token and batch row (steady state: group parameters included, tail amortized)"]
     rows = [[f["index"], f["module"], f["key_dtype"] or "-", f["kv_heads"] or "-", f["head_dim"] or "-",
-             _num(f["key_bytes_per_token_before"]), _num(f["key_bytes_per_token_after"], ".1f"),
-             _ratio(f["key_bytes_per_token_after"], f["key_bytes_per_token_before"])] for f in data["sites"]]
-    rows.append(["", "total", "", "", "", _num(t["key_bytes_per_token_before"]),
-                 _num(float(t["key_bytes_per_token_after"]), ".1f"),
-                 _ratio(t["key_bytes_per_token_after"], t["key_bytes_per_token_before"])])
+             num(f["key_bytes_per_token_before"]), num(f["key_bytes_per_token_after"], ".1f"),
+             ratio(f["key_bytes_per_token_after"], f["key_bytes_per_token_before"])] for f in data["sites"]]
+    rows.append(["", "total", "", "", "", num(t["key_bytes_per_token_before"]),
+                 num(float(t["key_bytes_per_token_after"]), ".1f"),
+                 ratio(t["key_bytes_per_token_after"], t["key_bytes_per_token_before"])])
     lines.append(tabulate(rows, headers=["#", "module", "dtype", "kv heads", "head dim", "before", "after", "ratio"]))
-    lines += ["", *_render_verify(data["verify"])]
+    lines += value_lines(data)
+    lines += ["", *verify_lines(data["verify"])]
     return "\n".join(lines) + "\n"
-
-
-def _ratio(a, b) -> str:
-    return f"{a / b:.3f}x" if a is not None and b else "-"
-
-
-def _render_verify(v: dict[str, Any]) -> list[str]:
-    head = f"Verify: {v['mode']}: {v['status']}"
-    if v.get("skipped"):
-        head += f" ({v['skipped']})"
-    if v.get("fallback"):
-        head += "; FALLBACK: the original graph runs from now on"
-    if "checked" in v:
-        head += f"; checked {v['checked']}, failed {v['failed']}"
-    lines = [head]
-    kernel = [e for e in v["events"] if e["check"] == "kernel"]
-    shown = [e for e in kernel if not e["ok"]][:3] + ([kernel[-1]] if kernel and kernel[-1]["ok"] else [])
-    for e in shown:
-        lines.append(f"kernel check, call {e['call']}: {'ok' if e['ok'] else 'MISMATCH'}, action {e['action']}")
-        rows = [[c["name"], c.get("what", ""), _num(c["max_abs"]), _num(c["rel_l2"]), _sqnr(c["sqnr_db"]),
-                 _num(c["cosine"], ".6f"), "ok" if c["ok"] else "MISMATCH"] for c in e["checks"]]
-        lines.append(tabulate(rows, headers=["compared", "what", "max abs", "rel L2", "SQNR dB", "cosine", "result"]))
-    drift = [e for e in v["events"] if e["check"] == "drift"]
-    if drift:
-        lines.append("drift vs a full-precision shadow (step 0 = prefill: compressed vs dense keys)")
-        rows = [[e["step"], c["name"], _num(c["rel_l2"]), _num(c["cosine"], ".6f"), _num(c.get("kl")),
-                 _num(c.get("top1"))] for e in drift for c in e["checks"]]
-        lines.append(tabulate(rows, headers=["step", "compared", "rel L2", "cosine", "KL", "top-1"]))
-    return lines
-
-
-# --------------------------------------------------------------------------- HTML
-
-def _bits(f: dict[str, Any]) -> str:
-    return f"{f['radius_bits']}+{f['angle_bits']}/g{f['group_size']}" if f["radius_bits"] else "-"
 
 
 # --------------------------------------------------------------------------- files
@@ -253,8 +222,6 @@ class GraphReport:
     def write(self) -> bool:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            from . import report_html  # renders from this module's facts and helpers
-
             files = {"summary.txt": render_summary(self.data), "before.py": self.before, "after.py": self.after,
                      "diff.html": report_html.render_html(self.data, self.before, self.after),
                      "report.json": json.dumps(self.data, indent=1, default=str)}

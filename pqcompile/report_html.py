@@ -1,6 +1,7 @@
 """diff.html of a graph report: a standalone page (inline CSS, no scripts, no external assets) rendered from
-the report's facts dict (report.build): sites, numerics, and before.py / after.py side by side with the
-rewritten nodes highlighted and linked to their sites."""
+the report's facts dict alone (report.build): sites, numerics, and before.py / after.py side by side with the
+rewritten nodes highlighted and linked to their sites. What it shares with summary.txt is in report_format.py
+(report.py imports this module, never the other way)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import html
 import re
 from typing import Any
 
-from .report import _bits, _num, _render_verify, _site_verify, _sqnr, one_line
+from .report_format import bits, num, one_line, site_verify, sqnr, vbits, verify_head
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:16px;color:#1d1d1f}
@@ -49,42 +50,69 @@ def _code_cell(line: str, side: str, marks: dict[str, int | None], changed: bool
 def render_html(data: dict[str, Any], before: str, after: str) -> str:
     """diff.html: standalone (inline CSS, no scripts, no external assets)."""
     esc = html.escape
-    g = data["graph"]
     out = [(f"<!doctype html><html lang=en><head><meta charset=utf-8><title>polarquant {esc(data['compile_id'])}"
            f"</title><style>{_CSS}</style></head><body>"),
-           f"<h1>polarquant · graph {esc(data['compile_id'])} ({esc(g['kind'])})</h1><p>{esc(one_line(data))}</p>",
-           ("<h2>Attention sites</h2><table><tr><th>#</th><th>module</th><th>kind</th><th>KV-append</th>"
-           "<th>pairing</th><th>GQA</th><th>bits</th><th>status</th><th>nodes</th><th>verify</th></tr>")]
+           (f"<h1>polarquant · graph {esc(data['compile_id'])} ({esc(data['graph']['kind'])})</h1>"
+            f"<p>{esc(one_line(data))}</p>")]
+    out += _sites_table(data)
+    out.append(f"<h2>Numerics</h2><p>{esc(verify_head(data['verify']))}</p>")
+    out += _numerics_table(data["verify"])
+    out.append('<h2>Graph diff</h2><p class="legend"><span style="background:#c8f0c8">added by the passes</span>'
+               '<span style="background:#f8c8c8">removed</span><span style="background:#fff3c4">changed arguments'
+               f'</span></p><table class="diff">{_COLS}<tr><th></th><th>before.py</th><th></th><th>after.py</th></tr>')
+    out += _diff_rows(before, after, data["graph"])
+    out.append("</table></body></html>")
+    return "\n".join(out)
+
+
+def _sites_table(data: dict[str, Any]) -> list[str]:
+    """One row per site, linked from the diff's tags and linking to the nodes the passes added / removed."""
+    esc, g = html.escape, data["graph"]
+    out = [("<h2>Attention sites</h2><table><tr><th>#</th><th>module</th><th>kind</th><th>KV-append</th>"
+            "<th>pairing</th><th>GQA</th><th>bits</th><th>values</th><th>status</th><th>nodes</th><th>verify</th></tr>")]
     for f in data["sites"]:
         nodes = [f'<a href="#{side}-{esc(n)}">{esc(n)}</a>' for side in ("after", "before")
                  for n, i in g["added" if side == "after" else "removed"].items() if i == f["index"]]
         status = f["status"] + (f": {f['reason']}" if f["reason"] else "")
-        ver = _site_verify(data, f["index"])
+        ver = site_verify(data, f["index"])
         out.append(f'<tr id="site-{f["index"]}"><td>{f["index"]}</td><td>{esc(f["module"])}</td>'
                    f'<td>{esc(f["kind"] or "-")}</td><td>{esc(f["kv_append"] or "-")}</td>'
                    f'<td>{esc(f["pairing"] or "-")} ({esc(f["pairing_source"] or "-")})</td><td>{f["gqa"]}</td>'
-                   f'<td>{_bits(f)}</td>'
+                   f'<td>{bits(f)}</td><td>{esc(_values_cell(f))}</td>'
                    f'<td class="{"ok" if f["status"] == "rewritten" else ""}">{esc(status)}</td>'
                    f'<td>{" ".join(nodes)}</td><td class="{_cls(ver)}">{esc(ver)}</td></tr>')
     out.append("</table>")
-    v = data["verify"]
-    out.append(f"<h2>Numerics</h2><p>{esc(_render_verify(v)[0])}</p>")
+    return out
+
+
+def _values_cell(f: dict[str, Any]) -> str:
+    """'v4/c64', or 'dense: <why>' for a half-compressed site (values asked for, kept dense)."""
+    why = f.get("values")
+    return vbits(f) + (f": {why}" if why and why != "compressed" else "")
+
+
+def _numerics_table(v: dict[str, Any]) -> list[str]:
+    """Every verify comparison (the latest 200), each linked to its site."""
     rows = [(e, c) for e in v["events"] for c in e["checks"]][-200:]
-    if rows:
-        out.append("<table><tr><th>call</th><th>check</th><th>compared</th><th>max abs</th><th>rel L2</th>"
-                   "<th>SQNR dB</th><th>cosine</th><th>KL</th><th>top-1</th><th>result</th></tr>")
-        for e, c in rows:
-            ok = c.get("ok", True)
-            site = f' <a href="#site-{c["site"]}">site {c["site"]}</a>' if c.get("site") is not None else ""
-            label = e["check"] + (f" step {e['step']}" if "step" in e else "")
-            out.append(f"<tr><td>{e['call']}</td><td>{label}</td><td>{esc(c['name'])}{site}</td>"
-                       f"<td>{_num(c['max_abs'])}</td><td>{_num(c['rel_l2'])}</td><td>{_sqnr(c['sqnr_db'])}</td>"
-                       f"<td>{_num(c['cosine'], '.6f')}</td><td>{_num(c.get('kl'))}</td><td>{_num(c.get('top1'))}</td>"
-                       f'<td class="{"ok" if ok else "bad"}">{"ok" if ok else "MISMATCH"}</td></tr>')
-        out.append("</table>")
-    out.append('<h2>Graph diff</h2><p class="legend"><span style="background:#c8f0c8">added by the passes</span>'
-               '<span style="background:#f8c8c8">removed</span><span style="background:#fff3c4">changed arguments'
-               f'</span></p><table class="diff">{_COLS}<tr><th></th><th>before.py</th><th></th><th>after.py</th></tr>')
+    if not rows:
+        return []
+    out = [("<table><tr><th>call</th><th>check</th><th>compared</th><th>max abs</th><th>rel L2</th>"
+            "<th>SQNR dB</th><th>cosine</th><th>KL</th><th>top-1</th><th>result</th></tr>")]
+    for e, c in rows:
+        ok = c.get("ok", True)
+        site = f' <a href="#site-{c["site"]}">site {c["site"]}</a>' if c.get("site") is not None else ""
+        label = e["check"] + (f" step {e['step']}" if "step" in e else "")
+        out.append(f"<tr><td>{e['call']}</td><td>{label}</td><td>{html.escape(c['name'])}{site}</td>"
+                   f"<td>{num(c['max_abs'])}</td><td>{num(c['rel_l2'])}</td><td>{sqnr(c['sqnr_db'])}</td>"
+                   f"<td>{num(c['cosine'], '.6f')}</td><td>{num(c.get('kl'))}</td><td>{num(c.get('top1'))}</td>"
+                   f'<td class="{"ok" if ok else "bad"}">{"ok" if ok else "MISMATCH"}</td></tr>')
+    out.append("</table>")
+    return out
+
+
+def _diff_rows(before: str, after: str, g: dict[str, Any]) -> list[str]:
+    """before.py | after.py side by side, unchanged runs folded."""
+    out = []
     b_lines, a_lines = before.splitlines(), after.splitlines()
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, b_lines, a_lines, autojunk=False).get_opcodes():
         rows = []
@@ -101,8 +129,7 @@ def render_html(data: dict[str, Any], before: str, after: str) -> str:
                                         f'lines</summary><table class="diff">{_COLS}{"".join(hidden)}</table>'
                                         '</details></td></tr>')]
         out.extend(rows)
-    out.append("</table></body></html>")
-    return "\n".join(out)
+    return out
 
 
 def _cls(verify_text: str) -> str:

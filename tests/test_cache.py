@@ -152,8 +152,8 @@ def test_repr_does_not_dequantize():
     assert "PolarKeys" in text and "(2, 2, 37, 8)" in text
 
 
-def test_unsupported_op_falls_back_dense_and_warns_once(monkeypatch):
-    monkeypatch.setattr(cache_mod, "_warned", set())
+def test_unsupported_op_falls_back_dense_and_warns_once():
+    cache_mod.reset_fallback_warnings()
     pk = PolarKeys.from_dense(keys_(), CODECS[0])
     with pytest.warns(UserWarning, match="aten.add.Tensor"):
         out = pk + 1
@@ -165,6 +165,18 @@ def test_unsupported_op_falls_back_dense_and_warns_once(monkeypatch):
     assert torch.equal(again, out)
     with pytest.warns(UserWarning, match="aten.mul.Tensor"):  # another op warns on its own
         torch.testing.assert_close(pk * 2, pk.dequantize() * 2)
+
+
+def test_quiet_fallbacks_neither_warn_nor_use_up_the_warning():
+    cache_mod.reset_fallback_warnings()
+    pk = PolarKeys.from_dense(keys_(), CODECS[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with cache_mod.quiet_fallbacks():
+            quiet = pk - 1
+    torch.testing.assert_close(quiet, pk.dequantize() - 1)
+    with pytest.warns(UserWarning, match="aten.sub.Tensor"):  # the user's own call still warns
+        pk - 1
 
 
 def test_dense_fallback_on_other_dims():
@@ -228,26 +240,39 @@ def test_lives_in_dynamic_cache():
     assert keys.data_.codes.shape[2] == 32
 
 
-def test_batch_repeat_interleave_in_dynamic_cache_is_correct():
+def test_batch_repeat_interleave_in_dynamic_cache_stays_compressed():
     codec = CODECS[0]
     k, v = keys_(seed=3), keys_(seed=4)
     cache = DynamicCache()
     cache.update(k, v, 0)
     cache.layers[0].keys = PolarKeys.from_dense(k, codec)
-    want = cache.layers[0].keys.dequantize().repeat_interleave(2, dim=0)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("error")  # no dense fallback
         cache.batch_repeat_interleave(2)
-        got = cache.layers[0].keys
-        got = got.dequantize() if isinstance(got, PolarKeys) else got
-    assert torch.equal(got, want)
+    got = cache.layers[0].keys
+    assert isinstance(got, PolarKeys)
+    assert_state_equal(got, C.encode(k.repeat_interleave(2, dim=0), codec))
+    assert torch.equal(cache.layers[0].values, v.repeat_interleave(2, dim=0))
     assert cache.get_seq_length() == 37
 
 
-@pytest.mark.xfail(reason="repeat_interleave decomposes before __torch_dispatch__ (DESIGN.md §2): dense fallback",
-                   strict=False)
-def test_batch_repeat_interleave_stays_compressed():
+@pytest.mark.parametrize("call", [lambda x: x.repeat_interleave(2, dim=0), lambda x: x.repeat_interleave(2, 0),
+                                  lambda x: torch.repeat_interleave(x, 2, dim=0)], ids=["method", "dim", "function"])
+def test_repeat_interleave_on_batch_dim_stays_compressed(call):
+    """Torch-level (aten's decomposes before __torch_dispatch__): the method and the function."""
     k = keys_(seed=3)
-    out = PolarKeys.from_dense(k, CODECS[0]).repeat_interleave(2, dim=0)
-    assert isinstance(out, PolarKeys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = call(PolarKeys.from_dense(k, CODECS[0]))
+    assert isinstance(out, PolarKeys) and out.shape == (4, 2, 37, 8)
     assert_state_equal(out, C.encode(k.repeat_interleave(2, dim=0), CODECS[0]))
+
+
+def test_repeat_interleave_on_other_dims_falls_back_dense():
+    pk = PolarKeys.from_dense(keys_(seed=3), CODECS[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = pk.repeat_interleave(2, dim=1)
+        flat = pk.repeat_interleave(torch.tensor(2))
+    assert type(out) is torch.Tensor and torch.equal(out, pk.dequantize().repeat_interleave(2, dim=1))
+    assert type(flat) is torch.Tensor and torch.equal(flat, pk.dequantize().repeat_interleave(2))

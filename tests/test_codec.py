@@ -369,7 +369,7 @@ def test_lut_attention_softcap_and_pairings(softcap, pairing, bits):
 @pytest.mark.parametrize("pairing", PAIRINGS, ids=str)
 @pytest.mark.parametrize("bits", [(4, 4), (3, 3), (2, 2), (1, 7)])
 def test_polar_scores_are_the_lut_sum(bits, pairing):
-    """polar_scores is DESIGN 1.2's sum, term by term: score = sum_j r_j LUT[j][c_j] with
+    """polar_scores is docs/design.md §1.4's sum, term by term: score = sum_j r_j LUT[j][c_j] with
     LUT[j][c] = q_xj cos(phi_c) + q_yj sin(phi_c), here in fp64 straight from the stored codes and params."""
     B, Hkv, R, S, T, D, G = 2, 2, 3, 4, 48, 8, 16
     codec = Codec(*bits, G, pairing)

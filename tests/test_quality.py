@@ -183,9 +183,9 @@ def test_cli_eval_rejects_unknown_method(capsys):
     assert "unknown method 'polar-4+5x'" in err and "kivi-ch-int4" in err
 
 
-def test_report_table_json_and_plot(tmp_path):
+def test_summary_table_json_and_plot(tmp_path):
     pytest.importorskip("matplotlib", reason=f"matplotlib is in the eval extra ({INSTALL_HINT})")
-    from pqcompile.quality import report
+    from pqcompile.quality import summary
 
     errs = {"attn_rel_err": [0.1, 0.2], "key_rel_err": [0.05, 0.06]}
     res = {"model": "m", "text": "wiki", "error_windows": 1, "methods": {
@@ -194,7 +194,7 @@ def test_report_table_json_and_plot(tmp_path):
                       "delta_ppl_pct": 5.0, "seconds": 2.0, "layer_errors": errs},
         "kivi-ch-int4": {"kind": "reference", "bits": 4.25, "tokens": 2046, "ppl": 20.1, "delta_ppl_pct": 0.5,
                          "seconds": 1.0, "layer_errors": errs}}}
-    text = report.table(res)
+    text = summary.table(res)
     assert "compiled (aot_eager)" in text and "+5.00%" in text and "0.1500" in text
-    js, png = report.write(res, tmp_path / "q")
+    js, png = summary.write(res, tmp_path / "q")
     assert js.exists() and png.stat().st_size > 10_000

@@ -1,5 +1,6 @@
-"""verify.py: the kernel check catches a planted wrong kernel, on_mismatch raise / warn / fallback, every:N, and
-the drift check against a full-precision shadow. Tiny GQA Llama, group size 16 so short prompts hold codes."""
+"""pqcompile.verify: the kernel check catches a planted wrong kernel, on_mismatch raise / warn / fallback,
+every:N, and the drift check against a full-precision shadow. Tiny GQA Llama, group size 16 so short prompts
+hold codes."""
 
 import copy
 import math
@@ -276,7 +277,7 @@ def test_a_checker_that_cannot_run_warns_and_keeps_the_result(model, ids, monkey
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(verify, "_run", broken)
+    monkeypatch.setattr(verify.graphs, "run", broken)
     compiled = _compile(model, verify="first")
     with pytest.warns(UserWarning, match="verify could not run the graphs: RuntimeError: boom"):
         out = compiled(ids[:, :PROMPT], use_cache=True).logits

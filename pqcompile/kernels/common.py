@@ -11,6 +11,7 @@ import triton.language as tl
 
 from .. import codec as ref
 from ..codec import Codec
+from ..value_codec import ValueCodec
 
 MAX_HEAD_DIM = 256
 TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -52,6 +53,26 @@ def pair_index(pairing: ref.Pairing, head_dim: int, device: torch.device):
     pad = [0] * (triton.next_power_of_2(len(xs)) - len(xs))
     return (torch.tensor(xs + pad, dtype=torch.int32, device=device),
             torch.tensor(ys + pad, dtype=torch.int32, device=device))
+
+
+def pair_tile(block_p: int, G: int, P: int) -> int:
+    """Pairs per encode / static-write program: the setting's tile, capped by P and by 8192 // G elements."""
+    return max(8, min(triton.next_power_of_2(block_p), 8192 // G, triton.next_power_of_2(P)))
+
+
+def row_tile(block_t: int, block_dv: int, limit: int) -> int:
+    """Tokens per value encode / value static-write program (a power of two): the setting's tile, capped by 4096
+    elements a program and by `limit` rounded up to a power of two (the group size, or the tokens to encode)."""
+    return max(1, min(block_t, max(1, 4096 // block_dv), triton.next_power_of_2(max(1, limit))))
+
+
+def check_value_codec(vcodec, ring: bool = False) -> None:
+    """A ValueCodec (it validates its own bits and channel group); ring: a static cache's, group size as the keys'."""
+    if not isinstance(vcodec, ValueCodec):
+        raise TypeError(f"vcodec must be a value_codec.ValueCodec, got {type(vcodec).__name__}")
+    G = vcodec.group_size
+    if ring and (G < 16 or G & (G - 1)):
+        raise ValueError(f"group_size {G} unsupported: need a power of two >= 16")
 
 
 @functools.cache

@@ -1,8 +1,10 @@
-"""What the passes share: the attention Site record, PassResult, and small FX matching helpers."""
+"""What the passes share: the attention Site record, PassResult, the facts passes provide each other, and
+small FX matching helpers."""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import operator
 from typing import Any
 
@@ -11,6 +13,34 @@ from torch import fx
 
 SDPA_TARGETS = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
 SITES_KEY = "pqcompile_sites"
+
+
+class SiteKind(str, enum.Enum):
+    """What the cache holds when the graph runs; it picks the rewrite (rewrite_attention)."""
+
+    PREFILL = "prefill"  # dense past: the appended key gets compressed, attention stays dense
+    DECODE = "decode"  # the past is PolarKeys: attention reads the codes
+    STATIC = "static"  # a PolarStaticCache: attention reads its preallocated compressed buffers
+
+    # The value, not "SiteKind.PREFILL", in f-strings, tabulate and counter keys: Python 3.11 changed
+    # format() of (str, Enum) members to the member name.
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class SiteStatus(str, enum.Enum):
+    """Where a site stands; report.json and the counters carry the value."""
+
+    FOUND = "found"  # traced, waiting for rewrite_attention
+    REWRITTEN = "rewritten"
+    DECLINED = "declined"  # left exactly as it was; Site.reason says why
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
 
 
 @dataclasses.dataclass
@@ -25,14 +55,22 @@ class Site:
     gqa: int = 1  # query heads per kv head
     write: fx.Node | None = None  # static caches: the in-place KV-append (keys.index_copy_(2, pos, new))
     causal: bool = False  # SDPA is_causal over a static cache sliced to the written length (HF prefill)
-    kind: str = ""  # "prefill" (dense past, keys get compressed) | "decode" (past is PolarKeys)
+    kind: SiteKind | None = None  # None until traced (declined sites may stay None)
     pairing: str = ""  # codec.Pairing spec inferred from the graph
     pairing_source: str = ""  # the RoPE pattern the pairing was read from
-    status: str = "found"  # found | rewritten | declined
+    status: SiteStatus = SiteStatus.FOUND
     reason: str = ""
+    # Values (trace_values): "" when they stay dense because nobody asked (value_bits None and a dense cache),
+    # VALUES_COMPRESSED, or the reason they stay dense at a site whose keys are compressed (half-compressed).
+    values: str = ""
+    value_append: fx.Node | None = None  # the cached value: its KV-append (DynamicCache) or the static buffer
+    value_write: fx.Node | None = None  # static caches: values.index_copy_(2, pos, new)
 
     def decline(self, reason: str) -> None:
-        self.status, self.reason = "declined", reason
+        self.status, self.reason = SiteStatus.DECLINED, reason
+
+
+VALUES_COMPRESSED = "compressed"  # Site.values of a site whose values the cache keeps compressed
 
 
 @dataclasses.dataclass
@@ -45,6 +83,19 @@ class PassResult:
 
 def sites(gm: fx.GraphModule) -> list[Site]:
     return gm.meta.setdefault(SITES_KEY, [])
+
+
+# What a pass can rely on once the passes before it ran. Each pass module declares REQUIRES (facts an
+# earlier pass must provide) and PROVIDES; passes.check_order refuses an order that breaks them.
+FACTS = {
+    "sdpa": "every attention the passes can rewrite is an SDPA node (eager matmul-softmax-matmul matched)",
+    "sites": "sites(gm) lists every attention site, each found (traced) or declined with a reason",
+    "append": "found dynamic-cache sites know their KV-append, new key, value, GQA ratio and kind",
+    "static_append": "sites reading a PolarStaticCache are found, with their in-place write",
+    "pairing": "found sites carry the codec pairing their keys are compressed with",
+    "values": "found sites say whether their values are compressed (Site.values) and know the value's KV-append",
+    "rewritten": "found sites are rewritten to the polar ops; their status says so",
+}
 
 
 def val(node: Any):
@@ -97,7 +148,7 @@ def normalized_dim(dim: int, ndim: int) -> int:
 
 
 def _is_impure(node: fx.Node) -> bool:
-    """Keep in-place methods (add_, index_copy_, copy_) alive: fx's DCE would drop them (DESIGN §3)."""
+    """Keep in-place methods (add_, index_copy_, copy_) alive: fx's DCE would drop them (docs/design.md §8.7)."""
     if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_"):
         return True
     if getattr(node.target, "mutates_inputs", False):  # e.g. static_cache.static_write

@@ -17,7 +17,11 @@ from torch import fx
 
 from ..codec import Pairing
 from ..config import PairingMode, PolarQuantConfig
-from .common import CAT, GETITEM, PassResult, arg, is_call, sites, val
+from .common import CAT, GETITEM, PassResult, SiteKind, SiteStatus, arg, is_call, sites, val
+
+# Static sites take their pairing from the PolarStaticCache (trace_static_cache): either order works.
+REQUIRES = frozenset({"sites", "append"})
+PROVIDES = frozenset({"pairing"})
 
 _PASSTHROUGH = ("to", "contiguous", "transpose", "permute", "view", "reshape", "type_as", "float", "half",
                 "bfloat16", torch.transpose, torch.permute)
@@ -106,11 +110,11 @@ def infer(new_key: fx.Node) -> tuple[Pairing, str]:
 def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
     result = PassResult("infer_pairing")
     for site in sites(gm):
-        if site.status == "declined" or site.kind == "static":  # static: fixed when the cache was allocated
+        if site.status is SiteStatus.DECLINED or site.kind is SiteKind.STATIC:  # static: fixed when the cache was allocated
             continue
         result.matched += 1
         past = val(site.append.args[0][0])
-        if site.kind == "decode":  # the codec was fixed when the prefill compressed this cache
+        if site.kind is SiteKind.DECODE:  # the codec was fixed when the prefill compressed this cache
             site.pairing, site.pairing_source = str(past.codec.pairing), "from the cached PolarKeys"
             continue
         pairing, source = infer(site.new_key)

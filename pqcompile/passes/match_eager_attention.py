@@ -33,7 +33,21 @@ from torch import fx
 
 from ..config import PolarQuantConfig
 from . import trace_kv_append
-from .common import PassResult, Site, arg, eliminate_dead_code, graph_outputs, is_call, module_path, sites, val
+from .common import (
+    PassResult,
+    Site,
+    SiteStatus,
+    arg,
+    eliminate_dead_code,
+    graph_outputs,
+    is_call,
+    module_path,
+    sites,
+    val,
+)
+
+REQUIRES: frozenset[str] = frozenset()
+PROVIDES = frozenset({"sdpa"})  # the facts are listed in common.FACTS
 
 _MATMUL = (torch.matmul, operator.matmul, "matmul")
 _SOFTMAX = (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax, "softmax")
@@ -161,7 +175,7 @@ def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
                           if key in out.meta})
         probe = Site(sdpa=sdpa, module=module_path(out))
         trace_kv_append.trace(probe, outputs, ignore=set(chain) | {out})
-        if probe.status == "declined":
+        if probe.status is SiteStatus.DECLINED:
             gm.graph.erase_node(sdpa)  # the graph stays exactly as it was
             _record(gm, out, f"eager attention: {probe.reason}", result)
             continue

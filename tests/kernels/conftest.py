@@ -19,10 +19,10 @@ def poisoned(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def fixed_config(monkeypatch):
+def fixed_config():
     """No timing-based tuning inside tests (GPU): the fixed launch config, restored afterwards."""
-    monkeypatch.setitem(kernels.ATTN_CONFIG, "autotune", False)
-    yield
+    with kernels.settings.override(autotune=False):
+        yield
 
 
 def _assert_codes_close(c, codes_k, params_k, codes_r, params_r, D):

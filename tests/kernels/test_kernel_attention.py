@@ -4,15 +4,27 @@ On CPU the kernel runs in the Triton interpreter (fp32 dots); on a GPU the dots 
 operands, tf32 for fp32), hence the per-device tolerances. Outputs and split partials start poisoned.
 """
 
+import importlib.util
+import pathlib
+
 import pytest
 import torch
 
 from pqcompile import codec as ref
 from pqcompile import kernels
-from pqcompile.kernels import attend
+from pqcompile.kernels import LaunchConfig, settings, tuner
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the kernels run in the Triton interpreter
 TOL = {torch.float32: 1e-4 if DEVICE == "cpu" else 3e-3, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+def bench_pair_chunk_space() -> tuple:
+    """The tuned configs bench/attention.py tries beyond the product space (--pair-chunks): tested here too."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PAIR_CHUNK_SPACE
 
 
 def run_case(B, Hq, H, T, D, S, *, bits=(4, 4), pairing="half", G=16, v_heads=None, mask=None, causal=False,
@@ -63,35 +75,31 @@ def test_bits_and_pairings(bits, pairing, poisoned):
 
 @pytest.mark.parametrize("bits", [(3, 3), (2, 3), (4, 3), (1, 2), (3, 4), (2, 2), (1, 1), (1, 3)])  # W 6 5 7 3 7 4 2 4
 @pytest.mark.parametrize("D", [64, 96])  # 96: the last word of a row is cut by the row's end
-def test_alternative_code_loads(monkeypatch, bits, D, poisoned):
+def test_alternative_code_loads(bits, D, poisoned):
     """The tuned variant's code loads: byte planes joined into words (codes that straddle bytes), or each
     pair's own byte (sub-byte codes). Same results as the reference."""
-    monkeypatch.setitem(kernels.ATTN_CONFIG, "alt_code_load", True)
-    run_case(1, 4, 2, 45, D, 1, bits=bits, splits=2, seed=sum(bits) + D)
+    with settings.override(attention=settings.attention._replace(alt_code_load=True)):
+        run_case(1, 4, 2, 45, D, 1, bits=bits, splits=2, seed=sum(bits) + D)
 
 
-@pytest.mark.parametrize("config", attend.ATTN_TUNE_SPACE, ids=str)
-def test_every_tuned_config(monkeypatch, config, poisoned):
-    """Each launch config the tuner may pick, fixed: block sizes, split heuristic, register caps (maxnreg).
-    16-bit inputs: the space is for them (fp32 V at BLOCK_N 128 needs more shared memory than an H200 has; the
-    tuner skips a config that fails to compile)."""
-    bn, sd, pps, w, st, alt, mr, nch = config
-    monkeypatch.setitem(kernels.ATTN_CONFIG, "autotune", False)
-    for k, val in {"block_n": bn, "split_dot": sd, "programs_per_sm": pps, "num_warps": w, "num_stages": st,
-                   "alt_code_load": alt, "maxnreg": mr, "pair_chunks": nch}.items():
-        monkeypatch.setitem(kernels.ATTN_CONFIG, k, val)
-    run_case(1, 8, 2, 2 * bn + 77, 128, 1, G=128, dtype=torch.bfloat16, seed=bn + pps)
+@pytest.mark.parametrize("config", settings.tuned_space + bench_pair_chunk_space(), ids=lambda c: str(tuple(c)))
+def test_every_tuned_config(config, poisoned):
+    """Each launch config the tuner may pick, fixed: block sizes, split heuristic, register caps (maxnreg), and the
+    bench's pair-chunk configs. 16-bit inputs: the space is for them (fp32 V at BLOCK_N 128 needs more shared
+    memory than an H200 has; the tuner skips a config that fails to compile)."""
+    with settings.override(attention=config):
+        run_case(1, 8, 2, 2 * config.block_n + 77, 128, 1, G=128, dtype=torch.bfloat16,
+                 seed=config.block_n + config.programs_per_sm)
 
 
 @pytest.mark.parametrize("D, S, mask, causal", [(96, 1, None, False), (64, 4, "bool", True), (128, 2, "float", False)])
-def test_pair_chunks(monkeypatch, D, S, mask, causal, poisoned):
+def test_pair_chunks(D, S, mask, causal, poisoned):
     """Encoded blocks scored in two chunks of pairs: a chunk cut by the row's end (D 96: 48 pairs in chunks of
     32), q_len > 1 with a causal offset, masks. Codes of other widths refuse the setting."""
-    monkeypatch.setitem(kernels.ATTN_CONFIG, "autotune", False)
-    monkeypatch.setitem(kernels.ATTN_CONFIG, "pair_chunks", 2)
-    run_case(2, 8, 2, 301, D, S, mask=mask, causal=causal, splits=3, G=32, seed=D + S)
-    with pytest.raises(ValueError, match="pair_chunks=2 needs 8-bit codes"):
-        run_case(1, 4, 2, 45, 64, 1, bits=(3, 3), splits=2)
+    with settings.override(attention=settings.attention._replace(pair_chunks=2)):
+        run_case(2, 8, 2, 301, D, S, mask=mask, causal=causal, splits=3, G=32, seed=D + S)
+        with pytest.raises(ValueError, match="pair_chunks=2 needs 8-bit codes"):
+            run_case(1, 4, 2, 45, 64, 1, bits=(3, 3), splits=2)
 
 
 @pytest.mark.parametrize("mask", ["bool", "pad", "float"])
@@ -160,26 +168,32 @@ def test_gpu_real_shapes(bits, poisoned):
     run_case(2, 8, 1, 1000, 256, 4, bits=bits, G=128, dtype=torch.bfloat16, causal=True)
 
 
-def test_tune_space_gates_the_code_loads_and_pair_chunks(monkeypatch):
-    base = len(attend.tune_space(128, 64, 8))
-    assert not any(c[7] > 1 for c in attend.tune_space(128, 64, 8))  # pair chunks: not yet run on a GPU (v9)
-    monkeypatch.setitem(kernels.ATTN_CONFIG, "tune_pair_chunks", True)
-    space8 = attend.tune_space(128, 64, 8)
-    chunked = [c for c in space8 if c[7] > 1]  # pair chunks: 8-bit codes only
-    assert len(space8) - len(chunked) == base > 0 and chunked and not any(c[5] for c in space8)
-    assert len(attend.tune_space(128, 64, 6)) == 2 * base  # byte planes: run on the H200 (v5)
-    assert len(attend.tune_space(128, 64, 4)) == base  # per-pair bytes: verified on the H200, never faster (v7)
-    monkeypatch.setitem(kernels.ATTN_CONFIG, "tune_alt_sub_byte", True)
-    assert len(attend.tune_space(128, 64, 4)) == 2 * base
-    assert all(c[0] <= 32 for c in attend.tune_space(32, 64, 8))  # a block never spans a group
-    assert not any(c[7] > 1 for c in attend.tune_space(128, 64, 6) + attend.tune_space(128, 64, 4))
-    assert not any(c[7] > 1 for c in attend.tune_space(128, 16, 8))  # chunks of >= 16 pairs
+def test_tuner_candidates_fit_the_codes():
+    """What the tuner tries per code width: the product space has no pair chunks and no alternative loads; codes
+    that straddle bytes try byte planes too; sub-byte codes try per-pair bytes only where a space lists them;
+    pair chunks only for 8-bit codes in chunks of >= 16 pairs; a block never spans a group."""
+    space = settings.tuned_space
+    base = len(tuner.candidates(space, 128, 64, 8))
+    assert base == len(space) and not any(c.pair_chunks > 1 or c.alt_code_load for c in space)
+    assert len(tuner.candidates(space, 128, 64, 6)) == 2 * base  # byte planes
+    assert tuner.candidates(space, 128, 64, 4) == list(space)
+    with_alt = (*space, *(c._replace(alt_code_load=True) for c in space))  # bench/attention.py --alt-sub-byte
+    assert len(tuner.candidates(with_alt, 128, 64, 4)) == 2 * base
+    assert tuner.candidates(with_alt, 128, 64, 8) == list(space)  # 8-bit codes have one load path
+    assert len(tuner.candidates(with_alt, 128, 64, 6)) == 2 * base  # no duplicates
+    chunked = (*space, *(c._replace(pair_chunks=2) for c in space))
+    assert len(tuner.candidates(chunked, 128, 64, 8)) == base + sum(c.split_dot for c in space)
+    assert not any(c.pair_chunks > 1 for w in (6, 4) for c in tuner.candidates(chunked, 128, 64, w))
+    assert not any(c.pair_chunks > 1 for c in tuner.candidates(chunked, 128, 16, 8))  # chunks of >= 16 pairs
+    assert all(c.block_n <= 32 for c in tuner.candidates(space, 32, 64, 8))
 
 
 def test_tuner_times_each_config_once_per_shape_class(monkeypatch):
+    configs = [LaunchConfig(32, True, 2, 4, 3), LaunchConfig(64, True, 2, 4, 3), LaunchConfig(128, True, 2, 4, 3)]
     timed = []
-    monkeypatch.setattr(attend, "_gpu_time", lambda fn: (fn(), {1: 3.0, 2: 1.0, 3: 2.0}[timed[-1]])[1])
-    monkeypatch.setattr(attend, "_TUNED", {})
-    assert attend._tune("k", timed.append, [1, 2, 3]) == 2
-    assert attend._tune("k", timed.append, [1, 2, 3]) == 2
-    assert timed == [1, 2, 3]
+    times = dict(zip(configs, (3.0, 1.0, 2.0)))
+    monkeypatch.setattr(tuner, "_gpu_time", lambda fn: (fn(), times[timed[-1]])[1])
+    monkeypatch.setattr(tuner, "_TUNED", {})
+    assert tuner.pick("k", timed.append, configs) == configs[1] == tuner.last_config()
+    assert tuner.pick("k", timed.append, configs) == configs[1]
+    assert timed == configs

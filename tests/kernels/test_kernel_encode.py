@@ -40,14 +40,14 @@ def test_encode_dtypes_and_head_dims(D, dtype, poisoned, assert_codes_close):
 
 
 @pytest.mark.parametrize("bits", [(4, 4), (3, 3), (2, 2)])
-def test_encode_with_small_pair_tiles(monkeypatch, bits, poisoned, assert_codes_close):
-    """ENCODE_CONFIG's tile of 8 pairs: 8 programs per group (D 128), each packing its own bytes."""
-    monkeypatch.setitem(kernels.ENCODE_CONFIG, "block_p", 8)
-    monkeypatch.setitem(kernels.ENCODE_CONFIG, "num_warps", 2)
+def test_encode_with_small_pair_tiles(bits, poisoned, assert_codes_close):
+    """A tile of 8 pairs: 8 programs per group (D 128), each packing its own bytes."""
     torch.manual_seed(sum(bits))
     c = make_codec(bits, "half")
     keys = torch.randn(1, 2, 32, 128, device=DEVICE) * 2
-    assert_codes_close(c, *kernels.encode_groups(keys, c), *ref.encode_groups(keys, c), 128)
+    with kernels.settings.override(encode_tile=kernels.Tile(block_p=8, num_warps=2)):
+        codes, params = kernels.encode_groups(keys, c)
+    assert_codes_close(c, codes, params, *ref.encode_groups(keys, c), 128)
 
 
 def test_encode_writes_only_its_groups_at_the_offset(assert_codes_close):

@@ -59,11 +59,10 @@ def test_write_matches_reference(monkeypatch, assert_codes_close, schedule, bits
 
 @pytest.mark.parametrize("schedule", ["chunk-spans-groups", "rewind-into-encoded-group"])
 def test_write_with_small_pair_tiles(monkeypatch, assert_codes_close, schedule):
-    """WRITE_CONFIG's tile of 8 pairs: 4 programs per group share the group's tokens (32 pairs, 3+3 words)."""
-    monkeypatch.setitem(kernels.WRITE_CONFIG, "block_p", 8)
-    monkeypatch.setitem(kernels.WRITE_CONFIG, "num_warps", 2)
+    """A tile of 8 pairs: 4 programs per group share the group's tokens (32 pairs, 3+3 words)."""
     c = ref.Codec(3, 3, G, ref.Pairing.parse("half"))
-    a = write_all("triton", monkeypatch, c, SCHEDULES[schedule])
+    with kernels.settings.override(write_tile=kernels.Tile(block_p=8, num_warps=2)):
+        a = write_all("triton", monkeypatch, c, SCHEDULES[schedule])
     b = write_all("reference", monkeypatch, c, SCHEDULES[schedule])
     assert_same_state(a, b, c, assert_codes_close)
 

@@ -10,8 +10,9 @@ show it: on random weights keys are i.i.d. across positions and every pairing qu
 What the right pairing buys in reconstruction error is measured too, and reported as it is: the radius
 codes become exact, but the *total* error of 4+4 polar codes is dominated by the angle of high-frequency
 pairs, which sweeps the whole circle within a group; a wrong pairing mixes those into slowly-rotating
-dims and comes out lower on these tiny models (DESIGN §4 found the same on SmolLM2). That expectation is
-a strict xfail below, so the day a codec change (e.g. a circular angle range) makes it true, CI says so.
+dims and comes out lower on these tiny models (docs/quality.md, "Why": the same angle error on SmolLM2).
+That expectation is a strict xfail below, so the day a codec change (e.g. a circular angle range) makes it
+true, CI says so.
 """
 
 import pytest

@@ -1,4 +1,4 @@
-"""Triton: fused split-K flash-decoding attention over PolarQuant keys (jit code only).
+"""Triton: fused split-K flash-decoding attention over PolarQuant keys (jit code only; host: kernels/attention.py).
 
 Grid (B * NQG, splits, MB). A program serves RG query heads (all heads of a GQA group when V has Hkv
 heads, one head when V was already repeated to Hq heads) times S query positions = up to BLOCK_M rows,
@@ -8,11 +8,17 @@ their x and y halves [N, P] and scored with tl.dot shared by all rows (two dots 
 or one over x/y interleaved: SPLIT_DOT), whole (NCH = 1) or in NCH chunks of pairs. The full-precision tail
 blocks are scored the same way from the tail buffer. BLOCK_N, SPLIT_DOT, PPS (programs per SM, sets the split
 count), NCH, the warp/stage counts and a register cap (maxnreg: how many programs fit an SM) are tuned on the
-GPU by the host wrapper. Online softmax in fp32, P @ V with dense V, then either the final output (one split)
-or per-split partials (acc, max, sum) reduced by polar_attn_reduce_kernel. Dense dequantized keys never leave
-registers.
+GPU by the host wrapper. Online softmax in fp32, P @ V, then either the final output (one split) or per-split
+partials (acc, max, sum) reduced by polar_attn_reduce_kernel. Dense dequantized keys never leave registers.
+Values (VB): VB = 0 reads dense V [B, Hkv | Hq, T, Dv] (token t at row t); VB in {2, 4, 8} reads packed values
+(value_codec.py): an encoded block's codes [N, NBV] and (min, scale) [N, Dv/VCG, 2] are dequantized in registers
+to [N, BLOCK_DV] (load_values: the keys' bin_unit and one FMA), the tail blocks read the dense value tail (row
+t - Tc: the state's tail, or a static cache's ring at slot t % G); V then has Hkv heads only. With VB = 0 the
+packed-value arguments are None (constexprs: the launch's signature and SASS are those of the dense kernel).
 LEN_DEVICE (static caches, CUDA graphs): the length is read from device memory, the grid is sized by the
 capacity and every split divides the actual length; the tail is the cache's ring (token t at slot t % G).
+The kernel body is not split into more helpers: inlining a helper reorders the constants the compiler hoists,
+which changes the SASS (register allocation) of launches timed on the H200 (`bench/compile_kernels.py --hash`).
 """
 
 import triton
@@ -100,8 +106,8 @@ def score_pair_chunk(qk, Qrow, sq_d, row_ok, XI, YI, Crow, Pg, sp_k, c, P: tl.co
                      AB: tl.constexpr, PC: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, PREC: tl.constexpr):
     """qk += q · k over pairs [c*PC, (c+1)*PC) of one block of 8-bit codes (byte j = pair j). Splitting the pairs
     into chunks shortens the dequantized tiles' live ranges (fewer registers a thread, more programs per SM);
-    the q chunks are loop-invariant loads the compiler hoists out of the block loop. The dequant is the
-    whole-block path's, written out again so that path compiles to the code timed on the H200 (v8)."""
+    the q chunks are loop-invariant loads the compiler hoists out of the block loop. The dequant repeats the
+    whole-block path's rather than sharing a helper with it, which would change that path's SASS."""
     offs_h = c * PC + tl.arange(0, PC)
     hmask = offs_h < P
     qx = tl.load(Qrow + tl.load(XI + offs_h)[None, :] * sq_d, mask=row_ok[:, None] & hmask[None, :], other=0.0)
@@ -118,9 +124,34 @@ def score_pair_chunk(qk, Qrow, sq_d, row_ok, XI, YI, Crow, Pg, sp_k, c, P: tl.co
 
 
 @triton.jit
+def load_values(VCrow, VProw, NBV: tl.constexpr, VB: tl.constexpr, VCG: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
+    """Packed values of BLOCK_N tokens (row pointers VCrow into the codes, VProw into the params, [N, 1]) -> fp32
+    [N, BLOCK_DV] bin centres min + (c + 0.5) * scale = u * (2^VB * scale) + (min - 2^VB * scale), u = bin_unit(c).
+    Codes: 8-bit, the row's bytes; 4- and 2-bit, each channel's own byte (neighbouring lanes load the same byte)
+    shifted to its field, which keeps the tile elementwise: the sm_90 SASS of the hot loop is ~20% shorter than
+    with a contiguous load unpacked by a reshape (bench/NOTES.md). Params: one (min, scale) per channel group
+    [N, NG], broadcast over its VCG channels. Channels past Dv (padding) come out 0."""
+    NG: tl.constexpr = BLOCK_DV // VCG  # channel groups of the padded row (those past Dv load 0)
+    offs_c = tl.arange(0, BLOCK_DV)
+    if VB == 8:
+        code = tl.load(VCrow + offs_c[None, :], mask=(offs_c < NBV)[None, :], other=0).to(tl.int32)
+    else:
+        idx = (offs_c * VB) >> 3
+        raw = tl.load(VCrow + idx[None, :], mask=(idx < NBV)[None, :], other=0).to(tl.int32)
+        code = raw >> ((offs_c * VB) & 7)[None, :]  # bin_unit masks the other fields
+    offs_g = tl.arange(0, NG)
+    gmask = (offs_g < NBV // (VCG * VB // 8))[None, :]
+    w = tl.load(VProw + 2 * offs_g[None, :] + 1, mask=gmask, other=0.0).to(tl.float32) * (1 << VB)
+    z = tl.load(VProw + 2 * offs_g[None, :], mask=gmask, other=0.0).to(tl.float32) - w
+    u = bin_unit(tl.reshape(code, [BLOCK_N, NG, VCG]), 0, VB)
+    return tl.reshape(u * w[:, :, None] + z[:, :, None], [BLOCK_N, BLOCK_DV])
+
+
+@triton.jit
 def block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale, softcap,
                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr,
-                 VT: tl.constexpr, ABLATE: tl.constexpr, PREC: tl.constexpr):
+                 VT: tl.constexpr, PREC: tl.constexpr):
     """One block: scores qk [M, N] of tokens tt [N], values v [N, DV] -> updated (max, sum, acc [M, DV])."""
     s = qk * scale
     if SOFTCAP:
@@ -142,10 +173,7 @@ def block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_le
     p = tl.exp2((s - m_use[:, None]) * 1.4426950408889634)
     alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if ABLATE == 3:  # timing only: no V stream
-        acc = acc * alpha[:, None]
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(VT), v.to(VT), input_precision=PREC)
+    acc = acc * alpha[:, None] + tl.dot(p.to(VT), v.to(VT), input_precision=PREC)
     return m_new, l_i, acc
 
 
@@ -155,60 +183,51 @@ def polar_attn_fwd_kernel(
     Cp, sc_b, sc_h, sc_t,  # codes uint8 [B, Hkv, Tc, NB], byte stride 1
     Pp, sp_b, sp_h, sp_g, sp_k,  # params bf16 [B, Hkv, Tc/G, 4, P], pair stride 1
     Kt, st_b, st_h, st_t, st_d,  # tail [B, Hkv, L + pad, D], or a static cache's ring [B, Hkv, G, D]
-    Vp, sv_b, sv_h, sv_t,  # v [B, Hkv | Hq, T, Dv], dv stride 1
+    Vp, sv_b, sv_h, sv_t,  # v [B, Hkv | Hq, T, Dv], dv stride 1; packed values: their tail (or ring) [B, Hkv, L, Dv]
+    VCp, svc_b, svc_h, svc_t,  # packed values (VB > 0, else None): codes uint8 [B, Hkv, Tc, NBV], byte stride 1
+    VPp, svp_b, svp_h, svp_t,  # and params bf16 [B, Hkv, Tc, Dv/VCG, 2], (min, scale) contiguous per token
     Mk, sm_b, sm_h, sm_s, sm_t,  # mask, broadcast to [B, Hq, S, T] (stride 0 where broadcast)
     XI, YI,  # int32 [BLOCK_P]: the x and y dim of each pair (zero-padded)
     Out, so_b, so_h, so_s,  # [B, Hq, S, Dv]: written directly when the grid has one split
     Opart, Mpart, Lpart,  # fp32 [rows, splits, BLOCK_M, BLOCK_DV], [rows, splits, BLOCK_M] otherwise
     Lp,  # int64 [1]: the length, read on the device (LEN_DEVICE; seq_len and Tc are then ignored)
     seq_len, Tc, t_max, NQG, S_len, R, RG, Dv, scale, softcap,
-    P: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
-    CAUSAL: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, VT: tl.constexpr, ABLATE: tl.constexpr,
+    P: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, VT: tl.constexpr,
     LEN_DEVICE: tl.constexpr, PREC: tl.constexpr,  # PREC: "ieee" for fp32 inputs (no TF32 rounding)
     CB: tl.constexpr,  # bytes of the smallest whole word of codes: W / gcd(W, 8)
     BLOCK_N: tl.constexpr, SPLIT_DOT: tl.constexpr, PPS: tl.constexpr, ALT: tl.constexpr,  # tuned (PPS: grid)
     NCH: tl.constexpr,  # tuned: pair chunks per encoded block (> 1: 8-bit codes and split dots only)
+    VB: tl.constexpr, VCG: tl.constexpr, NBV: tl.constexpr,  # value bits (0: dense V), channels per group, bytes
 ):
     W: tl.constexpr = RB + AB
     if LEN_DEVICE:  # a static cache: nothing on the host knows the length (CUDA-graph replays)
         seq_len = tl.load(Lp).to(tl.int32)
-        bad = seq_len > t_max  # written past the capacity: NaN out, never a plausible number
-        seq_len = tl.minimum(seq_len, t_max)
+        bad, seq_len = seq_len > t_max, tl.minimum(seq_len, t_max)  # bad: written past the capacity, NaN out
         Tc = seq_len // G * G
-    pid_q = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    mb = tl.program_id(2)
-    b = (pid_q // NQG).to(tl.int64)
-    qg = pid_q % NQG
+    pid_q, split, n_splits, mb = tl.program_id(0), tl.program_id(1), tl.num_programs(1), tl.program_id(2)
+    b, qg = (pid_q // NQG).to(tl.int64), pid_q % NQG
     kvh = ((qg * RG) // R).to(tl.int64)
 
     # rows: RG query heads x S positions; q split into the x and y halves of every pair
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < RG * S_len
-    si = offs_m % S_len
-    qh = (qg * RG + offs_m // S_len).to(tl.int64)
+    si, qh = offs_m % S_len, (qg * RG + offs_m // S_len).to(tl.int64)
     offs_j = tl.arange(0, BLOCK_P)
     jmask = offs_j < P
-    xi = tl.load(XI + offs_j)
-    yi = tl.load(YI + offs_j)
+    xi, yi = tl.load(XI + offs_j), tl.load(YI + offs_j)
     Qrow = Qp + b * sq_b + qh[:, None] * sq_h + si[:, None] * sq_s
     qmask = row_ok[:, None] & jmask[None, :]
     qx = tl.load(Qrow + xi[None, :] * sq_d, mask=qmask, other=0.0).to(QT)  # [M, P]
     qy = tl.load(Qrow + yi[None, :] * sq_d, mask=qmask, other=0.0).to(QT)
     if not SPLIT_DOT:
         qxy = tl.reshape(tl.join(qx, qy), [BLOCK_M, 2 * BLOCK_P])  # [M, 2P], x/y interleaved
-
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n, offs_dv = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < Dv
     Vrow = Vp + b * sv_b + qg.to(tl.int64) * sv_h + offs_dv[None, :]  # V head = qg (RG = R or RG = 1)
     Mrow = Mk + b * sm_b + qh[:, None] * sm_h + si[:, None] * sm_s
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i, l_i = tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     # this split's range of BLOCK_N-token blocks: encoded blocks first, then the tail's
@@ -221,46 +240,44 @@ def polar_attn_fwd_kernel(
     last = tl.minimum(first + per, n_blocks)
     Crow = Cp + b * sc_b + kvh * sc_h + offs_n.to(tl.int64)[:, None] * sc_t
     Pbase = Pp + b * sp_b + kvh * sp_h + offs_j
+    if VB > 0:  # packed values: rows of the block's codes and params
+        VCrow = VCp + b * svc_b + kvh * svc_h + offs_n.to(tl.int64)[:, None] * svc_t
+        VProw = VPp + b * svp_b + kvh * svp_h + offs_n.to(tl.int64)[:, None] * svp_t
     for blk in range(first, tl.minimum(last, n_code)):
         t0 = blk * BLOCK_N
         tt = t0 + offs_n
         pg = Pbase + (t0 // G).to(tl.int64) * sp_g
         if NCH > 1:
-            tl.static_assert(W == 8 and SPLIT_DOT and ABLATE == 0, "pair chunks: 8-bit codes, split dots")
+            tl.static_assert(W == 8 and SPLIT_DOT, "pair chunks: 8-bit codes, split dots")
             qk = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             pg0 = Pp + b * sp_b + kvh * sp_h + (t0 // G).to(tl.int64) * sp_g
             for c in tl.static_range(NCH):
                 qk = score_pair_chunk(qk, Qrow, sq_d, row_ok, XI, YI, Crow + t0.to(tl.int64) * sc_t, pg0, sp_k, c,
                                       P, RB, AB, BLOCK_P // NCH, FAST, QT, PREC)
-        else:
-            # bin centre min + (c + 0.5) * step = u * (2^bits * step) + (min - 2^bits * step), u = bin_unit(c)
+        else:  # bin centre min + (c + 0.5) * step = u * (2^bits * step) + (min - 2^bits * step), u = bin_unit(c)
             r_w = tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << RB)
             r_0 = tl.load(pg, mask=jmask, other=0.0).to(tl.float32) - r_w
             a_w = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << AB)
             a_0 = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32) - a_w
-            if ABLATE == 2:  # timing only: no code stream
-                code = tl.zeros([BLOCK_N, BLOCK_P], tl.int32) + offs_n[:, None]
-            else:
-                raw = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, t0 >= 0, NB, W, BLOCK_P, ALT, CB)
-                code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P, ALT, CB)
+            raw = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, t0 >= 0, NB, W, BLOCK_P, ALT, CB)
+            code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P, ALT, CB)
             rad = bin_unit(code, 0, RB) * r_w[None, :] + r_0[None, :]
-            phi = bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :]
-            if ABLATE == 1:  # timing only: no trig
-                c, s = phi, rad
-            else:
-                c, s = cos_sin(phi, FAST)
+            c, s = cos_sin(bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :], FAST)
             if SPLIT_DOT:
                 qk = tl.dot(qx, tl.trans((rad * c).to(QT)), input_precision=PREC)
                 qk = tl.dot(qy, tl.trans((rad * s).to(QT)), qk, input_precision=PREC)
             else:
                 k = tl.reshape(tl.join((rad * c).to(QT), (rad * s).to(QT)), [BLOCK_N, 2 * BLOCK_P])
                 qk = tl.dot(qxy, tl.trans(k), input_precision=PREC)
-        v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=dv_mask[None, :], other=0.0)
+        if VB == 0:
+            v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=dv_mask[None, :], other=0.0)
+        else:
+            v = load_values(VCrow + t0.to(tl.int64) * svc_t, VProw + t0.to(tl.int64) * svp_t, NBV, VB, VCG, BLOCK_N,
+                            BLOCK_DV)
         m_i, l_i, acc = block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale,
-                                     softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE, PREC)
+                                     softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, PREC)
 
-    # the full-precision tail, scored the same way
-    Tbase = Kt + b * st_b + kvh * st_h
+    Tbase = Kt + b * st_b + kvh * st_h  # the full-precision tail, scored the same way
     for blk in range(tl.maximum(first, n_code), last):
         tt = blk * BLOCK_N + offs_n
         krow = Tbase + (tt - Tc).to(tl.int64)[:, None] * st_t
@@ -269,10 +286,14 @@ def polar_attn_fwd_kernel(
         ky = tl.load(krow + yi[None, :] * st_d, mask=kmask, other=0.0)
         qk = tl.dot(qx, tl.trans(kx.to(QT)), input_precision=PREC)
         qk = tl.dot(qy, tl.trans(ky.to(QT)), qk, input_precision=PREC)
-        v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=(tt < seq_len)[:, None] & dv_mask[None, :],
-                    other=0.0)
+        if VB == 0:
+            v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=(tt < seq_len)[:, None] & dv_mask[None, :],
+                        other=0.0)
+        else:  # the value tail: row t - Tc, like the keys'
+            v = tl.load(Vrow + (tt - Tc).to(tl.int64)[:, None] * sv_t,
+                        mask=(tt < seq_len)[:, None] & dv_mask[None, :], other=0.0)
         m_i, l_i, acc = block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale,
-                                     softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, ABLATE, PREC)
+                                     softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, PREC)
 
     if LEN_DEVICE:
         acc = tl.where(bad, float("nan"), acc)

@@ -1,4 +1,4 @@
-"""Triton: fused PolarQuant encode of complete key groups (jit code only; host wrapper in __init__).
+"""Triton: fused PolarQuant encode of complete key groups (jit code only; host wrapper: kernels/encode.py).
 
 One program per (batch, head, group, pair tile): load the group's x/y dims, radius and angle, per-pair
 min/max over the group's tokens, bf16 params rounded outward (min down, scale up) through bit casts,
@@ -148,88 +148,71 @@ def polar_encode_kernel(
     encode_store(x, y, crow, pp, sp_k, tile, offs_p, pmask, P, NB, G, RB, AB, BLOCK_P, ON_GPU)
 
 
+# --------------------------------------------------------------------------- values (value_codec.py)
+
+
 @triton.jit
-def decode_pairs(crow, pp, sp_k, offs_p, pmask, NB: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr):
-    """The reconstructed x, y [G, BLOCK_P] (fp32, accurate cos/sin) of one encoded group (codec.decode)."""
-    W: tl.constexpr = RB + AB
-    if W == 8:
-        code = tl.load(crow + offs_p[None, :], mask=pmask[None, :], other=0).to(tl.int32)
-    else:  # the two bytes holding each pair's W bits (a pair never spans more than two)
-        idx = (offs_p * W) >> 3
-        lo = tl.load(crow + idx[None, :], mask=(pmask & (idx < NB))[None, :], other=0).to(tl.int32)
-        hi = tl.load(crow + idx[None, :] + 1, mask=(pmask & (idx + 1 < NB))[None, :], other=0).to(tl.int32)
-        code = ((lo | (hi << 8)) >> ((offs_p * W) & 7)[None, :]) & ((1 << W) - 1)
-    r_min = tl.load(pp, mask=pmask, other=0.0).to(tl.float32)
-    r_s = tl.load(pp + sp_k, mask=pmask, other=0.0).to(tl.float32)
-    a_min = tl.load(pp + 2 * sp_k, mask=pmask, other=0.0).to(tl.float32)
-    a_s = tl.load(pp + 3 * sp_k, mask=pmask, other=0.0).to(tl.float32)
-    r = r_min[None, :] + ((code & ((1 << RB) - 1)).to(tl.float32) + 0.5) * r_s[None, :]
-    phi = a_min[None, :] + ((code >> RB).to(tl.float32) + 0.5) * a_s[None, :]
-    return r * tl.cos(phi), r * tl.sin(phi)
+def value_bin_index(v, vmin, scale, BITS: tl.constexpr, EXACT_DIV: tl.constexpr):
+    """value_codec's quantizer (codec.bin_index): floor((v - min) / scale), scale == 0 -> 0, clamped to
+    [0, 2^BITS - 1]; int32. vmin and scale broadcast against v. The one helper both value writers use."""
+    pos = scale > 0
+    safe = tl.where(pos, scale, 1.0)
+    if EXACT_DIV:  # IEEE division, as torch's (the GPU's `/` is approximate)
+        c = tl.floor(tl.math.div_rn(v - vmin, tl.broadcast_to(safe, v.shape)))
+    else:
+        c = tl.floor((v - vmin) / safe)
+    c = tl.where(pos, c, 0.0)
+    c = tl.minimum(tl.maximum(c, 0.0), (1 << BITS) - 1.0)
+    return c.to(tl.int32)
 
 
-@triton.jit(do_not_specialize=["S"])
-def polar_static_write_kernel(
-    New, sn_b, sn_h, sn_t, sn_d,  # new keys [B, H, S, D], in the ring's dtype
-    Pos, Len,  # int64: positions [S] (contiguous, first one read), tokens held before this write [1]
-    Ring, sr_b, sr_h, sr_t, sr_d,  # [B, H, G, D]: the open group, slot = t % G
-    XI, YI,  # int32 [BLOCK_P]: the x and y dim of each pair
-    Codes, sc_b, sc_h, sc_t,  # uint8 [B, H, Tcap, NB], byte stride 1
-    Params, sp_b, sp_h, sp_g, sp_k,  # bf16 [B, H, Tcap/G, 4, P], pair stride 1
-    H, S, n_cap_groups,
-    P: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
-    BLOCK_P: tl.constexpr, FIRST: tl.constexpr, ON_GPU: tl.constexpr,
+@triton.jit
+def value_encode_store(v, t_ok, crow, prow, NBV: tl.constexpr, VB: tl.constexpr, VCG: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_DV: tl.constexpr, ON_GPU: tl.constexpr):
+    """Quantize BLOCK_T value rows v [T, BLOCK_DV] (fp32; channels past Dv are whole padding groups) per token and
+    channel group, and store the rows where t_ok [T]: codes at crow [T, 1] + byte, (min, scale) bf16 at prow
+    [T, 1] + 2 * group + k. value_codec.encode_groups bit for bit: min rounded down to bf16, scale =
+    (max - min) / 2^VB rounded up, code = value_bin_index. A non-finite value poisons its group's min (NaN)."""
+    NG: tl.constexpr = BLOCK_DV // VCG
+    v3 = tl.reshape(v, [BLOCK_T, NG, VCG])
+    vmin = round_bf16_bits(tl.min(v3, axis=2), False)  # [T, NG]
+    scale = round_bf16_bits((tl.max(v3, axis=2) - vmin) * (1.0 / (1 << VB)), True)
+    bad = tl.max((~(tl.abs(v3) < float("inf"))).to(tl.int32), axis=2) > 0  # NaN or inf
+    vmin = tl.where(bad, float("nan"), vmin)
+    code = value_bin_index(v3, vmin[:, :, None], scale[:, :, None], VB, ON_GPU)  # [T, NG, VCG]
+    PER: tl.constexpr = 8 // VB
+    NBB: tl.constexpr = BLOCK_DV // PER  # bytes of a padded row
+    if PER == 1:
+        byte = tl.reshape(code, [BLOCK_T, NBB])
+    else:
+        byte = tl.sum(tl.reshape(code, [BLOCK_T, NBB, PER]) << (tl.arange(0, PER) * VB)[None, None, :], axis=2)
+    offs_b = tl.arange(0, NBB)
+    tl.store(crow + offs_b[None, :], byte.to(tl.uint8), mask=t_ok[:, None] & (offs_b < NBV)[None, :])
+    offs_g = tl.arange(0, NG)
+    pmask = t_ok[:, None] & (offs_g < NBV // (VCG * VB // 8))[None, :]
+    tl.store(prow + 2 * offs_g[None, :], vmin.to(tl.bfloat16), mask=pmask)
+    tl.store(prow + 2 * offs_g[None, :] + 1, scale.to(tl.bfloat16), mask=pmask)
+
+
+@triton.jit(do_not_specialize=["n_tokens", "token_offset"])
+def value_encode_kernel(
+    V, sv_b, sv_h, sv_t, sv_d,  # values [B, H, n, Dv], any strides
+    Codes_out, sc_b, sc_h, sc_t,  # uint8 [B, H, >= off + n, NBV], byte stride 1
+    Params_out, sp_b, sp_h, sp_t,  # bf16 [B, H, >= off + n, Dv/VCG, 2], (min, scale) contiguous per token
+    H, n_tokens, token_offset,
+    DV: tl.constexpr, NBV: tl.constexpr, VB: tl.constexpr, VCG: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_DV: tl.constexpr, ON_GPU: tl.constexpr,
 ):
-    """Write S new tokens at positions start.. (start read on the device): program (bh, j, tile) owns the
-    j-th group the write touches (FIRST: the group holding `start`; else the ones after it). A group that
-    completes is encoded from its older tokens (ring, or its own codes when a rewind re-opens an encoded
-    group) and the new ones; an open group's new tokens go to the ring. Two launches (FIRST, then the rest)
-    so the ring and the old length are read before anything overwrites them; the second one's program
-    (0, 0, 0) stores the new length."""
+    """value_codec.encode_groups of n tokens into rows token_offset.. : one program per (batch x head, BLOCK_T
+    tokens), whole rows (the quantizer is per token)."""
     bh = tl.program_id(0)
-    tile = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    start = tl.load(Pos).to(tl.int32)
-    end = start + S
-    g = start // G + tl.program_id(1) + (0 if FIRST else 1)
-    if not FIRST:  # noqa: SIM102 (FIRST is a constexpr: resolved at compile time)
-        if bh == 0 and tl.program_id(1) == 0 and tile == 0:
-            tl.store(Len, end.to(tl.int64))
-    if g * G < end:
-        offs_t = tl.arange(0, G)
-        tt = g * G + offs_t
-        offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-        pmask = offs_p < P
-        xi = tl.load(XI + offs_p)
-        yi = tl.load(YI + offs_p)
-        new_ok = ((tt >= start) & (tt < end))[:, None] & pmask[None, :]
-        nrow = New + b * sn_b + h * sn_h + (tt - start).to(tl.int64)[:, None] * sn_t
-        RT = Ring.dtype.element_ty
-        x = tl.load(nrow + xi[None, :] * sn_d, mask=new_ok, other=0.0).to(tl.float32)  # new keys: ring dtype
-        y = tl.load(nrow + yi[None, :] * sn_d, mask=new_ok, other=0.0).to(tl.float32)
-        rrow = Ring + b * sr_b + h * sr_h + offs_t.to(tl.int64)[:, None] * sr_t  # slot of tt = offs_t
-        crow = Codes + b * sc_b + h * sc_h + tt.to(tl.int64)[:, None] * sc_t
-        pp = Params + b * sp_b + h * sp_h + g.to(tl.int64) * sp_g + offs_p
-        complete = (g + 1) * G <= end
-        to_ring = (tt >= start) & (tt < end)  # an open group: only its new tokens are stored
-        if FIRST:  # the group's tokens before `start`: the ring, or decoded codes after a rewind
-            old_ok = (tt < start)[:, None] & pmask[None, :]
-            if (g + 1) * G <= tl.load(Len).to(tl.int32):
-                ox, oy = decode_pairs(crow, pp, sp_k, offs_p, pmask, NB, RB, AB)
-                ox = ox.to(RT).to(tl.float32)
-                oy = oy.to(RT).to(tl.float32)
-                to_ring = tt < end  # the re-opened group's kept tokens move back to the ring
-            else:  # (needed only to encode: an open group's old tokens stay where they are)
-                need = (tt < tl.where(complete, start, 0))[:, None] & pmask[None, :]
-                ox = tl.load(rrow + xi[None, :] * sr_d, mask=need, other=0.0).to(tl.float32)
-                oy = tl.load(rrow + yi[None, :] * sr_d, mask=need, other=0.0).to(tl.float32)
-            x = tl.where(old_ok, ox, x)
-            y = tl.where(old_ok, oy, y)
-        if complete:  # encode (a group past the capacity is dropped: attention then sees a length beyond
-            if g < n_cap_groups:  # the capacity and returns NaN)
-                encode_store(x, y, crow, pp, sp_k, tile, offs_p, pmask, P, NB, G, RB, AB, BLOCK_P, ON_GPU)
-        else:
-            keep = to_ring[:, None] & pmask[None, :]
-            tl.store(rrow + xi[None, :] * sr_d, x.to(RT), mask=keep)
-            tl.store(rrow + yi[None, :] * sr_d, y.to(RT), mask=keep)
+    tt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = tt < n_tokens
+    offs_d = tl.arange(0, BLOCK_DV)
+    v = tl.load(V + b * sv_b + h * sv_h + tt.to(tl.int64)[:, None] * sv_t + offs_d[None, :] * sv_d,
+                mask=t_ok[:, None] & (offs_d < DV)[None, :], other=0.0).to(tl.float32)
+    rows = (token_offset + tt).to(tl.int64)[:, None]
+    value_encode_store(v, t_ok, Codes_out + b * sc_b + h * sc_h + rows * sc_t, Params_out + b * sp_b + h * sp_h
+                       + rows * sp_t, NBV, VB, VCG, BLOCK_T, BLOCK_DV, ON_GPU)

@@ -1,0 +1,305 @@
+"""Host wrappers of the fused polar decode attention kernel: checks, the split-K launch, the config choice.
+
+`attention` has the semantics and shapes of pqcompile.codec.attention (dense values) or value_codec.attention
+(packed values: vcodec and a ValueData); `static_attention` serves a static cache, its length read on the device
+only. See the package docstring for the differences by design.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import codec as ref
+from .. import value_codec as vref
+from ..codec import KEY_DTYPES, PARAM_DTYPE, Codec, PolarData
+from ..value_codec import ValueCodec, ValueData
+from . import common, tuner
+from .jit.attention import polar_attn_fwd_kernel, polar_attn_reduce_kernel
+from .settings import LaunchConfig, settings
+
+log = logging.getLogger(__name__)
+
+
+def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor | ValueData, codec: Codec, *,
+              vcodec: ValueCodec | None = None, mask: torch.Tensor | None = None, scale: float | None = None,
+              softcap: float | None = None, is_causal: bool = False, num_splits: int | None = None) -> torch.Tensor:
+    """codec.attention with the fused kernel: q [B, Hq, S, D], v [B, Hkv|Hq, T, Dv] -> [B, Hq, S, Dv].
+
+    With vcodec, v is the ValueData of seq_len tokens (value_codec's layout, Hkv heads) and the semantics are
+    value_codec.attention's: the kernel dequantizes the packed values in registers.
+    num_splits overrides the split-K heuristic (tests); None picks ~2 programs per SM.
+    """
+    codes, params, tail = data
+    vt = _value_tensors(v, vcodec)
+    for name, t in (("q", q), ("v" if vcodec is None else "value tail", vt[0]), ("tail", tail)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in KEY_DTYPES:
+            raise TypeError(f"{name} must be a float16/bfloat16/float32 tensor, got {getattr(t, 'dtype', type(t))}")
+    if codes.dtype != torch.uint8 or params.dtype != PARAM_DTYPE:
+        raise TypeError(f"codes must be uint8 and params bfloat16, got {codes.dtype} and {params.dtype}")
+    if mask is not None and not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
+    common.check_codec(codec)
+    B, Hq, S, D = q.shape if q.dim() == 4 else (0, 0, 0, 0)
+    H, G = tail.shape[1], codec.group_size
+    if q.dim() != 4 or tail.dim() != 4 or tail.shape[0] != B or tail.shape[-1] != D or H == 0 or Hq % H:
+        raise ValueError(f"q shape {tuple(q.shape)} does not fit keys [B={tail.shape[0]}, H={H}, "
+                         f"T={seq_len}, D={tail.shape[-1]}]")
+    Tc, NB, P = seq_len // G * G, codec.code_bytes(D), D // 2
+    if vcodec is None and (v.dim() != 4 or v.shape[0] != B or v.shape[2] != seq_len or v.shape[1] not in (H, Hq)):
+        raise ValueError(f"v shape {tuple(v.shape)} does not fit keys [B={B}, H={H}, T={seq_len}]")
+    if vcodec is not None:
+        _check_values(vt, vcodec, codec, B, H, Tc, seq_len - Tc, f"{seq_len} tokens")
+    if (codes.shape != (B, H, Tc, NB) or params.shape != (B, H, Tc // G, 4, P)
+            or tail.shape[2] < seq_len - Tc):
+        raise ValueError(f"state codes {tuple(codes.shape)}, params {tuple(params.shape)}, tail "
+                         f"{tuple(tail.shape)} does not hold {seq_len} tokens of D={D}, group {G}")
+    for name, t in (("q", q), ("codes", codes), ("params", params), ("tail", tail), *zip(_V_NAMES, vt)):
+        common.check_device(name, t, q.device)
+    Dv = vt[0].shape[-1]
+    if D > common.MAX_HEAD_DIM or Dv > common.MAX_HEAD_DIM or seq_len == 0 or S == 0 or B == 0:
+        log.debug("polar attention falls back to the reference for q %s, v %s", tuple(q.shape), tuple(vt[0].shape))
+        if vcodec is not None:
+            return vref.attention(q, data, seq_len, ValueData(*v), codec, vcodec, mask=mask, scale=scale,
+                                  softcap=softcap, is_causal=is_causal)
+        return ref.attention(q, data, seq_len, v, codec, mask=mask, scale=scale, softcap=softcap,
+                             is_causal=is_causal)
+    return _attend(q, codes, params, tail, vt, codec, vcodec, seq_len=seq_len, length=None, mask=mask, scale=scale,
+                   softcap=softcap, is_causal=is_causal, num_splits=num_splits)
+
+
+def static_attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
+                     length: torch.Tensor, v: torch.Tensor | ValueData, codec: Codec, *,
+                     vcodec: ValueCodec | None = None, mask: torch.Tensor | None = None, scale: float | None = None,
+                     is_causal: bool = False, num_splits: int | None = None) -> torch.Tensor:
+    """Attention over the first `length` tokens of a static state, the length read on the device only (the
+    call is CUDA-graph safe). codes [B, H, Tcap, NB], params [B, H, Tcap/G, 4, P], ring [B, H, G, D],
+    length int64 [1], v [B, H|Hq, Tmax, Dv] (Tmax <= Tcap), mask broadcastable to [B, Hq, S, Tmax].
+    With vcodec, v is ValueData(codes [B, H, Tcap, NBv], params [B, H, Tcap, Dv/cg, 2], tail = the value ring
+    [B, H, G, Dv]) read up to the same length; Tmax is then the mask's key extent (Tcap without a mask, or a
+    mask that broadcasts over keys). A length beyond Tmax (a write past the capacity) gives NaN."""
+    common.check_codec(codec)
+    vt = _value_tensors(v, vcodec)
+    for name, t in (("q", q), ("v" if vcodec is None else "value ring", vt[0]), ("ring", ring)):
+        if t.dtype not in KEY_DTYPES:
+            raise TypeError(f"{name} must be a float16/bfloat16/float32 tensor, got {t.dtype}")
+    if codes.dtype != torch.uint8 or params.dtype != PARAM_DTYPE or length.dtype != torch.int64:
+        raise TypeError(f"codes, params and length must be uint8, bfloat16 and int64, got {codes.dtype}, "
+                        f"{params.dtype}, {length.dtype}")
+    G = codec.group_size
+    B, H, Tcap, NB = codes.shape
+    D = ring.shape[-1]
+    if vcodec is None:
+        v_bad = v.dim() != 4 or v.shape[0] != B or v.shape[1] not in (H, q.shape[1]) or v.shape[2] > Tcap
+    else:
+        v_bad = False
+        _check_values(vt, vcodec, codec, B, H, Tcap, G, f"a static state of capacity {Tcap}", exact_tail=True)
+    if (q.dim() != 4 or q.shape[0] != B or q.shape[-1] != D or q.shape[1] % H or ring.shape != (B, H, G, D)
+            or params.shape != (B, H, Tcap // G, 4, D // 2) or Tcap % G or NB != codec.code_bytes(D)
+            or length.shape != (1,) or v_bad):
+        raise ValueError(f"static state codes {tuple(codes.shape)}, params {tuple(params.shape)}, ring "
+                         f"{tuple(ring.shape)}, length {tuple(length.shape)} does not fit q {tuple(q.shape)}, "
+                         f"v {_v_shape(v, vcodec)} (group {G})")
+    for name, t in (("q", q), ("codes", codes), ("params", params), ("ring", ring), ("length", length),
+                    *zip(_V_NAMES, vt)):
+        common.check_device(name, t, q.device)
+    if vcodec is None:
+        t_max = v.shape[2]
+    else:  # the mask's key extent (HF's static mask covers max_cache_len <= Tcap)
+        t_max = Tcap if mask is None or mask.dim() == 0 or mask.shape[-1] == 1 else mask.shape[-1]
+        if t_max > Tcap:
+            raise ValueError(f"mask shape {tuple(mask.shape)} covers more keys than the static state's capacity "
+                             f"{Tcap}")
+    if D > common.MAX_HEAD_DIM or vt[0].shape[-1] > common.MAX_HEAD_DIM or 0 in q.shape or t_max == 0:
+        raise ValueError(f"static polar attention supports head_dim <= {common.MAX_HEAD_DIM} and non-empty inputs, "
+                         f"got q {tuple(q.shape)}, v {_v_shape(v, vcodec)}")
+    return _attend(q, codes, params, ring, vt, codec, vcodec, seq_len=None, length=length, t_max=t_max, mask=mask,
+                   scale=scale, softcap=None, is_causal=is_causal, num_splits=num_splits)
+
+
+_V_NAMES = ("v", "value codes", "value params")
+
+
+def _value_tensors(v, vcodec) -> tuple:
+    """(dense v,) or (value tail, codes, params) of a ValueData (any 3-tuple of tensors)."""
+    if vcodec is None:
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"v must be a tensor when vcodec is None, got {type(v).__name__} (pass vcodec with a "
+                            "ValueData)")
+        return (v,)
+    if not isinstance(vcodec, ValueCodec):
+        raise TypeError(f"vcodec must be a value_codec.ValueCodec, got {type(vcodec).__name__}")
+    if not (isinstance(v, tuple) and len(v) == 3 and all(isinstance(t, torch.Tensor) for t in v)):
+        raise TypeError(f"with vcodec, v must be a value_codec.ValueData (codes, params, tail), got "
+                        f"{type(v).__name__}")
+    vcodes, vparams, vtail = v
+    return vtail, vcodes, vparams
+
+
+def _v_shape(v, vcodec) -> str:
+    if vcodec is None:
+        return str(tuple(v.shape))
+    return f"codes {tuple(v[0].shape)}, params {tuple(v[1].shape)}, tail {tuple(v[2].shape)}"
+
+
+def _check_values(vt, vcodec: ValueCodec, codec: Codec, B: int, H: int, Tc: int, L: int, what: str,
+                  exact_tail: bool = False) -> None:
+    """Packed values fit the keys: Hkv heads, Tc encoded tokens, a tail (ring) of >= L (exactly L) rows."""
+    vtail, vcodes, vparams = vt
+    if vcodes.dtype != torch.uint8 or vparams.dtype != PARAM_DTYPE:
+        raise TypeError(f"value codes must be uint8 and value params bfloat16, got {vcodes.dtype} and "
+                        f"{vparams.dtype}")
+    if vcodec.group_size != codec.group_size:
+        raise ValueError(f"ValueCodec {vcodec} and key codec {codec} must share the group size (keys and values "
+                         "flush together)")
+    Dv = vtail.shape[-1] if vtail.dim() == 4 else 0
+    error = vcodec.fit_error(Dv)
+    ng = Dv // vcodec.channel_group
+    if (error or vtail.dim() != 4 or vtail.shape[:2] != (B, H) or vcodes.shape != (B, H, Tc, Dv * vcodec.bits // 8)
+            or vparams.shape != (B, H, Tc, ng, 2) or (vtail.shape[2] != L if exact_tail else vtail.shape[2] < L)):
+        raise ValueError(f"value state codes {tuple(vcodes.shape)}, params {tuple(vparams.shape)}, "
+                         f"{'ring' if exact_tail else 'tail'} {tuple(vtail.shape)} does not fit keys [B={B}, H={H}] "
+                         f"of {what} under ValueCodec {vcodec} (packed values need the Hkv heads, {Tc} encoded "
+                         f"tokens{'; ' + error if error else ''})")
+
+
+def _attend(q, codes, params, tail, vt, codec, vcodec, *, seq_len, length, mask, scale, softcap, is_causal,
+            num_splits, t_max=None):
+    """Launch the fused kernel (and the split reduction). seq_len: a host int, or None with `length` (a device
+    tensor) for a static state whose encoded part and tail (its ring) are found from the length in-kernel, t_max
+    the key extent of its mask. vt: (dense v,) or (value tail, codes, params) under vcodec."""
+    B, Hq, S, _ = q.shape
+    T = seq_len if length is None else t_max  # the mask's key extent
+    packed = None
+    if vcodec is not None:
+        packed = (_unit_last(vt[1]), vt[2] if vt[2].stride()[-2:] == (2, 1) else vt[2].contiguous(), vcodec)
+    launch = _Launch(q, _unit_last(codes), _unit_last(params), tail, _unit_last(vt[0]), codec,
+                     _broadcast_mask(mask, (B, Hq, S, T), q.device), seq_len=seq_len, length=length, scale=scale,
+                     softcap=softcap, is_causal=is_causal, num_splits=num_splits, packed=packed, t_max=t_max)
+    space = tuner.candidates(settings.tuned_space, codec.group_size, launch.block_p, codec.code_bits)
+    if launch.on_gpu and settings.autotune and num_splits is None and space:
+        config = tuner.pick(launch.key, launch, space)
+        launch.partials.clear()  # the tuner's were allocated on its side stream: this launch allocates on the caller's
+    else:
+        config = _fixed_config(codec, launch.block_p)
+    launch(config)
+    return launch.out
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _broadcast_mask(mask, shape, device):
+    """mask expanded to [B, Hq, S, T] (stride 0 where broadcast); bool as uint8, which the kernel loads."""
+    if mask is None:
+        return None
+    common.check_device("mask", mask, device)
+    try:
+        mask = mask.expand(shape)
+    except RuntimeError:
+        raise ValueError(f"mask shape {tuple(mask.shape)} is not broadcastable to {shape}") from None
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def _fixed_config(codec: Codec, block_p: int) -> LaunchConfig:
+    """settings.attention fitted to the call: a block within one group, byte-plane loads only where they exist."""
+    c, W = settings.attention, codec.code_bits
+    if not tuner.chunks_fit(c, W, block_p):
+        raise ValueError(f"pair_chunks={c.pair_chunks} needs 8-bit codes, split dots and chunks of >= 16 pairs "
+                         f"(codes of {W} bits, {block_p} pairs)")
+    return c._replace(block_n=min(codec.group_size, c.block_n, max(16, 8192 // block_p)),
+                      alt_code_load=c.alt_code_load and W != 8)
+
+
+class _Launch:
+    """One attention call's kernel arguments but the launch config; calling it with a config launches the kernel
+    (and the split reduction). Grid (B * NQG, splits, MB): a program serves RG query heads x S positions in
+    row blocks of BLOCK_M, over its split of the kv head's tokens. packed: (value codes, value params, ValueCodec)
+    with v the value tail (ring), or None for dense v."""
+
+    def __init__(self, q, codes, params, tail, v, codec, mask, *, seq_len, length, scale, softcap, is_causal,
+                 num_splits, packed=None, t_max=None):
+        B, Hq, S, D = q.shape
+        H, G = tail.shape[1], codec.group_size
+        R = Hq // H
+        RG, NQG = (R, H) if v.shape[1] == H else (1, Hq)
+        Dv, P, NB = v.shape[-1], D // 2, codec.code_bytes(D)
+        self.rows = RG * S
+        self.block_m = max(16, min(64, triton.next_power_of_2(self.rows)))
+        self.MB = triton.cdiv(self.rows, self.block_m)
+        self.block_p, self.block_dv = triton.next_power_of_2(P), max(16, triton.next_power_of_2(Dv))
+        self.n_prog = B * NQG * self.MB
+        self.sms, self.num_splits = common.sm_count(q.device), num_splits
+        if length is None:
+            self.Tc, self.L = seq_len // G * G, seq_len % G
+            len_arg, t_max = q, seq_len
+        else:  # the grid covers the capacity; the kernel divides the actual length among the splits
+            self.Tc, self.L = codes.shape[2], 0
+            len_arg, t_max = length, v.shape[2] if packed is None else t_max
+        self.on_gpu = common.on_gpu(q)
+        self.device, self.out = q.device, common.alloc((B, Hq, S, Dv), q.dtype, q.device)
+        self.partials: dict = {}
+        xi, yi = common.pair_index(codec.pairing, D, q.device)
+        m_arg, m_strides = (mask, mask.stride()) if mask is not None else (q, (0, 0, 0, 0))
+        out = self.out
+        if packed is None:  # None: constexprs, the dense kernel's signature
+            vb, vcg, nbv, packed_args = 0, 0, 0, (None,) * 8
+        else:
+            vcodes, vparams, vcodec = packed
+            vb, vcg, nbv = vcodec.bits, vcodec.channel_group, vcodes.shape[-1]
+            packed_args = (vcodes, *vcodes.stride()[:3], vparams, *vparams.stride()[:3])
+        self.args_in = (q, *q.stride(), codes, *codes.stride()[:3], params, *params.stride()[:4], tail, *tail.stride(),
+                        v, *v.stride()[:3], *packed_args, m_arg, *m_strides, xi, yi, out, *out.stride()[:3])
+        self.args_len = (len_arg, seq_len or 0, self.Tc, t_max, NQG, S, R, RG, Dv,
+                         float(D ** -0.5 if scale is None else scale), float(softcap) if softcap else 1.0)
+        self.reduce_args = (out, *out.stride()[:3], NQG, self.MB, S, RG, Dv)
+        has_mask, mask_bool = mask is not None, mask is not None and mask.dtype == torch.uint8
+        qt, vt = (common.TL[q.dtype], common.TL[v.dtype]) if self.on_gpu else (tl.float32, tl.float32)
+        self.meta = {
+            "P": P, "NB": NB, "G": G, "RB": codec.radius_bits, "AB": codec.angle_bits, "BLOCK_M": self.block_m,
+            "BLOCK_P": self.block_p, "BLOCK_DV": self.block_dv, "HAS_MASK": has_mask, "MASK_BOOL": mask_bool,
+            "SOFTCAP": bool(softcap), "CAUSAL": bool(is_causal) and S > 1, "FAST": self.on_gpu, "QT": qt, "VT": vt,
+            "LEN_DEVICE": length is not None,
+            "PREC": "ieee" if torch.float32 in (q.dtype, v.dtype) else "tf32",  # fp32 inputs: no TF32 rounding
+            "CB": codec.code_bits // math.gcd(codec.code_bits, 8),  # bytes of the smallest whole word of codes
+            "VB": vb, "VCG": vcg, "NBV": nbv,
+        }
+        # the tuner's shape class: what changes the best config (lengths and grids by power of two)
+        self.key = (length is None, (self.Tc + self.L).bit_length(), self.n_prog.bit_length(), P, NB,
+                    codec.radius_bits, G, self.block_m, self.block_dv, has_mask, mask_bool, self.meta["CAUSAL"],
+                    bool(softcap), q.dtype, v.dtype, tail.dtype, vb, vcg)
+
+    def splits(self, block_n: int, programs_per_sm: int) -> int:
+        """Splits of the token range: about programs_per_sm programs an SM, each split a whole number of blocks."""
+        n_blocks = self.Tc // block_n + triton.cdiv(self.L, block_n)
+        want = self.num_splits if self.num_splits is not None else triton.cdiv(programs_per_sm * self.sms,
+                                                                                self.n_prog)
+        return triton.cdiv(n_blocks, triton.cdiv(n_blocks, max(1, min(want, n_blocks))))
+
+    def _partial_buffers(self, splits: int):
+        """fp32 (acc, max, sum) per split, grown as needed; with one split the kernel writes the output directly."""
+        if splits == 1:
+            return self.out, self.out, self.out
+        if self.partials.get("n", 0) < splits:
+            n = self.n_prog * splits * self.block_m
+            self.partials.update(n=splits, o=common.alloc((n * self.block_dv,), torch.float32, self.device),
+                                 ml=common.alloc((2, n), torch.float32, self.device))
+        return self.partials["o"], self.partials["ml"][0], self.partials["ml"][1]
+
+    def __call__(self, c: LaunchConfig) -> None:
+        splits = self.splits(c.block_n, c.programs_per_sm)
+        polar_attn_fwd_kernel[(self.n_prog // self.MB, splits, self.MB)](
+            *self.args_in, *self._partial_buffers(splits), *self.args_len, **self.meta,
+            BLOCK_N=c.block_n, SPLIT_DOT=c.split_dot, PPS=c.programs_per_sm, ALT=c.alt_code_load, NCH=c.pair_chunks,
+            num_warps=c.num_warps, num_stages=c.num_stages, **({"maxnreg": c.maxnreg} if c.maxnreg else {}),
+        )
+        if splits > 1:
+            polar_attn_reduce_kernel[(self.n_prog, min(self.block_m, self.rows))](
+                *self._partial_buffers(splits), *self.reduce_args, splits, BLOCK_M=self.block_m,
+                BLOCK_DV=self.block_dv, BLOCK_S=min(32, triton.next_power_of_2(splits)), num_warps=4,
+            )

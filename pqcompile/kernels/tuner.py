@@ -1,0 +1,86 @@
+"""The attention launch tuner: per shape class, every fitting config timed once on the GPU; the fastest is kept."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .settings import LaunchConfig
+
+log = logging.getLogger(__name__)
+
+_TUNED: dict[tuple, LaunchConfig] = {}  # shape class -> the fastest config of its space
+_LAST: list[LaunchConfig | None] = [None]
+
+
+def last_config() -> LaunchConfig | None:
+    """The config the last tuned attention call launched (bench reports it); None before any."""
+    return _LAST[0]
+
+
+def chunks_fit(c: LaunchConfig, W: int, block_p: int) -> bool:
+    """Pair chunks need 8-bit codes (byte j = pair j), split dots and whole chunks of >= 16 pairs."""
+    return c.pair_chunks == 1 or (W == 8 and c.split_dot and block_p % c.pair_chunks == 0
+                                  and block_p // c.pair_chunks >= 16)
+
+
+def candidates(space: Sequence[LaunchConfig], G: int, block_p: int, W: int) -> list[LaunchConfig]:
+    """The configs of `space` a launch with group size G, block_p pairs and W-bit codes can use.
+
+    A block never spans two groups and holds at most 8192 dequantized elements. Codes that straddle bytes try
+    each config with byte planes too (faster at some shapes on the H200); 8-bit codes have one load path, so
+    configs asking for another are dropped; sub-byte codes try a per-pair byte load only where the space lists
+    one (never faster on the H200).
+    """
+    fit = [c for c in space if c.block_n <= G and c.block_n * block_p <= 8192 and chunks_fit(c, W, block_p)]
+    if W == 8 or 8 % W:
+        fit = [c for c in fit if not c.alt_code_load]
+    if 8 % W:
+        fit += [c._replace(alt_code_load=True) for c in fit]
+    return fit
+
+
+def pick(key: tuple, launch: Callable[[LaunchConfig], None], space: Sequence[LaunchConfig]) -> LaunchConfig:
+    """The fastest config of `space` for shape class `key`, timed on the first call of the class.
+
+    Timed as CUDA-graph replays: the GPU time a graphed decode step pays (event timing of eager launches measures
+    the host launch cost at small shapes and picks slower kernels there). Later calls are a dict lookup, cheaper
+    than triton.autotune's per-call bookkeeping (~100 us of host time). While a CUDA graph is being captured
+    nothing is timed: the first config is used.
+    """
+    best = _TUNED.get(key)
+    if best is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        best = space[0]
+    if best is None:
+        best = _time_all(key, launch, space)
+    _LAST[0] = best
+    return best
+
+
+def _time_all(key, launch, space) -> LaunchConfig:
+    times = []
+    for c in space:
+        try:
+            times.append((_gpu_time(lambda c=c: launch(c)), c))
+        except Exception as e:  # noqa: BLE001 (a config that fails to compile here is skipped)
+            log.debug("polar attention config %s failed: %s", tuple(c), e)
+    if not times:  # nothing compiled: launch the first config and let its error surface
+        return space[0]
+    best = min(times)[1]
+    _TUNED[key] = best
+    log.info("polar attention tuned %s -> %s (%.1f us); every config: %s", key, tuple(best), min(times)[0] * 1e3,
+             ", ".join(f"{tuple(c)} {t * 1e3:.1f}" for t, c in sorted(times)))
+    return best
+
+
+def _gpu_time(fn) -> float:
+    """Median ms of fn replayed in a CUDA graph; the first call (compile, buffer allocation) runs before capture."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(fn, rep=20, return_mode="median")
+    except RuntimeError as e:  # a platform that cannot capture: event timing, host launch cost included
+        log.debug("polar attention tuning without CUDA graphs: %s", e)
+        return do_bench(fn, warmup=5, rep=20, return_mode="median")
