@@ -30,7 +30,7 @@ if "polarquant" not in {ep.name for ep in entry_points(group="torch_dynamo_backe
 
     torch._dynamo.register_backend(polarquant, name="polarquant")
 
-_COMPILING_DIRS = ("compiler", "models", "distributed")
+_COMPILING_DIRS = ("compiler", "models", "distributed", "passes", "verify")
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def fresh_dynamo():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test under tests/{compiler,models,distributed} starts from a fresh dynamo."""
+    """Every test under tests/{compiler,models,distributed,passes,verify} starts from a fresh dynamo."""
     for item in items:
         if pathlib.Path(str(item.fspath)).parent.name in _COMPILING_DIRS:
             item.fixturenames.insert(0, "fresh_dynamo")

@@ -1,6 +1,6 @@
 """Perplexity under each key-cache method, scored exactly as decode would see the cache, and per-layer errors.
 
-Chunked decode schedule (equal to token-by-token decode, tested in tests/test_quality.py): when the token at
+Chunked decode schedule (equal to token-by-token decode, tested in tests/quality/test_quality.py): when the token at
 position t is decoded the cache holds t + 1 tokens, so groups 0 .. floor((t+1)/G) - 1 are encoded and the rest
 is the full-precision tail. Prefill positions [0, G-2] (no group complete: attention is exact, as in decode),
 then feed chunks of G tokens at positions [cG-1, (c+1)G-2]: after such a chunk is appended the cache holds
