@@ -1,8 +1,20 @@
-"""The attention launch tuner: per shape class, every fitting config timed once on the GPU; the fastest is kept."""
+"""The attention launch tuner: per shape class, every fitting config timed once on the GPU; the fastest is kept,
+in memory and on disk (like inductor's autotune cache), so a second process skips the timing.
+
+The disk cache is a JSON file per (device, torch, triton, jit source, tuned space): any of them changing starts a new
+file. Folder: $PQCOMPILE_CACHE_DIR, else ~/.cache/pqcompile; PQCOMPILE_TUNER_CACHE=0 turns it off. It is read
+as JSON only (never unpickled), and an entry that is not a config of the current space is ignored.
+"""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
+import os
+import pathlib
+import tempfile
 from collections.abc import Callable, Sequence
 
 import torch
@@ -51,12 +63,70 @@ def pick(key: tuple, launch: Callable[[LaunchConfig], None], space: Sequence[Lau
     nothing is timed: the first config is used.
     """
     best = _TUNED.get(key)
+    if best is None:
+        best = _from_disk(key, space)
+        if best is not None:
+            _TUNED[key] = best
     if best is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         best = space[0]
     if best is None:
         best = _time_all(key, launch, space)
+        _to_disk(key, best, space)
     _LAST[0] = best
     return best
+
+
+def cache_file(space: Sequence[LaunchConfig]) -> pathlib.Path | None:
+    """This process's tuner cache file for `space`, or None when the disk cache is off."""
+    if os.environ.get("PQCOMPILE_TUNER_CACHE", "1") == "0":
+        return None
+    root = pathlib.Path(os.environ.get("PQCOMPILE_CACHE_DIR") or pathlib.Path.home() / ".cache" / "pqcompile")
+    tag = hashlib.sha256(repr((_environment(), [tuple(c) for c in space])).encode()).hexdigest()[:20]
+    return root / f"tuner-{tag}.json"
+
+
+@functools.cache
+def _environment() -> tuple:
+    import triton
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    jit = pathlib.Path(__file__).parent / "jit"
+    source = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(jit.glob("*.py")))).hexdigest()
+    return device, torch.__version__, triton.__version__, source
+
+
+def _load(path: pathlib.Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _from_disk(key: tuple, space: Sequence[LaunchConfig]) -> LaunchConfig | None:
+    path = cache_file(space)
+    entry = _load(path).get(repr(key)) if path else None
+    try:
+        config = LaunchConfig(*entry) if isinstance(entry, list) else None
+    except TypeError:
+        return None
+    return config if config in space else None
+
+
+def _to_disk(key: tuple, best: LaunchConfig, space: Sequence[LaunchConfig]) -> None:
+    """Merge one entry into the file; written to a temporary file and renamed, so readers never see half a file."""
+    path = cache_file(space)
+    if path is None or best not in space:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _load(path)
+        data[repr(key)] = list(best)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(data, f)
+        os.replace(f.name, path)
+    except OSError as e:  # a read-only home: tune again next time
+        log.debug("polar attention tuner cache not written to %s: %s", path, e)
 
 
 def _time_all(key, launch, space) -> LaunchConfig:
