@@ -133,7 +133,8 @@ def make_cache(model, contender: str, ctx: int, args):
     if contender == "inductor-static-graphs":
         cache = transformers.StaticCache(config=model.config, max_cache_len=max_len)
     else:
-        cache = PolarStaticCache(config=model.config, max_cache_len=max_len, group_size=args.group_size)
+        cache = PolarStaticCache(config=model.config, max_cache_len=max_len, group_size=args.group_size,
+                                 value_bits=args.value_bits, value_group=args.value_group)
     # allocate (and mark static) every buffer now, outside any compiled region: lazy initialization inside a compiled
     # call skips mark_static_address, and CUDA graphs would then copy or skip on the mutated cache buffers
     cfg = model.config
@@ -145,7 +146,7 @@ def make_cache(model, contender: str, ctx: int, args):
     return cache
 
 
-def compiled_forward(model, contender: str):
+def compiled_forward(model, contender: str, args):
     if contender == "eager":
         return model
     if contender == "inductor":
@@ -153,19 +154,22 @@ def compiled_forward(model, contender: str):
     if contender == "inductor-static-graphs":
         return torch.compile(model, mode="reduce-overhead")
     mode = "reduce-overhead" if contender in GRAPHED else None
-    return torch.compile(model, backend=polarquant, mode=mode)  # the callable: no install needed on the GPU machine
+    options = {"value_bits": args.value_bits, "value_group": args.value_group}
+    return torch.compile(model, backend=polarquant, mode=mode, options=options)  # the callable: no install needed
 
 
 def cache_bytes(cache) -> dict:
     """Bytes the key and value buffers hold; for compressed keys also the dense buffer of the same shape and dtype."""
-    held = dense = values = 0
+    held = dense = values = values_dense = 0
     for layer in cache.layers:
-        k = layer.keys
+        k, v = layer.keys, layer.values
         dense += k.numel() * k.element_size()
         held += k.nbytes_held() if hasattr(k, "nbytes_held") else k.numel() * k.element_size()
-        values += layer.values.numel() * layer.values.element_size()
+        values_dense += v.numel() * v.element_size()
+        values += v.nbytes_held() if hasattr(v, "nbytes_held") else v.numel() * v.element_size()
     return {"key_cache_bytes": held, "key_cache_bytes_dense": dense, "key_ratio": held / dense,
-            "value_cache_bytes": values}
+            "value_cache_bytes": values, "value_cache_bytes_dense": values_dense,
+            "kv_ratio": (held + values) / (dense + values_dense)}
 
 
 def decode_kwargs(cache, position: int, args) -> dict:
@@ -224,7 +228,7 @@ def run(model, contender: str, ctx: int, args) -> dict:
     gen = torch.Generator().manual_seed(ctx)  # the same tokens for every contender
     ids = torch.randint(0, model.config.vocab_size, (args.batch, ctx + n), generator=gen).to(device)
     cache = make_cache(model, contender, ctx, args)
-    fwd = compiled_forward(model, contender)
+    fwd = compiled_forward(model, contender, args)
     static = contender in STATIC
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -273,7 +277,7 @@ def run_interleaved(model, contenders: list[str], ctx: int, args) -> list[dict]:
     with torch.no_grad():
         for c in contenders:
             cache = make_cache(model, c, ctx, args)
-            fwd = compiled_forward(model, c)
+            fwd = compiled_forward(model, c, args)
             out = model(ids, **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)  # eager prefill
             state[c] = {"cache": cache, "fwd": fwd, "tok": out.logits[:, -1:].argmax(-1), "pos": ctx, "rounds": []}
             for i in range(args.warmup):
@@ -382,6 +386,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps")
     parser.add_argument("--warmup", type=int, default=4, help="decode steps before timing (compile, graph recording)")
     parser.add_argument("--group-size", type=int, default=128, help="PolarStaticCache group size")
+    parser.add_argument("--value-bits", type=int, choices=[2, 4, 8], default=None,
+                        help="polar contenders also compress the values (default: dense values)")
+    parser.add_argument("--value-group", type=int, default=64, help="channels per value group")
     parser.add_argument("--interleave", type=int, default=0,
                         help="R rounds of --burst steps per static contender, alternating in one process "
                              "(robust ratios)")

@@ -37,28 +37,37 @@ def chunk_bounds(length: int, G: int) -> list[tuple[int, int]]:
     return [b for b in bounds if b[1] > b[0]]
 
 
-class FakeQuantLayer(DynamicLayer):
-    """A DynamicCache layer whose keys of each group are quantized-dequantized once, when the group completes
-    (reference methods only: this keeps the dense keys and saves no memory)."""
+def flush(x: torch.Tensor, done: int, full: int, quantize) -> torch.Tensor:
+    """x [B, H, T, D] with positions [done, full) (newly completed groups) quantized-dequantized by `quantize`;
+    the encoded groups before them and the tail after them unchanged."""
+    return torch.cat([x[:, :, :done], quantize(x[:, :, done:full]).to(x.dtype), x[:, :, full:]], dim=-2)
 
-    def __init__(self, quantize, group_size: int):
+
+class FakeQuantLayer(DynamicLayer):
+    """A DynamicCache layer whose keys (and values, when the method quantizes them) of each group are
+    quantized-dequantized once, when the group completes (reference methods only: this keeps the dense
+    tensors and saves no memory). Keys and values flush on the same step, as in the product's cache."""
+
+    def __init__(self, quantize, group_size: int, quantize_values=None):
         super().__init__()
-        self.quantize, self.G, self.done = quantize, group_size, 0
+        self.quantize, self.quantize_values, self.G, self.done = quantize, quantize_values, group_size, 0
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         full = keys.shape[-2] // self.G * self.G
         if full > self.done:
-            q = self.quantize(keys[:, :, self.done:full])
-            self.keys = torch.cat([keys[:, :, :self.done], q, keys[:, :, full:]], dim=-2)
+            self.keys = flush(keys, self.done, full, self.quantize)
+            if self.quantize_values is not None:
+                self.values = flush(values, self.done, full, self.quantize_values)
             self.done = full
-        return self.keys, values
+        return self.keys, self.values
 
 
 def make_cache(model, method: Method) -> transformers.DynamicCache:
     cache = transformers.DynamicCache(config=model.config)
     if method.kind == "reference":
-        cache.layers = [FakeQuantLayer(method.quantize, method.group_size) for _ in cache.layers]
+        cache.layers = [FakeQuantLayer(method.quantize, method.group_size, method.quantize_values)
+                        for _ in cache.layers]
     return cache
 
 
@@ -137,9 +146,10 @@ def _capturing(model):
         model.config._attn_implementation, _CAPTURED = old, None
 
 
-def scheduled_attention(q, k, k_hat, v, G: int, scale: float | None) -> torch.Tensor:
-    """Causal attention where the query at position t sees k_hat for the keys of its encoded groups
-    (positions < floor((t+1)/G)*G) and exact k for the rest. q [B, Hq, T, D], k/k_hat/v [B, Hkv, T, D]."""
+def scheduled_attention(q, k, k_hat, v, G: int, scale: float | None, v_hat=None) -> torch.Tensor:
+    """Causal attention where the query at position t sees k_hat (and v_hat, when given) for the tokens of its
+    encoded groups (positions < floor((t+1)/G)*G) and exact k, v for the rest. q [B, Hq, T, D], the others
+    [B, Hkv, T, D]."""
     T, R = q.shape[2], q.shape[1] // k.shape[1]
     k, k_hat, v = (x.float().repeat_interleave(R, dim=1) for x in (k, k_hat, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -147,19 +157,25 @@ def scheduled_attention(q, k, k_hat, v, G: int, scale: float | None) -> torch.Te
     encoded = pos[None, :] < ((pos[:, None] + 1) // G * G)  # [T(query), T(key)]
     s = torch.where(encoded, q.float() @ k_hat.transpose(-1, -2), q.float() @ k.transpose(-1, -2)) * scale
     s = s.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
+    p = torch.softmax(s, dim=-1)
+    if v_hat is None:
+        return p @ v
+    v_hat = v_hat.float().repeat_interleave(R, dim=1)
+    return (p * encoded) @ v_hat + (p * ~encoded) @ v
 
 
 @torch.no_grad()
 def layer_errors(model, windows: torch.Tensor, methods: list[Method], progress: bool = True) -> dict:
     """Per layer and method, with the fp model's own q/k/v of each window (teacher forced, so errors do not
     compound): attention-output relative error ||o_m - o|| / ||o|| under the decode schedule, and key
-    reconstruction error ||k_hat - k|| / ||k|| over the encoded groups. Product methods use the codec decoded
+    reconstruction error ||k_hat - k|| / ||k|| over the encoded groups (methods that quantize values also
+    read v_hat for the encoded groups). Product methods use the codec decoded
     densely (the LUT attention reads the same reconstruction)."""
     from .methods import polar
 
     quantizers = {m.name: (m.quantize or polar(m.options["radius_bits"], m.options["angle_bits"], m.group_size))
                   for m in methods if m.kind != "fp"}
+    value_quantizers = {m.name: m.quantize_values for m in methods if m.kind != "fp"}
     L = model.config.num_hidden_layers
     acc = {n: {"attn_num": [0.0] * L, "attn_den": [0.0] * L, "key_num": [0.0] * L, "key_den": [0.0] * L}
            for n in quantizers}
@@ -171,8 +187,10 @@ def layer_errors(model, windows: torch.Tensor, methods: list[Method], progress: 
             full = k.shape[2] // G * G
             exact = scheduled_attention(q, k, k, v, G, scale)
             for name, quantize in quantizers.items():
-                k_hat = torch.cat([quantize(k[:, :, :full]), k[:, :, full:]], dim=2)
-                out = scheduled_attention(q, k, k_hat, v, G, scale)
+                k_hat = flush(k, 0, full, quantize)
+                qv = value_quantizers[name]
+                v_hat = flush(v, 0, full, qv) if qv is not None else None
+                out = scheduled_attention(q, k, k_hat, v, G, scale, v_hat)
                 a = acc[name]
                 a["attn_num"][layer] += (out - exact).pow(2).sum().item()
                 a["attn_den"][layer] += exact.pow(2).sum().item()

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from .. import codec
+from .. import value_codec as vc
 from ..codec import Codec, Pairing
 
 PARAM_BITS = 16  # every method stores its group min and scale in bf16
@@ -34,6 +35,13 @@ class Method:
     quantize: Callable[[torch.Tensor], torch.Tensor] | None = None  # keys [B, H, n*G, D] -> same, dequantized
     options: dict | None = None  # polarquant options (product methods)
     group_size: int = 128
+    value_bits: float = 16.0  # steady-state bits per value element (16: values kept dense)
+    quantize_values: Callable[[torch.Tensor], torch.Tensor] | None = None  # values [B, H, n*G, Dv] -> same
+
+    @property
+    def kv_bits(self) -> float:
+        """Bits per cached element, keys and values averaged (equal head_dims, as in every model here)."""
+        return (self.bits + self.value_bits) / 2
 
 
 # --------------------------------------------------------------------------- quantizers (complete groups)
@@ -76,6 +84,16 @@ def polar(radius_bits: int, angle_bits: int, G: int = 128, pairing: Pairing | No
 
     def quantize(keys: torch.Tensor) -> torch.Tensor:
         return codec.decode(codec.encode(keys, c), keys.shape[2], c)
+
+    return quantize
+
+
+def values(bits: int, channel_group: int = 64, G: int = 128):
+    """Per-token values through the reference value codec (pqcompile.value_codec): encode, then decode."""
+    c = vc.ValueCodec(bits, channel_group, G)
+
+    def quantize(v: torch.Tensor) -> torch.Tensor:
+        return vc.decode(vc.encode(v, c), v.shape[2], c)
 
     return quantize
 
@@ -132,20 +150,42 @@ PATTERNS = {  # name pattern -> what it is (R, A, B: bits)
     "polar-circ-R+A": "polar with a circular angle range, fake quant (reference)",
     "kivi-ch-intB": "KIVI-style per-channel keys, B bits, groups of G tokens (reference)",
     "kivi-tok-intB": "KIVI-style per-token keys, B bits, one group of head_dim channels (reference)",
+    "KEYS-vB": "any reference keys method above, plus values through value_codec: B in {2, 4, 8} bits per token "
+               "and group of 64 channels, encoded when their group of G tokens completes (reference)",
 }
-_NAME = re.compile(r"^(?:(fp)|polar-(circ-)?([1-7])\+([1-7])(-deq)?|kivi-(ch|tok)-int([1-8]))$")
+_NAME = re.compile(r"^(?:(fp)|polar-(circ-)?([1-7])\+([1-7])(-deq)?|kivi-(ch|tok)-int([1-8]))(?:-v([248]))?$")
+VALUE_GROUP = 64  # channels per value (min, scale), HF QuantizedCache's default and the product's
 
 DEFAULT = ("fp", "polar-4+4", "polar-3+3", "polar-2+2", "polar-4+4-deq", "polar-3+3-deq", "polar-2+2-deq",
-           "polar-circ-4+4", "polar-circ-3+3", "kivi-ch-int4", "kivi-ch-int3", "kivi-ch-int2", "kivi-tok-int4")
+           "polar-circ-4+4", "polar-circ-3+3", "kivi-ch-int4", "kivi-ch-int3", "kivi-ch-int2", "kivi-tok-int4",
+           "polar-4+4-deq-v4", "polar-4+4-deq-v2", "kivi-ch-int4-v4")
 
 
 def method(name: str, head_dim: int = 64, G: int = 128) -> Method:
-    """A method by name (see PATTERNS). bits: codes + bf16 group parameters per key element."""
+    """A method by name (see PATTERNS). bits: codes + bf16 group parameters per key element; value_bits the
+    same per value element (16 when the values stay dense)."""
     m = _NAME.match(name)
-    if m is None or (m.group(3) and int(m.group(3)) + int(m.group(4)) > 8):
+    bad = m is None or (m.group(3) and int(m.group(3)) + int(m.group(4)) > 8)
+    if not bad and m.group(8) and (m.group(1) or (m.group(3) and not (m.group(2) or m.group(5)))):
+        bad = True  # values only on the fake-quant references (not fp, not the compiled product)
+    if bad:
         patterns = "; ".join(f"{k} ({v})" for k, v in PATTERNS.items())
         raise ValueError(f"unknown method {name!r}; valid: {', '.join(DEFAULT)}; or any of the patterns: {patterns}")
-    fp, circ, rb, ab, deq, axis, b = m.groups()
+    vb = m.group(8)
+    keys = _keys_method(name[: m.start(8) - 2] if vb else name, head_dim, G, m.groups()[:7])
+    if not vb:
+        return keys
+    c = vc.ValueCodec(int(vb), VALUE_GROUP, G)
+    error = c.fit_error(head_dim)
+    if error:
+        raise ValueError(f"method {name!r}: values cannot be encoded: {error}")
+    return dataclasses.replace(keys, name=name, label=f"{keys.label} + V{vb} c{VALUE_GROUP}",
+                               value_bits=vc.steady_bits_per_element(c, head_dim),
+                               quantize_values=values(int(vb), VALUE_GROUP, G))
+
+
+def _keys_method(name: str, head_dim: int, G: int, groups: tuple) -> Method:
+    fp, circ, rb, ab, deq, axis, b = groups
     if fp:
         return Method("fp", "fp baseline", "fp", 16.0)
     if rb:

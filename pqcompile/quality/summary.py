@@ -18,7 +18,7 @@ from . import data, evaluate
 from .methods import select
 
 log = logging.getLogger(__name__)
-HEADERS = ["method", "path", "bits/elem", "tokens", "ppl", "Δppl vs fp (same windows)", "attn err (mean over layers)",
+HEADERS = ["method", "path", "K bits/elem", "V bits/elem", "KV bits/elem", "tokens", "ppl", "Δppl vs fp (same windows)", "attn err (mean over layers)",
            "key err", "seconds"]
 
 
@@ -42,7 +42,8 @@ def run(method_names: list[str], *, text: str = "wiki", tokens: int = 16384, com
         w = windows[:n_compiled] if m.kind == "product" else windows
         counters.clear()
         res = evaluate.perplexity(model, w, m, inner=inner, batch=batch, progress=progress)
-        res.update(kind=m.kind, label=m.label, bits=m.bits, windows=w.shape[0])
+        res.update(kind=m.kind, label=m.label, bits=m.bits, value_bits=m.value_bits, kv_bits=m.kv_bits,
+                   windows=w.shape[0])
         if m.kind == "product":
             res["compile"] = {k: v for k, v in counters.totals.items()}
             res["inner_backend"] = inner
@@ -101,7 +102,9 @@ def table_rows(result: dict) -> list[list]:
     for name, r in result["methods"].items():
         e = r.get("layer_errors")
         path = {"fp": "eager", "reference": "fake quant", "product": f"compiled ({r.get('inner_backend')})"}[r["kind"]]
-        out.append([name, path, f"{r['bits']:.2f}", r["tokens"], f"{r['ppl']:.3f}",
+        vb = r.get("value_bits", 16.0)  # results written before values were quantized: dense values
+        out.append([name, path, f"{r['bits']:.2f}", f"{vb:.2f}", f"{r.get('kv_bits', (r['bits'] + vb) / 2):.2f}",
+                    r["tokens"], f"{r['ppl']:.3f}",
                     "" if name == "fp" else f"{r['delta_ppl_pct']:+.2f}%",
                     f"{sum(e['attn_rel_err']) / len(e['attn_rel_err']):.4f}" if e else "",
                     f"{sum(e['key_rel_err']) / len(e['key_rel_err']):.4f}" if e else "", f"{r['seconds']:.0f}"])
@@ -113,6 +116,9 @@ def table(result: dict, fmt: str = "simple") -> str:
 
 
 def _family(name: str) -> str:
+    keys, sep, vbits = name.rpartition("-v")
+    if sep and vbits.isdigit():  # keys + quantized values: its own line
+        return f"{_family(keys)} + V{vbits}"
     for prefix in ("polar-circ", "kivi-ch", "kivi-tok"):
         if name.startswith(prefix):
             return prefix
@@ -122,32 +128,38 @@ def _family(name: str) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    """Left: perplexity increase vs bits per key element, one line per family. Right: per-layer attention error."""
+    """Left: perplexity increase vs bits per key element, one line per family. Middle: the same vs bits per
+    cached element, keys and values averaged (dense values count 16). Right: per-layer attention error."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    families: dict[str, list] = {}
-    for name, r in result["methods"].items():
-        if name != "fp":
-            families.setdefault(_family(name), []).append((r["bits"], r["delta_ppl_pct"], name, r["tokens"]))
-    for fam, pts in families.items():
-        pts.sort()
-        compiled = fam == "polar (compiled)"
-        ax.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], "o--" if compiled else "o-",
-                mfc="none" if compiled else None, label=f"{fam} ({pts[0][3]} tokens)", ms=8 if compiled else 5)
-        for b, d, name, _ in pts:  # compiled labels left of the point: their -deq twins sit on top of them
-            ax.annotate(name.split("-", 1)[-1], (b, max(d, 1e-3)), textcoords="offset points", fontsize=7,
-                        xytext=(-7, -2) if compiled else (4, 4), ha="right" if compiled else "left")
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per key element (codes + bf16 group params; fp = 16)")
-    ax.set_ylabel("perplexity increase vs fp (%)")
+    fig, (ax, axkv, ax2) = plt.subplots(1, 3, figsize=(19, 5))
     fp = result["methods"]["fp"]
+    for axis, key, xlabel in (
+            (ax, "bits", "bits per key element (codes + bf16 group params; fp = 16)"),
+            (axkv, "kv_bits", "total KV bits per element ((key bits + value bits) / 2; dense values = 16)")):
+        families: dict[str, list] = {}
+        for name, r in result["methods"].items():
+            if name != "fp":
+                x = r.get(key, (r["bits"] + 16) / 2 if key == "kv_bits" else r["bits"])
+                families.setdefault(_family(name), []).append((x, r["delta_ppl_pct"], name, r["tokens"]))
+        for fam, pts in families.items():
+            pts.sort()
+            compiled = fam == "polar (compiled)"
+            axis.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], "o--" if compiled else "o-",
+                      mfc="none" if compiled else None, label=f"{fam} ({pts[0][3]} tokens)", ms=8 if compiled else 5)
+            for b, d, name, _ in pts:  # compiled labels left of the point: their -deq twins sit on top of them
+                axis.annotate(name.split("-", 1)[-1], (b, max(d, 1e-3)), textcoords="offset points", fontsize=7,
+                              xytext=(-7, -2) if compiled else (4, 4), ha="right" if compiled else "left")
+        axis.set_yscale("log")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("perplexity increase vs fp (%)")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
     ax.set_title(f"{result['model']}, {result['text']}: fp ppl {fp['ppl']:.2f} on {fp['tokens']} tokens")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    axkv.set_title("vs total KV-cache bits (keys and values)")
     for name, r in result["methods"].items():
         e = r.get("layer_errors")
         if e and r["kind"] != "product":

