@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pqcompile import codec as ref  # noqa: E402
-from pqcompile import kernels, ops  # noqa: E402
+from pqcompile import codec as ref
+from pqcompile import kernels, ops
 
 SCRIPT_VERSION = 1
 
