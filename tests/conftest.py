@@ -48,3 +48,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if pathlib.Path(str(item.fspath)).parent.name in _COMPILING_DIRS:
             item.fixturenames.insert(0, "fresh_dynamo")
+
+
+@pytest.fixture(autouse=True)
+def _private_tuner_cache(monkeypatch, tmp_path):
+    """The attention tuner keeps its picks on disk: each test gets its own folder, so none reads another's picks."""
+    monkeypatch.setenv("PQCOMPILE_CACHE_DIR", str(tmp_path / "pqcompile-cache"))
