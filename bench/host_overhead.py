@@ -18,29 +18,18 @@ import json
 import os
 import pstats
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from attention import host_us  # bench/attention.py: CPU time to enqueue one call
+
 from pqcompile import codec as ref
 from pqcompile import kernels, ops
 
 SCRIPT_VERSION = 1
-
-
-def host_us(fn, n: int = 500) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return t / n * 1e6
 
 
 def main() -> None:
@@ -79,7 +68,7 @@ def main() -> None:
     }
     row = {"shape": args.shape, "B": B, "T": T}
     for name, fn in contenders.items():
-        row[f"{name}_host_us"] = round(host_us(fn), 1)
+        row[f"{name}_host_us"] = round(host_us(fn, n=500), 1)
         print(f"{name:14s} {row[f'{name}_host_us']:8.1f} us/call", flush=True)
     if args.profile:
         prof = cProfile.Profile()

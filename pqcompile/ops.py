@@ -60,6 +60,11 @@ def flat(params: torch.Tensor) -> torch.Tensor:
     return params.view(params.shape[0], params.shape[1], -1, params.shape[-1])
 
 
+def _fresh(out, inputs) -> list[torch.Tensor]:
+    """A functional op's outputs must not alias its inputs: clone any output that is a view or an input itself."""
+    return [t.clone() if t._base is not None or t.data_ptr() == i.data_ptr() else t for t, i in zip(out, inputs)]
+
+
 # --------------------------------------------------------------------------- append (encode + group flush)
 
 
@@ -76,8 +81,7 @@ def append(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, new_ke
         out = kernels.append(data, seq_len, new_keys, c)
     else:
         out = ref.append(data, seq_len, new_keys, c)
-    codes2, params2, tail2 = (t.clone() if t._base is not None or t.data_ptr() == o.data_ptr() else t
-                              for t, o in zip(out, data))
+    codes2, params2, tail2 = _fresh(out, data)
     return codes2, flat(params2), tail2
 
 
@@ -288,8 +292,7 @@ def append_values(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor,
         out = kernels.append_values(data, seq_len, new_values, c)
     else:
         out = vref.append(data, seq_len, new_values, c)
-    codes2, params2, tail2 = (t.clone() if t._base is not None or t.data_ptr() == o.data_ptr() else t
-                              for t, o in zip(out, data))
+    codes2, params2, tail2 = _fresh(out, data)
     return codes2.contiguous(), vflat(params2).contiguous(), tail2.contiguous()
 
 
