@@ -32,8 +32,9 @@ from pqcompile import codec as ref
 from pqcompile import kernels
 from pqcompile import value_codec as vref
 from pqcompile.kernels import LaunchConfig, RowTile, Tile, settings, tuner
+from pqcompile.kernels.settings import VALUE_FORMS
 
-SCRIPT_VERSION = 11  # recorded in the JSON; bench/NOTES.md says what each version changed
+SCRIPT_VERSION = 12  # recorded in the JSON; bench/NOTES.md says what each version changed
 # Tuned configs not yet in the product space: pair chunks (not yet run on a GPU; --pair-chunks adds them).
 PAIR_CHUNK_SPACE = (
     LaunchConfig(64, True, 6, 4, 3, maxnreg=168, pair_chunks=2),
@@ -204,8 +205,9 @@ def check_values(log: list, values, group: int) -> bool:
             tol = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dt]
             good = equal and err < tol and bool(torch.isfinite(o_k).all())
             ok &= good
-            row = {"case": f"B{B} Hq{Hq} Hkv{H} T{T} D{D} S{S} 4+4 {vc} mask={mk} causal={causal} softcap={softcap} "
-                           f"{str(dt)[6:]}", "attn_rel_err": err, "value_codes_equal": equal, "ok": good}
+            row = {"case": f"B{B} Hq{Hq} Hkv{H} T{T} D{D} S{S} 4+4 {vc} {settings.value_form} mask={mk} "
+                           f"causal={causal} softcap={softcap} {str(dt)[6:]}", "attn_rel_err": err,
+                   "value_codes_equal": equal, "ok": good}
             log.append(row)
             print(("ok  " if good else "BAD ") + row["case"], f"err={err:.2e} codes_equal={equal}", flush=True)
     return ok
@@ -308,7 +310,7 @@ def time_encode(row: dict, k, v, Hq) -> None:
 
 
 def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=False, values=(),
-               value_group=64) -> dict:
+               value_group=64, value_forms=None) -> dict:
     """One row: dense contenders, polar per width and per config (name -> LaunchConfig fixed, or None: tuned),
     K4+4 over packed values per width of `values`, encode. configs None: the tuned settings only."""
     dt = torch.bfloat16
@@ -329,14 +331,20 @@ def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=
                            nbytes, bw, graphs, (rb, ab) == (4, 4))
         row[f"polar{rb}{ab}_floor_us"] = nbytes / bw * 1e6
     if values:
-        time_values(row, q, k, v, bw, graphs, values, value_group)
+        time_values(row, q, k, v, bw, graphs, values, value_group, value_forms)
     if encode:
         time_encode(row, k, v, Hq)
     torch.cuda.empty_cache()  # the caches go when the function returns
     return row
 
 
-def time_values(row: dict, q, k, v, bw, graphs: bool, values, value_group: int) -> None:
+def value_keys(vb: int, value_forms) -> list[tuple[str, str]]:
+    """(row key prefix, settings.value_form) per form timed: the first form keeps the plain key."""
+    forms = value_forms or [settings.value_form]
+    return [(f"polar44_v{vb}" + (f"_{f.replace('-', '_')}" if i else ""), f) for i, f in enumerate(forms)]
+
+
+def time_values(row: dict, q, k, v, bw, graphs: bool, values, value_group: int, value_forms=None) -> None:
     """K4+4 over packed values of each width (tuned, graph-timed): time, byte floor (codes, params, tails, q and
     out over the copy bandwidth), ratio vs the best dense SDPA; and the value encode of the row's tokens."""
     B, H, T, D = k.shape
@@ -347,13 +355,14 @@ def time_values(row: dict, q, k, v, bw, graphs: bool, values, value_group: int) 
         vc = value_codec_for(vb, value_group, D)
         vd = kernels.append_values(vref.empty(vc, B, H, D, v.dtype, "cuda"), 0, v, vc)
         nbytes = ref.nbytes(kd) + vref.nbytes(vd) + 2 * q.numel() * 2
-        key = f"polar44_v{vb}"
-        row[key + "_codec"] = str(vc)
-        row[key + "_value_bytes_per_token"] = vref.nbytes(vd) / (B * T)
-        time_polar(row, key, lambda vd=vd, vc=vc: kernels.attention(q, kd, T, vd, c, vcodec=vc), nbytes, bw, graphs,
-                   True)
-        row[key + "_floor_us"] = nbytes / bw * 1e6
-        row[key + "_bytes_vs_dense"] = nbytes / (2 * k.numel() * 2 + 2 * q.numel() * 2)
+        for key, form in value_keys(vb, value_forms):
+            row[key + "_codec"] = f"{vc} {form}"
+            row[key + "_value_bytes_per_token"] = vref.nbytes(vd) / (B * T)
+            with settings.override(value_form=form):
+                time_polar(row, key, lambda vd=vd, vc=vc: kernels.attention(q, kd, T, vd, c, vcodec=vc), nbytes, bw,
+                           graphs, True)
+            row[key + "_floor_us"] = nbytes / bw * 1e6
+            row[key + "_bytes_vs_dense"] = nbytes / (2 * k.numel() * 2 + 2 * q.numel() * 2)
         row[f"vencode{vb}_graph_us"] = graph_us(lambda vc=vc: kernels.encode_value_groups(v, vc))
         del vd
 
@@ -449,6 +458,10 @@ def parse_args() -> argparse.Namespace:
                          "dense, each with its byte floor; checked against value_codec first")
     ap.add_argument("--value-group", type=int, default=64,
                     help="channels per value group (--values; halved where it does not divide the head dim)")
+    ap.add_argument("--value-forms", nargs="+", choices=VALUE_FORMS, default=None, metavar="FORM",
+                    help="how the kernel reads packed values (kernels.settings.value_form), each checked and timed "
+                         f"per row (A/B in one run; keys of forms after the first get _FORM), from {VALUE_FORMS}; "
+                         "default: the product's")
     ap.add_argument("--quick-check", action="store_true",
                     help="check only the first case (every tuned config); skips most cold compiles")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -484,19 +497,20 @@ def run_table(args, rows: list, bw: float, save) -> None:
         shapes = [s for s in shapes if {f"{s[3]}x{s[4] // 1024}k", f"{s[3]}x{s[4] // 1024}k/D{s[2]}"} & set(args.only)]
     for Hq, H, D, B, T in shapes:
         rows.append(time_shape(Hq, H, D, B, T, bw, graphs=True, bits=bits, values=args.values,
-                               value_group=args.value_group))
+                               value_group=args.value_group, value_forms=args.value_forms))
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
         save()
 
 
-def print_value_table(rows: list, values) -> None:
+def print_value_table(rows: list, values, value_forms=None) -> None:
     """GPU times (graph replay) and byte floors: dense SDPA, K4+4 K-only, K4+4 over each value width."""
     from tabulate import tabulate
 
     cols = ["dense_graph_best_us", "dense_floor_us", "polar44_graph_us", "polar44_floor_us", "polar44_graph_ratio"]
     for vb in values:
-        cols += [f"polar44_v{vb}_graph_us", f"polar44_v{vb}_floor_us", f"polar44_v{vb}_graph_ratio",
-                 f"polar44_v{vb}_graph_floor_frac", f"polar44_v{vb}_bytes_vs_dense"]
+        for key, _ in value_keys(vb, value_forms):
+            cols += [f"{key}_graph_us", f"{key}_floor_us", f"{key}_graph_ratio", f"{key}_graph_floor_frac",
+                     f"{key}_bytes_vs_dense"]
     print(tabulate([[f"{r['B']}x{r['T'] // 1024}k Hq{r['Hq']}/{r['Hkv']} D{r['D']}"]
                     + [None if r.get(k) is None else round(r[k], 3 if not k.endswith("_us") else 1) for k in cols]
                     for r in rows], headers=["shape"] + cols, tablefmt="github"))
@@ -515,8 +529,11 @@ def run(args) -> bool:
     configs = settings.tuned_space if args.space else (*settings.tuned_space, *PAIR_CHUNK_SPACE)
     ok = check(checks, list(dict.fromkeys(c for c in configs if not c.alt_code_load)), args.quick_check)
     if args.values:
-        meta.update(values=args.values, value_group=args.value_group)
-        ok &= check_values(checks, args.values, args.value_group)
+        meta.update(values=args.values, value_group=args.value_group,
+                    value_forms=args.value_forms or [settings.value_form])
+        for form in args.value_forms or [settings.value_form]:
+            with settings.override(value_form=form):
+                ok &= check_values(checks, args.values, args.value_group)
     bw = copy_bandwidth()
     meta["copy_bandwidth_TBps"] = bw * 1e-12
     print(f"copy bandwidth {bw * 1e-12:.2f} TB/s; correctness {'OK' if ok else 'FAILED'}", flush=True)
@@ -542,7 +559,7 @@ def run(args) -> bool:
                                for k in TABLE_COLUMNS] for r in rows], headers=["shape"] + TABLE_COLUMNS,
                            tablefmt="github"))
         if rows and args.values:
-            print_value_table(rows, args.values)
+            print_value_table(rows, args.values, args.value_forms)
     if sweeps:
         print(tabulate([[f"{r['B']}x{r['T'] // 1024}k", *(round(v, 1) for k, v in r.items() if k.endswith("_us"))]
                         for r in sweeps], headers=["tokens"] + [k for k in sweeps[0] if k.endswith("_us")]))

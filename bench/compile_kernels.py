@@ -40,7 +40,7 @@ from triton.runtime.jit import native_specialize_impl
 from pqcompile import codec as ref
 from pqcompile import kernels
 from pqcompile import value_codec as vref
-from pqcompile.kernels import common, settings
+from pqcompile.kernels import LaunchConfig, common, settings
 
 # the host modules, by name (`kernels.attention` is the function)
 HOST = {name: importlib.import_module(f"pqcompile.kernels.{name}") for name in ("attention", "encode", "static_write")}
@@ -115,8 +115,9 @@ def codec(bits=(4, 4), pairing="half"):
 def attention_calls():
     """(name, call) pairs; each call runs kernels.attention / static_attention on CPU tensors."""
     def dense_call(bits=(4, 4), B=1, Hq=32, H=8, T=4096 + 77, D=128, S=1, dtype=B16, mask=None, softcap=None,
-                   causal=False, config=None, values=None, Dv=None):
-        """values: (bits, channel group) of packed values (Dv: their head dim, default D), None: dense V."""
+                   causal=False, config=None, values=None, Dv=None, form=None):
+        """values: (bits, channel group) of packed values (Dv: their head dim, default D), None: dense V; form:
+        settings.value_form (default: the product's)."""
         def call():
             c = codec(bits)
             codes = torch.zeros(B, H, T // 128 * 128, c.code_bytes(D), dtype=torch.uint8)
@@ -131,7 +132,7 @@ def attention_calls():
                                    torch.zeros(B, H, T - tc + ref.TAIL_PAD, dv, dtype=dtype))
             m = None if mask is None else (torch.ones(B, 1, S, T, dtype=torch.bool) if mask == "bool"
                                             else torch.zeros(B, Hq, S, T, dtype=torch.float32))
-            with settings.override(attention=config or settings.attention):
+            with settings.override(attention=config or settings.attention, value_form=form or settings.value_form):
                 kernels.attention(q, ref.PolarData(codes, params, tail), T, v, c, vcodec=vc, mask=m, softcap=softcap,
                                   is_causal=causal)
         return call
@@ -184,6 +185,12 @@ def attention_calls():
     yield "3+3 V4 alt=True", dense_call((3, 3), config=settings.attention._replace(alt_code_load=True), values=(4, 64))
     yield "static V4 c64 (length on the device)", static_call(values=(4, 64))
     yield "static V2 c64, prompt of 37", static_call(S=37, values=(2, 64))
+    # the other ways to read packed values (settings.value_form), for A/B runs on the GPU
+    for form in ("dot-bytes", "dequant"):
+        for vb in (4, 2):
+            yield f"4+4 V{vb} c64 bf16 D128 form={form}", dense_call(values=(vb, 64), form=form)
+        yield f"4+4 V4 c64 form={form} tuned (32, True, 4, 4, 3, False, None, 1)", dense_call(
+            config=LaunchConfig(32, True, 4, 4, 3), values=(4, 64), form=form)
 
 
 def encode_calls():

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from . import counters, report, verify
+from .compressed import appends_in_place, reserve_all
 from .config import InnerBackend, PolarQuantConfig, VerifyMode
 from .passes import run_all
 
@@ -52,7 +53,23 @@ def polarquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
     log.info("%s", _Lazy(lambda: report.one_line(facts or report.build(gm, gm, sites, results, cfg, "?"))))
     checked = verify.Checked(original, gm, sites, cfg, on_event=rep.update if rep else None) if checking else None
     compiled = _inner_compile(gm, example_inputs, cfg, mode)
-    if checked is None:
-        return compiled
-    checked.compiled = compiled
-    return checked
+    if checked is not None:
+        checked.compiled, compiled = compiled, checked
+    if any(appends_in_place(t) for t in example_inputs):
+        return _reserving(compiled)
+    return compiled
+
+
+def _reserving(fn):
+    """A decode graph appends in place into the compressed caches it reads: after each call, make room for the
+    next step's group flush, outside the graph and one layer at a time (compressed.reserve_all)."""
+
+    def call(*args):
+        for t in args:
+            if appends_in_place(t):
+                t.check_current()
+        out = fn(*args)
+        reserve_all(args, out if isinstance(out, (list, tuple)) else (out,))
+        return out
+
+    return call

@@ -15,7 +15,8 @@ import torch
 from . import codec as ref
 from . import ops
 from .codec import Codec, PolarData
-from .compressed import CompressedTensor, DynamicCompressed, quiet_fallbacks, reset_fallback_warnings
+from .compressed import CompressedTensor, DynamicCompressed, capacity_for, quiet_fallbacks, reset_fallback_warnings
+from .dense_values import DenseValues
 from .values import PolarValues
 
 __all__ = ["CompressedTensor", "PolarKeys", "compress_keys", "polar_keys_in", "polar_sdpa", "quiet_fallbacks",
@@ -23,34 +24,44 @@ __all__ = ["CompressedTensor", "PolarKeys", "compress_keys", "polar_keys_in", "p
 
 
 class PolarKeys(DynamicCompressed):
-    """Codes, params and tail of codec.py; the cache ops are DynamicCompressed's (compressed.py)."""
+    """Codes, params and a ring of codec.py's state, appended to in place; the cache ops are DynamicCompressed's
+    (compressed.py)."""
 
-    codes: torch.Tensor  # uint8 [B, H, (T//G)*G, NB]
-    params: torch.Tensor  # bf16 [B, H, (T//G)*4, P]  (ops.unflat views it as [B, H, T//G, 4, P])
-    tail: torch.Tensor  # dtype [B, H, T%G + TAIL_PAD, D]
+    codes: torch.Tensor  # uint8 [B, H, cap, NB]: rows [0, (T//G)*G) hold the complete groups
+    params: torch.Tensor  # bf16 [B, H, cap/G*4, P]  (ops.unflat views it as [B, H, cap/G, 4, P])
+    tail: torch.Tensor  # dtype [B, H, G, D]: the ring, token t at slot t % G
     codec: Codec
 
     @property
     def data_(self) -> PolarData:
-        """The state in codec.py's layout."""
-        return PolarData(self.codes, ops.unflat(self.params), self.tail)
+        """The state in codec.py's layout (views of the encoded rows; the open group copied, then TAIL_PAD zeros)."""
+        Tc, L = self.encoded, self.seq_len
+        tail = torch.cat([self.tail[:, :, : L - Tc], self.tail.new_zeros(*self.tail.shape[:2], ref.TAIL_PAD,
+                                                                           self.tail.shape[3])], dim=2)
+        return PolarData(self.codes[:, :, :Tc], ops.unflat(self.params[:, :, : self.param_rows(Tc)]), tail)
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, head_dim: int, dtype, device, codec: Codec, capacity: int) -> PolarKeys:
+        """No tokens, room for `capacity` (a multiple of G)."""
+        G = codec.group_size
+        codes = torch.empty(batch, heads, capacity, codec.code_bytes(head_dim), dtype=torch.uint8, device=device)
+        params = torch.empty(batch, heads, capacity // G * 4, head_dim // 2, dtype=ref.PARAM_DTYPE, device=device)
+        ring = torch.zeros(batch, heads, G, head_dim, dtype=dtype, device=device)
+        return cls(codes, params, ring, codec, (batch, heads, 0, head_dim))
 
     @classmethod
     def from_dense(cls, keys: torch.Tensor, codec: Codec) -> PolarKeys:
         """keys [B, H, T, D] (post-RoPE) -> compressed. Traceable: this is what the prefill rewrite calls."""
-        B, H, _T, D = keys.shape
-        codes, params, tail = ref.empty(codec, B, H, D, keys.dtype, keys.device)
-        inner = ops.append(codes, ops.flat(params), tail, keys, 0, *ops.codec_args(codec))
-        return cls(*inner, codec, keys.shape)
+        B, H, T, D = keys.shape
+        empty = cls.empty(B, H, D, keys.dtype, keys.device, codec, capacity_for(T, 0, codec.group_size))
+        return empty.appended(keys)
 
     def dequantize(self) -> torch.Tensor:
-        """Dense keys [B, H, T, D] reconstructed from the codes (lossy) and the tail (exact)."""
+        """Dense keys [B, H, T, D] reconstructed from the codes (lossy) and the ring (exact)."""
         return ops.decode(self.codes, self.params, self.tail, self.seq_len, *ops.codec_args(self.codec))
 
-    def appended(self, new: torch.Tensor) -> PolarKeys:
-        codes, params, tail = ops.append(self.codes, self.params, self.tail, new, self.seq_len,
-                                         *ops.codec_args(self.codec))
-        return self.with_data(codes, params, tail, self.seq_len + new.shape[2])
+    def write_(self, new: torch.Tensor) -> None:
+        ops.append_(self.codes, self.params, self.tail, new, self.seq_len, *ops.codec_args(self.codec))
 
     def param_rows(self, n_tokens: int) -> int:
         return n_tokens // self.codec.group_size * 4  # 4 rows (r_min, r_scale, phi_min, phi_scale) per group
@@ -77,6 +88,8 @@ def polar_sdpa(q: torch.Tensor, keys: PolarKeys, v: torch.Tensor, attn_mask=None
     (values compressed too: ops.attention_qv reads both code streams) -> [B, Hq, S, Dv].
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if isinstance(v, DenseValues):
+        v = v.dequantize()  # a view of its rows
     if isinstance(v, PolarValues):
         return ops.attention_qv(q, keys.codes, keys.params, keys.tail, v.codes, v.params, v.tail, keys.seq_len,
                                 attn_mask, scale, 0.0, False, *ops.codec_args(keys.codec),

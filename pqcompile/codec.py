@@ -323,13 +323,15 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor, c
 # --------------------------------------------------------------------------- accounting
 
 
-def state_bits(codec: Codec, seq_len: int, head_dim: int, tail_bits: int = 16) -> int:
-    """Exact bits held per (batch, kv-head) for seq_len tokens: codes + group params + tail buffer."""
+def state_bits(codec: Codec, seq_len: int, head_dim: int, tail_bits: int = 16, capacity: int | None = None) -> int:
+    """Exact bits held per (batch, kv-head) for seq_len tokens: codes + group params + tail buffer. With
+    `capacity`, a cache's layout instead: codes and params with room for `capacity` tokens and a ring of G rows."""
     G = codec.group_size
-    n = seq_len // G
+    n = seq_len // G if capacity is None else capacity // G
+    tail_rows = seq_len % G + TAIL_PAD if capacity is None else G
     return (n * G * codec.code_bytes(head_dim) * 8
             + n * 4 * (head_dim // 2) * torch.finfo(PARAM_DTYPE).bits
-            + (seq_len % G + TAIL_PAD) * head_dim * tail_bits)
+            + tail_rows * head_dim * tail_bits)
 
 
 def bits_per_element(codec: Codec, seq_len: int, head_dim: int, tail_bits: int = 16) -> float:

@@ -55,7 +55,8 @@ def dense_fallback(func, args, kwargs):
         if not isinstance(x, CompressedTensor):
             return x
         # fake tensors: dynamo tracing HF's code, not an op the user runs
-        if func not in _warned and not _quiet.get() and not isinstance(x.inner_tensors()[0], FakeTensor):
+        if (x.fallback_warns and func not in _warned and not _quiet.get()
+                and not isinstance(x.inner_tensors()[0], FakeTensor)):
             _warned.add(func)
             warnings.warn(f"pqcompile: {func} has no compressed implementation for {type(x).__name__}; it runs on "
                           "the dequantized tensor (correct, but the dense tensor is materialized)", stacklevel=4)
@@ -70,6 +71,8 @@ class CompressedTensor(torch.Tensor):
     inner_names: ClassVar[tuple[str, ...]] = ()
     dtype_from: ClassVar[str] = ""  # the inner tensor held in the logical dtype: gives the wrapper dtype and device
     growing_dim: ClassVar[int | None] = None  # grows between compiled calls (DynamicCache's T): marked dynamic
+    growing_inner: ClassVar[tuple[str, ...]] = ()  # the inner tensors whose growing_dim grows too
+    fallback_warns: ClassVar[bool] = True  # False where dequantize() is a view (nothing is materialized)
     codec: Any
     # this class's own implementations (implements()); __init_subclass__ gives each subclass fresh tables
     _aten_impls: ClassVar[dict] = {}
@@ -93,7 +96,7 @@ class CompressedTensor(torch.Tensor):
         if self.growing_dim is not None and not torch.compiler.is_compiling():
             # Say so up front, so that dynamo compiles one dynamic graph instead of a static one first and a
             # dynamic one on the next call (docs/design.md §8.11).
-            for t in (self, *inner):
+            for t in (self, *(getattr(self, n) for n in self.growing_inner)):
                 torch._dynamo.maybe_mark_dynamic(t, self.growing_dim)
 
     def inner_tensors(self) -> tuple[torch.Tensor, ...]:
@@ -184,18 +187,35 @@ def _torch_function(cls, func, types, args=(), kwargs=None):
 # --------------------------------------------------------------------------- the DynamicCache state
 
 
-class DynamicCompressed(CompressedTensor):
-    """A compressed DynamicCache tensor of logical shape [B, H, T, D]: `codes` and `params` of the complete
-    groups of G tokens, the newest T % G tokens in full precision in `tail` (then TAIL_PAD zero rows).
+def capacity_for(tokens: int, current: int, G: int) -> int:
+    """Code rows a state of `tokens` tokens should hold: room for its open group to flush, grown by at least
+    1/16 of the current capacity at a time (slack <= ~6%, and a history copy only every 16th of its size)."""
+    need = (tokens // G + 1) * G
+    if not current:  # a fresh state (no comparison: no guard in a graph)
+        return need
+    if current >= need:
+        return current
+    return max(need, -(-(current + current // 16) // G) * G)
 
-    A subclass gives `dequantize()`, `appended(new)` (the state after appending new [B, H, S, D]: HF's
-    cat([past, new], -2)) and `param_rows(n)` (the rows of `params` that n encoded tokens, a multiple of G,
-    own). The ops HF's DynamicLayer applies (cat, detach/alias/clone, _to_copy, index_select / index / slice on
-    the batch dim, repeat_interleave, crop) are implemented once, below, for every subclass."""
+
+class DynamicCompressed(CompressedTensor):
+    """A compressed DynamicCache tensor of logical shape [B, H, T, D], appended to in place.
+
+    Inner tensors: `codes` and `params` with room for `capacity` tokens (a multiple of G: the first (T//G)*G
+    rows hold the complete groups, the rest is spare), and `tail`, a ring [B, H, G, D] whose first T % G rows are
+    the open group's tokens in full precision. `cat` writes the new tokens into the ring and, when a group
+    completes, its codes into the next rows: no history is copied (docs/design.md §2.1). The wrapper a cache op
+    returns shares the buffers of its input; the input is the cache's previous state and is not kept valid.
+
+    A subclass gives `dequantize()`, `write_(new)` (the in-place append of new [B, H, S, D] at seq_len, given the
+    capacity) and `param_rows(n)` (the rows of `params` that n tokens, a multiple of G, own). The ops HF's
+    DynamicLayer applies (cat, detach/alias/clone, _to_copy, index_select / index / slice on the batch dim,
+    repeat_interleave, crop) are implemented once, below, for every subclass."""
 
     inner_names = ("codes", "params", "tail")
     dtype_from = "tail"
-    growing_dim = 2  # T: every decode step appends
+    growing_dim = 2  # T: every decode step appends (and the capacity of codes / params grows now and then)
+    growing_inner = ("codes", "params")
     codes: torch.Tensor
     params: torch.Tensor
     tail: torch.Tensor
@@ -208,7 +228,16 @@ class DynamicCompressed(CompressedTensor):
     def group_size(self) -> int:
         return self.codec.group_size
 
-    def appended(self, new: torch.Tensor) -> DynamicCompressed:
+    @property
+    def capacity(self):
+        return self.codes.shape[2]
+
+    @property
+    def encoded(self):
+        """Tokens in complete groups: rows [0, encoded) of codes hold them."""
+        return self.seq_len // self.group_size * self.group_size
+
+    def write_(self, new: torch.Tensor) -> None:
         raise NotImplementedError
 
     def param_rows(self, n_tokens: int) -> int:
@@ -223,42 +252,146 @@ class DynamicCompressed(CompressedTensor):
         return self.with_data(fn(self.codes), fn(self.params), fn(self.tail),
                               self.seq_len if seq_len is None else seq_len)
 
-    def cropped(self, length: int) -> DynamicCompressed:
-        """The first `length` tokens (HF crop, assisted decoding). Tokens of a cut group move to the tail as
-        their reconstruction (they were already quantized; they are encoded again when the group refills)."""
-        from .codec import TAIL_PAD
+    def _grown_buffers(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes / params with room for `capacity` tokens, the encoded rows copied."""
+        n = self.encoded
+        codes = self.codes.new_empty(*self.codes.shape[:2], capacity, *self.codes.shape[3:])
+        params = self.params.new_empty(*self.params.shape[:2], self.param_rows(capacity), *self.params.shape[3:])
+        codes[:, :, :n].copy_(self.codes[:, :, :n])
+        params[:, :, : self.param_rows(n)].copy_(self.params[:, :, : self.param_rows(n)])
+        return codes, params
 
-        if length == self.seq_len:
-            return self.map_inner(lambda t: t)
-        keep = (length // self.group_size) * self.group_size
-        if keep == self.codes.shape[2]:
-            tail = torch.cat([self.tail[:, :, : length - keep], self.tail[:, :, -TAIL_PAD:]], dim=2)
-            return self.with_data(self.codes, self.params, tail, length)
-        dense = self.dequantize()[:, :, keep:length]
-        tail = torch.cat([dense, self.tail.new_zeros(*dense.shape[:2], TAIL_PAD, dense.shape[3])], dim=2)
-        return self.with_data(self.codes[:, :, :keep], self.params[:, :, : self.param_rows(keep)], tail, length)
+    def check_current(self) -> None:
+        """Refuse to append to (or crop) an earlier state of a cache whose buffers have moved on since. The codes
+        tensor carries the newest state's length and ring (_pq_len, _pq_ring); an earlier state of the same ring
+        is still whole while every token appended after it went to its own open group (a decode step that a
+        verify check refused, retried). Eager only: graphs see fake tensors, the backend checks their inputs."""
+        written = getattr(self.codes, "_pq_len", None)
+        if written is None or torch.compiler.is_compiling() or self.codes._pq_at != self.codes.data_ptr():
+            return  # untracked, or marks copied along with the tensor (copy.deepcopy): a different buffer
+        T, G = self.seq_len, self.group_size
+        if getattr(self.codes, "_pq_ring", None) == self.tail.data_ptr() and T <= written <= (T // G + 1) * G:
+            return
+        raise RuntimeError(
+            f"{type(self).__name__} of {T} tokens is an earlier state of a cache that now holds {written}: the "
+            "compressed cache appends in place, so an earlier state is not kept. Clone it (tensor.clone() or "
+            "copy.deepcopy(cache)) before appending if both are needed")
+
+    def mark_current(self) -> None:
+        if not isinstance(self.codes, FakeTensor) and not torch.compiler.is_compiling():
+            codes = self.codes
+            codes._pq_len, codes._pq_ring, codes._pq_at = self.seq_len, self.tail.data_ptr(), codes.data_ptr()
+
+    def appended(self, new: torch.Tensor) -> DynamicCompressed:
+        """HF's cat([self, new], -2): the new tokens written in place (the buffers grow first if they must)."""
+        self.check_current()
+        T, S, G = self.seq_len, new.shape[2], self.group_size
+        state = self
+        if (T + S) // G * G > self.capacity:  # in a graph: a guard; the backend reserves between calls (reserve)
+            codes, params = self._grown_buffers(capacity_for(T + S, self.capacity, G))
+            state = self.with_data(codes, params, self.tail, T)
+        state.write_(new)
+        out = state.with_data(state.codes, state.params, state.tail, T + S)
+        out.mark_current()
+        return out
+
+    def reserve(self) -> bool:
+        """Eagerly grow the buffers so that the open group can flush without growing inside a compiled step
+        (in place: this wrapper's inner tensors are replaced). True if they grew."""
+        cap = capacity_for(self.seq_len, self.capacity, self.group_size)
+        if cap == self.capacity:
+            return False
+        self.codes, self.params = self._grown_buffers(cap)
+        self.mark_current()
+        return True
+
+    def grown_to(self, other: DynamicCompressed) -> None:
+        """Share `other`'s buffers (reserve_all: a step's input, after its output grew)."""
+        self.codes, self.params = other.codes, other.params
+
+    def cropped(self, length: int) -> DynamicCompressed:
+        """The first `length` tokens (HF crop, assisted decoding), sharing the encoded rows, in a copy of the ring
+        (one group). Tokens of a cut group move to that ring as their reconstruction (they were already quantized;
+        they are encoded again when the group refills)."""
+        G = self.group_size
+        self.check_current()
+        ring = self.tail.clone()  # its own ring: the state it was cut from is then told apart (check_current)
+        keep = length // G * G
+        if keep < self.encoded:
+            ring[:, :, : length - keep] = self.dequantize()[:, :, keep:length]
+        out = self.with_data(self.codes, self.params, ring, length)
+        out.mark_current()
+        return out
+
+
+def appends_in_place(t) -> bool:
+    """A cache tensor that cat appends to in place (DynamicCompressed, dense_values.DenseValues)."""
+    return isinstance(t, CompressedTensor) and t.growing_dim is not None
+
+
+def reserve_all(*tensor_lists) -> None:
+    """After a compiled call: grow the DynamicCompressed tensors it returned so that the next decode step finds
+    room (growing inside the graph would hold every layer's old and new buffers at once). Wrappers that share a
+    buffer (a step's input and output) all get the new one, so the old buffer is freed layer by layer."""
+    sharing: dict[int, list[DynamicCompressed]] = {}
+    for tensors in tensor_lists:
+        for t in tensors:
+            if appends_in_place(t) and not isinstance(t.codes, FakeTensor):
+                sharing.setdefault(id(t.codes), []).append(t)
+    for group in sharing.values():
+        newest = max(group, key=lambda t: t.seq_len)
+        if newest.reserve():
+            for t in group:
+                if t is not newest:
+                    t.grown_to(newest)
+        newest.mark_current()
 
 
 aten = torch.ops.aten
 
 
-@DynamicCompressed.implements(aten.cat.default)
+@CompressedTensor.implements(aten.copy_.default)
+def _copy_(func, dst, src, non_blocking=False):
+    """AOTAutograd writes a mutated input back with copy_ (compiled graphs mutate the inner buffers in place;
+    inductor then finds each copy a no-op: source and destination are the same buffer)."""
+    if type(src) is not type(dst) or any(d.shape != s.shape for d, s in zip(dst.inner_tensors(), src.inner_tensors())):
+        return NotImplemented
+    for d, s in zip(dst.inner_tensors(), src.inner_tensors()):
+        if d is not s:
+            d.copy_(s)
+    return dst
+
+
+# The DynamicCache ops every tensor that appends in place shares (DynamicCompressed's, and DenseValues' through
+# CACHE_OPS); each needs only map_inner, appended and cropped.
+CACHE_OPS: list[tuple[tuple, Callable]] = []
+
+
+def _cache_op(*ops):
+    def register(impl):
+        CACHE_OPS.append((ops, impl))
+        return DynamicCompressed.implements(*ops)(impl)
+
+    return register
+
+
+@_cache_op(aten.cat.default)
 def _cat(func, tensors, dim=0):
     """HF DynamicCache append: cat([past, new], dim=-2) -> encode new tokens, flush completed groups."""
     if len(tensors) != 2 or dim not in (-2, 2):
         return NotImplemented
     past, new = tensors
-    if not isinstance(past, DynamicCompressed) or isinstance(new, CompressedTensor) or new.dim() != 4:
+    if not appends_in_place(past) or isinstance(new, CompressedTensor) or new.dim() != 4:
         return NotImplemented
     return past.appended(new)
 
 
-@DynamicCompressed.implements(aten.detach.default, aten.alias.default)
+@_cache_op(aten.detach.default, aten.alias.default)
 def _alias(func, x):
     return x.map_inner(func)
 
 
-@DynamicCompressed.implements(aten.clone.default)
+@_cache_op(aten.clone.default)
 def _clone(func, x, memory_format=None):
     return x.map_inner(torch.clone)
 
@@ -273,7 +406,7 @@ def _to_copy(func, x, dtype=None, layout=None, device=None, pin_memory=None, non
     return moved
 
 
-@DynamicCompressed.implements(aten.index_select.default)
+@_cache_op(aten.index_select.default)
 def _index_select(func, x, dim, index):
     """Beam search reorder (index_select on the batch dim)."""
     if dim != 0:
@@ -281,7 +414,7 @@ def _index_select(func, x, dim, index):
     return x.map_inner(lambda t: t.index_select(0, index))
 
 
-@DynamicCompressed.implements(aten.index.Tensor)
+@_cache_op(aten.index.Tensor)
 def _index(func, x, indices):
     """HF batch_select_indices: x[indices, ...]."""
     if len(indices) != 1 or indices[0] is None:
@@ -289,16 +422,16 @@ def _index(func, x, indices):
     return x.map_inner(lambda t: t[indices[0]])
 
 
-@DynamicCompressed.implements(torch.Tensor.repeat_interleave, torch.repeat_interleave)
+@_cache_op(torch.Tensor.repeat_interleave, torch.repeat_interleave)
 def _repeat_interleave(func, x, repeats, dim=None, *, output_size=None):
     """HF batch_repeat_interleave (dim 0). Torch-level: aten's repeat_interleave decomposes (unsqueeze, expand,
     ...) before __torch_dispatch__ sees it (docs/design.md §8.12)."""
-    if dim != 0 or not isinstance(x, DynamicCompressed) or not isinstance(repeats, int):
+    if dim != 0 or not appends_in_place(x) or not isinstance(repeats, int):
         return NotImplemented
     return x.map_inner(lambda t: t.repeat_interleave(repeats, dim=0))
 
 
-@DynamicCompressed.implements(aten.slice.Tensor)
+@_cache_op(aten.slice.Tensor)
 def _slice(func, x, dim=0, start=None, end=None, step=1):
     """Any range of the batch dim, the whole range of dims 1 and 3, and a prefix of dim 2 (crop)."""
     size = x.shape[dim]

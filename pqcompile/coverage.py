@@ -231,7 +231,8 @@ def measure(family: Family, steps: int = 64, inner: str = "aot_eager", options: 
         B, H, n, D = k.shape
         if isinstance(k, PolarKeys):
             held += k.nbytes_held()
-            accounted &= k.nbytes_held() * 8 == B * H * codec.state_bits(k.codec, n, D, k.tail.element_size() * 8)
+            accounted &= k.nbytes_held() * 8 == B * H * codec.state_bits(k.codec, n, D, k.tail.element_size() * 8,
+                                                                           capacity=k.capacity)
         else:
             held += k.numel() * k.element_size()
     n_tok = cache_of(out).get_seq_length()

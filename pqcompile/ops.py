@@ -45,11 +45,6 @@ def _use_kernels(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-def _state_shapes(B: int, H: int, T, D: int, c: Codec):
-    G = c.group_size
-    return (B, H, (T // G) * G, c.code_bytes(D)), (B, H, (T // G) * 4, D // 2), (B, H, T % G + TAIL_PAD, D)
-
-
 def unflat(params: torch.Tensor) -> torch.Tensor:
     """[B, H, n*4, P] -> [B, H, n, 4, P] (a view)."""
     return params.view(params.shape[0], params.shape[1], -1, 4, params.shape[-1])
@@ -60,36 +55,83 @@ def flat(params: torch.Tensor) -> torch.Tensor:
     return params.view(params.shape[0], params.shape[1], -1, params.shape[-1])
 
 
-def _fresh(out, inputs) -> list[torch.Tensor]:
-    """A functional op's outputs must not alias its inputs: clone any output that is a view or an input itself."""
-    return [t.clone() if t._base is not None or t.data_ptr() == i.data_ptr() else t for t, i in zip(out, inputs)]
+def _view(codes, params, tail, seq_len: int, c: Codec) -> PolarData:
+    """A DynamicCache state of seq_len tokens in codec.py's layout: views of the encoded rows; the ring as the tail
+    (codec.py reads its first seq_len % G rows)."""
+    Tc = seq_len // c.group_size * c.group_size
+    return PolarData(codes[:, :, :Tc], unflat(params[:, :, : Tc // c.group_size * 4]), tail)
+
+
+def _append_into(codes, params, ring, seq_len: int, new: torch.Tensor, G: int, encode_into) -> None:
+    """In place, keys and values alike: new [B, H, S, D] after seq_len tokens. The tokens go to the ring (slot
+    t % G); each group that completes is encoded by encode_into(x [B, H, n*G, D], first group), which writes
+    its codes and params. Checked before anything is written, so a refused append leaves the state as it was."""
+    B, H, S, D = new.shape
+    filled = seq_len % G
+    done = (filled + S) // G * G
+    if ring.shape != (B, H, G, D) or codes.shape[:2] != (B, H):
+        raise ValueError(f"new tokens {tuple(new.shape)} do not fit a state with ring {tuple(ring.shape)} and codes "
+                         f"{tuple(codes.shape)} (group {G})")
+    if seq_len - filled + done > codes.shape[2]:
+        raise IndexError(f"appending {S} tokens to {seq_len} needs {seq_len - filled + done} code rows; the state "
+                         f"has room for {codes.shape[2]} (grow it first: DynamicCompressed.appended does)")
+    new = new.to(ring.dtype)
+    if not done:  # the common decode step: one row into the ring
+        ring[:, :, filled: filled + S].copy_(new)
+        return
+    pending = new if filled == 0 else torch.cat([ring[:, :, :filled], new], dim=2)
+    encode_into(pending[:, :, :done], seq_len // G)
+    rest = filled + S - done
+    if rest:
+        ring[:, :, :rest].copy_(pending[:, :, done:])
 
 
 # --------------------------------------------------------------------------- append (encode + group flush)
 
 
-@torch.library.custom_op(f"{_LIB}::append", mutates_args=())
-def append(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, new_keys: torch.Tensor, seq_len: int,
-           radius_bits: int, angle_bits: int, group_size: int, pairing: str
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """State of seq_len tokens + new_keys [B, H, S, D] -> new state of seq_len + S tokens (fresh tensors)."""
+@torch.library.custom_op(f"{_LIB}::append_", mutates_args=("codes", "params", "tail"))
+def append_(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, new_keys: torch.Tensor, seq_len: int,
+            radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> None:
+    """In place: append new_keys [B, H, S, D] to a DynamicCache key state of seq_len tokens (codes [B, H, cap, NB],
+    params [B, H, cap/G*4, P], tail the ring [B, H, G, D]; cap >= the encoded rows after the append)."""
     c = _codec(radius_bits, angle_bits, group_size, pairing)
-    data = PolarData(codes, unflat(params), tail)
     if _use_kernels(new_keys):
         from . import kernels
 
-        out = kernels.append(data, seq_len, new_keys, c)
+        ref.check_keys("new_keys", new_keys, finite=False)
+
+        def encode_into(x, g0):
+            kernels.encode_groups_into(x, codes, unflat(params), g0, c)
     else:
-        out = ref.append(data, seq_len, new_keys, c)
-    codes2, params2, tail2 = _fresh(out, data)
-    return codes2, flat(params2), tail2
+        ref.check_keys("new_keys", new_keys)
+
+        def encode_into(x, g0):
+            new_codes, new_params = ref.encode_groups(x, c)
+            codes[:, :, g0 * group_size: g0 * group_size + x.shape[2]] = new_codes
+            params[:, :, g0 * 4: g0 * 4 + new_params.shape[2] * 4] = flat(new_params)
+
+    _append_into(codes, params, tail, seq_len, new_keys, group_size, encode_into)
 
 
-@append.register_fake
+@append_.register_fake
 def _(codes, params, tail, new_keys, seq_len, radius_bits, angle_bits, group_size, pairing):
-    B, H, S, D = new_keys.shape
-    shapes = _state_shapes(B, H, seq_len + S, D, _codec(radius_bits, angle_bits, group_size, pairing))
-    return codes.new_empty(shapes[0]), params.new_empty(shapes[1]), tail.new_empty(shapes[2])
+    return None
+
+
+@torch.library.custom_op(f"{_LIB}::write_rows_", mutates_args=("buf",))
+def write_rows_(buf: torch.Tensor, new: torch.Tensor, start: int) -> None:
+    """In place: buf[:, :, start:start+S] = new [B, H, S, D] (dense_values.DenseValues: HF's value append). An op,
+    not a slice assignment, so that inductor writes the rows into the cache's buffer instead of rebuilding it."""
+    S = new.shape[2]
+    if start + S > buf.shape[2] or buf.shape[:2] != new.shape[:2] or buf.shape[3] != new.shape[3]:
+        raise ValueError(f"rows [{start}, {start + S}) of new {tuple(new.shape)} do not fit the buffer "
+                         f"{tuple(buf.shape)}")
+    buf[:, :, start: start + S].copy_(new)
+
+
+@write_rows_.register_fake
+def _(buf, new, start):
+    return None
 
 
 # --------------------------------------------------------------------------- decode (dense fallback, verify)
@@ -100,7 +142,7 @@ def decode(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, seq_le
            radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> torch.Tensor:
     """Compressed state -> dense keys [B, H, seq_len, D] (contiguous)."""
     c = _codec(radius_bits, angle_bits, group_size, pairing)
-    return ref.decode(PolarData(codes, unflat(params), tail), seq_len, c).contiguous()
+    return ref.decode(_view(codes, params, tail, seq_len, c), seq_len, c).contiguous()
 
 
 @decode.register_fake
@@ -121,7 +163,7 @@ def attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tail: 
     softcap <= 0 means none. mask: bool (True = attend) or additive, broadcastable to [B, Hq, S, T].
     """
     c = _codec(radius_bits, angle_bits, group_size, pairing)
-    data = PolarData(codes, unflat(params), tail)
+    data = _view(codes, params, tail, seq_len, c)
     kwargs = {"mask": mask, "scale": scale, "softcap": softcap if softcap > 0 else None, "is_causal": is_causal}
     if _use_kernels(q):
         from . import kernels
@@ -270,37 +312,38 @@ def vflat(params: torch.Tensor) -> torch.Tensor:
     return params.flatten(-2)
 
 
-def _vdata(codes, params, tail, c: ValueCodec) -> ValueData:
-    return ValueData(codes, vunflat(params, tail.shape[-1], c), tail)
+def _vview(codes, params, tail, seq_len: int, c: ValueCodec) -> ValueData:
+    """A DynamicCache value state of seq_len tokens in value_codec.py's layout (views; the ring as the tail)."""
+    Tc = seq_len // c.group_size * c.group_size
+    return ValueData(codes[:, :, :Tc], vunflat(params[:, :, :Tc], tail.shape[-1], c), tail)
 
 
-def _value_shapes(B: int, H: int, T, Dv: int, c: ValueCodec):
-    Tc = (T // c.group_size) * c.group_size
-    return (B, H, Tc, c.code_bytes(Dv)), (B, H, Tc, c.num_groups(Dv) * 2), (B, H, T % c.group_size + TAIL_PAD, Dv)
-
-
-@torch.library.custom_op(f"{_LIB}::append_values", mutates_args=())
-def append_values(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, new_values: torch.Tensor,
-                  seq_len: int, value_bits: int, value_group: int, group_size: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Value state of seq_len tokens + new_values [B, H, S, Dv] -> state of seq_len + S tokens (fresh tensors)."""
+@torch.library.custom_op(f"{_LIB}::append_values_", mutates_args=("codes", "params", "tail"))
+def append_values_(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, new_values: torch.Tensor,
+                   seq_len: int, value_bits: int, value_group: int, group_size: int) -> None:
+    """In place: append new_values [B, H, S, Dv] to a DynamicCache value state of seq_len tokens (codes [B, H,
+    cap, NBv], params [B, H, cap, (Dv/cg)*2], tail the ring [B, H, G, Dv])."""
     c = _vcodec(value_bits, value_group, group_size)
-    data = _vdata(codes, params, tail, c)
-    if _use_kernels(new_values):
+    on_gpu = _use_kernels(new_values)
+    vref.check_values("new_values", new_values, c, finite=not on_gpu)
+    if on_gpu:
         from . import kernels
 
-        out = kernels.append_values(data, seq_len, new_values, c)
+        def encode_into(x, g0):
+            kernels.encode_value_groups_into(x, codes, vunflat(params, tail.shape[-1], c), g0 * group_size, c)
     else:
-        out = vref.append(data, seq_len, new_values, c)
-    codes2, params2, tail2 = _fresh(out, data)
-    return codes2.contiguous(), vflat(params2).contiguous(), tail2.contiguous()
+        def encode_into(x, g0):
+            new_codes, new_params = vref.encode_groups(x, c)
+            rows = slice(g0 * group_size, g0 * group_size + x.shape[2])
+            codes[:, :, rows] = new_codes
+            params[:, :, rows] = vflat(new_params)
+
+    _append_into(codes, params, tail, seq_len, new_values, group_size, encode_into)
 
 
-@append_values.register_fake
+@append_values_.register_fake
 def _(codes, params, tail, new_values, seq_len, value_bits, value_group, group_size):
-    B, H, S, Dv = new_values.shape
-    shapes = _value_shapes(B, H, seq_len + S, Dv, _vcodec(value_bits, value_group, group_size))
-    return codes.new_empty(shapes[0]), params.new_empty(shapes[1]), tail.new_empty(shapes[2])
+    return None
 
 
 @torch.library.custom_op(f"{_LIB}::decode_values", mutates_args=())
@@ -308,7 +351,7 @@ def decode_values(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor,
                   value_group: int, group_size: int) -> torch.Tensor:
     """Compressed value state -> dense values [B, H, seq_len, Dv] in the tail's dtype (contiguous)."""
     c = _vcodec(value_bits, value_group, group_size)
-    return vref.decode(_vdata(codes, params, tail, c), seq_len, c).contiguous()
+    return vref.decode(_vview(codes, params, tail, seq_len, c), seq_len, c).contiguous()
 
 
 @decode_values.register_fake
@@ -327,7 +370,7 @@ def attention_qv(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tai
     -> [B, Hq, S, Dv]."""
     c = _codec(radius_bits, angle_bits, group_size, pairing)
     vc = _vcodec(value_bits, value_group, value_group_size)
-    data, vdata = PolarData(codes, unflat(params), tail), _vdata(v_codes, v_params, v_tail, vc)
+    data, vdata = _view(codes, params, tail, seq_len, c), _vview(v_codes, v_params, v_tail, seq_len, vc)
     kwargs = {"mask": mask, "scale": scale, "softcap": softcap if softcap > 0 else None, "is_causal": is_causal}
     if _use_kernels(q):
         from . import kernels

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -190,12 +191,21 @@ def render_summary(data: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- files
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def folder_name(compile_id: str) -> str:
+    """'compile-<id>': one path component inside the report root whatever the id holds (dynamo's '0/1', or a name
+    with '../', a drive, '\\' or NUL: each character outside [A-Za-z0-9_.-] becomes '_'); never '.' or '..'."""
+    return "compile-" + _UNSAFE.sub("_", str(compile_id))[:200]
+
+
 class GraphReport:
     """One compiled graph's report folder; `update(verify_state)` is verify's on_event hook."""
 
     def __init__(self, root: str, data: dict[str, Any], before: str, after: str):
         self.root, self.data, self.before, self.after = root, data, before, after
-        folder = Path(root) / ("compile-" + data["compile_id"].replace("/", "_"))
+        folder = Path(root) / folder_name(data["compile_id"])
         base, n = folder, 1
         while folder.resolve() in _used:
             n += 1

@@ -28,6 +28,11 @@ text-decoration:none;font-size:11px} .legend span{padding:0 6px;margin-right:8px
 _COLS = ('<colgroup><col style="width:3.5em"><col style="width:calc(50% - 3.5em)"><col style="width:3.5em">'
          '<col style="width:calc(50% - 3.5em)"></colgroup>')
 _CONTEXT = 3  # unchanged lines shown around a change
+def esc(x) -> str:
+    """Any value as HTML text (quotes too: some go into attributes)."""
+    return html.escape(str(x), quote=True)
+
+
 _ASSIGN = re.compile(r"^\s+([A-Za-z_]\w*)(?::\s*\"[^\"]*\")?\s*=\s")
 
 
@@ -37,19 +42,19 @@ def _code_cell(line: str, side: str, marks: dict[str, int | None], changed: bool
     cls, tag, anchor = "", "", ""
     if name in marks:
         cls = "added" if side == "after" else "removed"
-        anchor = f' id="{side}-{html.escape(name)}"'
+        anchor = f' id="{side}-{esc(name)}"'
         if marks[name] is not None:
-            tag = f'<a class="tag" href="#site-{marks[name]}">site {marks[name]}</a>'
+            tag = f'<a class="tag" href="#site-{esc(marks[name])}">site {esc(marks[name])}</a>'
     elif changed:
         cls = "changed"
     elif line.lstrip().startswith("#"):
         cls = "comment"
-    return f'<td class="{cls}"{anchor}>{tag}{html.escape(line)}</td>'
+    return f'<td class="{cls}"{anchor}>{tag}{esc(line)}</td>'
 
 
 def render_html(data: dict[str, Any], before: str, after: str) -> str:
-    """diff.html: standalone (inline CSS, no scripts, no external assets)."""
-    esc = html.escape
+    """diff.html: standalone (inline CSS, no scripts, no external assets). Every value from `data` and every
+    line of code is escaped: module and node names come from the user's model."""
     out = [(f"<!doctype html><html lang=en><head><meta charset=utf-8><title>polarquant {esc(data['compile_id'])}"
            f"</title><style>{_CSS}</style></head><body>"),
            (f"<h1>polarquant · graph {esc(data['compile_id'])} ({esc(data['graph']['kind'])})</h1>"
@@ -67,7 +72,7 @@ def render_html(data: dict[str, Any], before: str, after: str) -> str:
 
 def _sites_table(data: dict[str, Any]) -> list[str]:
     """One row per site, linked from the diff's tags and linking to the nodes the passes added / removed."""
-    esc, g = html.escape, data["graph"]
+    g = data["graph"]
     out = [("<h2>Attention sites</h2><table><tr><th>#</th><th>module</th><th>kind</th><th>KV-append</th>"
             "<th>pairing</th><th>GQA</th><th>bits</th><th>values</th><th>status</th><th>nodes</th><th>verify</th></tr>")]
     for f in data["sites"]:
@@ -75,10 +80,10 @@ def _sites_table(data: dict[str, Any]) -> list[str]:
                  for n, i in g["added" if side == "after" else "removed"].items() if i == f["index"]]
         status = f["status"] + (f": {f['reason']}" if f["reason"] else "")
         ver = site_verify(data, f["index"])
-        out.append(f'<tr id="site-{f["index"]}"><td>{f["index"]}</td><td>{esc(f["module"])}</td>'
+        out.append(f'<tr id="site-{esc(f["index"])}"><td>{esc(f["index"])}</td><td>{esc(f["module"])}</td>'
                    f'<td>{esc(f["kind"] or "-")}</td><td>{esc(f["kv_append"] or "-")}</td>'
-                   f'<td>{esc(f["pairing"] or "-")} ({esc(f["pairing_source"] or "-")})</td><td>{f["gqa"]}</td>'
-                   f'<td>{bits(f)}</td><td>{esc(_values_cell(f))}</td>'
+                   f'<td>{esc(f["pairing"] or "-")} ({esc(f["pairing_source"] or "-")})</td><td>{esc(f["gqa"])}</td>'
+                   f'<td>{esc(bits(f))}</td><td>{esc(_values_cell(f))}</td>'
                    f'<td class="{"ok" if f["status"] == "rewritten" else ""}">{esc(status)}</td>'
                    f'<td>{" ".join(nodes)}</td><td class="{_cls(ver)}">{esc(ver)}</td></tr>')
     out.append("</table>")
@@ -100,11 +105,12 @@ def _numerics_table(v: dict[str, Any]) -> list[str]:
             "<th>SQNR dB</th><th>cosine</th><th>KL</th><th>top-1</th><th>result</th></tr>")]
     for e, c in rows:
         ok = c.get("ok", True)
-        site = f' <a href="#site-{c["site"]}">site {c["site"]}</a>' if c.get("site") is not None else ""
-        label = e["check"] + (f" step {e['step']}" if "step" in e else "")
-        out.append(f"<tr><td>{e['call']}</td><td>{label}</td><td>{html.escape(c['name'])}{site}</td>"
-                   f"<td>{num(c['max_abs'])}</td><td>{num(c['rel_l2'])}</td><td>{sqnr(c['sqnr_db'])}</td>"
-                   f"<td>{num(c['cosine'], '.6f')}</td><td>{num(c.get('kl'))}</td><td>{num(c.get('top1'))}</td>"
+        site = f' <a href="#site-{esc(c["site"])}">site {esc(c["site"])}</a>' if c.get("site") is not None else ""
+        label = f"{e['check']}" + (f" step {e['step']}" if "step" in e else "")
+        out.append(f"<tr><td>{esc(e['call'])}</td><td>{esc(label)}</td><td>{esc(c['name'])}{site}</td>"
+                   f"<td>{esc(num(c['max_abs']))}</td><td>{esc(num(c['rel_l2']))}</td><td>{esc(sqnr(c['sqnr_db']))}</td>"
+                   f"<td>{esc(num(c['cosine'], '.6f'))}</td><td>{esc(num(c.get('kl')))}</td>"
+                   f"<td>{esc(num(c.get('top1')))}</td>"
                    f'<td class="{"ok" if ok else "bad"}">{"ok" if ok else "MISMATCH"}</td></tr>')
     out.append("</table>")
     return out

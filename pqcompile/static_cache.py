@@ -122,17 +122,6 @@ def _alias(func, x):
     return x.rewrap()
 
 
-@StaticCompressed.implements(aten.copy_.default)
-def _copy_(func, dst, src, non_blocking=False):
-    """AOTAutograd writes a mutated input back with copy_ (compiled graphs mutate the inner buffers)."""
-    if type(src) is not type(dst):
-        return NotImplemented
-    for d, s in zip(dst.inner_tensors(), src.inner_tensors()):
-        if d is not s:
-            d.copy_(s)
-    return dst
-
-
 @StaticCompressed.implements(aten.slice.Tensor)
 def _slice(func, x, dim=0, start=None, end=None, step=1):
     """x[:, :, :n] (HF's eager sdpa slices a static cache to the written length): a shorter logical view."""

@@ -121,10 +121,11 @@ def check_values(name: str, v: torch.Tensor, codec: ValueCodec, *, finite: bool 
 
 
 def _check_state(data: ValueData, seq_len: int, codec: ValueCodec) -> None:
-    """The state's shapes are those of seq_len tokens (module docstring)."""
+    """The state's shapes are those of seq_len tokens (module docstring); a tail of G rows is a cache's ring,
+    read up to its first seq_len % G rows."""
     B, H, L, Dv = data.tail.shape
     G, Tc = codec.group_size, seq_len // codec.group_size * codec.group_size
-    if (data.codes.shape != (B, H, Tc, codec.code_bytes(Dv)) or L != seq_len - Tc + C.TAIL_PAD
+    if (data.codes.shape != (B, H, Tc, codec.code_bytes(Dv)) or L not in (seq_len - Tc + C.TAIL_PAD, G)
             or data.params.shape != (B, H, Tc, Dv // codec.channel_group, 2)):
         raise ValueError(f"value state codes {tuple(data.codes.shape)}, params {tuple(data.params.shape)}, "
                          f"tail {tuple(data.tail.shape)} is not a state of seq_len={seq_len} tokens "
@@ -225,11 +226,14 @@ def attention(q: torch.Tensor, key_data: C.PolarData, seq_len: int, value_data: 
 # --------------------------------------------------------------------------- accounting
 
 
-def state_bits(codec: ValueCodec, seq_len: int, head_dim: int, tail_bits: int = 16) -> int:
-    """Exact bits held per (batch, kv-head) for seq_len tokens: codes + per-token params + tail buffer."""
+def state_bits(codec: ValueCodec, seq_len: int, head_dim: int, tail_bits: int = 16, capacity: int | None = None
+               ) -> int:
+    """Exact bits held per (batch, kv-head) for seq_len tokens: codes + per-token params + tail buffer. With
+    `capacity`, a cache's layout instead: codes and params with room for `capacity` tokens and a ring of G rows."""
     Tc = seq_len // codec.group_size * codec.group_size
     param_bits = codec.num_groups(head_dim) * 2 * torch.finfo(C.PARAM_DTYPE).bits
-    return Tc * (codec.code_bytes(head_dim) * 8 + param_bits) + (seq_len - Tc + C.TAIL_PAD) * head_dim * tail_bits
+    rows, tail_rows = (Tc, seq_len - Tc + C.TAIL_PAD) if capacity is None else (capacity, codec.group_size)
+    return rows * (codec.code_bytes(head_dim) * 8 + param_bits) + tail_rows * head_dim * tail_bits
 
 
 def bits_per_element(codec: ValueCodec, seq_len: int, head_dim: int, tail_bits: int = 16) -> float:

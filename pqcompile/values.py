@@ -18,39 +18,52 @@ import torch
 
 from . import ops
 from . import value_codec as vref
-from .compressed import DynamicCompressed
+from .codec import PARAM_DTYPE, TAIL_PAD
+from .compressed import DynamicCompressed, capacity_for
 from .value_codec import ValueCodec, ValueData
 
 __all__ = ["PolarValues", "compress_values", "polar_values_in"]
 
 
 class PolarValues(DynamicCompressed):
-    codes: torch.Tensor  # uint8 [B, H, (T//G)*G, NBv]
-    params: torch.Tensor  # bf16 [B, H, (T//G)*G, (Dv/cg)*2]
-    tail: torch.Tensor  # dtype [B, H, T%G + TAIL_PAD, Dv]
+    codes: torch.Tensor  # uint8 [B, H, cap, NBv]: rows [0, (T//G)*G) hold the complete groups
+    params: torch.Tensor  # bf16 [B, H, cap, (Dv/cg)*2]
+    tail: torch.Tensor  # dtype [B, H, G, Dv]: the ring, token t at slot t % G
     codec: ValueCodec
 
     @property
     def data_(self) -> ValueData:
-        """The state in value_codec.py's layout."""
-        return ValueData(self.codes, ops.vunflat(self.params, self.shape[-1], self.codec), self.tail)
+        """The state in value_codec.py's layout (views of the encoded rows; the open group copied, then TAIL_PAD
+        zeros)."""
+        Tc, L = self.encoded, self.seq_len
+        tail = torch.cat([self.tail[:, :, : L - Tc], self.tail.new_zeros(*self.tail.shape[:2], TAIL_PAD,
+                                                                           self.tail.shape[3])], dim=2)
+        return ValueData(self.codes[:, :, :Tc], ops.vunflat(self.params[:, :, :Tc], self.shape[-1], self.codec), tail)
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, head_dim: int, dtype, device, codec: ValueCodec,
+              capacity: int) -> PolarValues:
+        """No tokens, room for `capacity` (a multiple of G)."""
+        codes = torch.empty(batch, heads, capacity, codec.code_bytes(head_dim), dtype=torch.uint8, device=device)
+        params = torch.empty(batch, heads, capacity, codec.num_groups(head_dim) * 2, dtype=PARAM_DTYPE,
+                             device=device)
+        ring = torch.zeros(batch, heads, codec.group_size, head_dim, dtype=dtype, device=device)
+        return cls(codes, params, ring, codec, (batch, heads, 0, head_dim))
 
     @classmethod
     def from_dense(cls, values: torch.Tensor, codec: ValueCodec) -> PolarValues:
         """values [B, H, T, Dv] -> compressed. Traceable: this is what the prefill rewrite calls."""
-        B, H, _T, Dv = values.shape
-        codes, params, tail = vref.empty(codec, B, H, Dv, values.dtype, values.device)
-        inner = ops.append_values(codes, ops.vflat(params), tail, values, 0, *ops.vcodec_args(codec))
-        return cls(*inner, codec, values.shape)
+        B, H, T, Dv = values.shape
+        vref.check_values("values", values, codec, finite=False)
+        empty = cls.empty(B, H, Dv, values.dtype, values.device, codec, capacity_for(T, 0, codec.group_size))
+        return empty.appended(values)
 
     def dequantize(self) -> torch.Tensor:
-        """Dense values [B, H, T, Dv]: the encoded groups reconstructed (lossy), the tail exact."""
+        """Dense values [B, H, T, Dv]: the encoded groups reconstructed (lossy), the ring exact."""
         return ops.decode_values(self.codes, self.params, self.tail, self.seq_len, *ops.vcodec_args(self.codec))
 
-    def appended(self, new: torch.Tensor) -> PolarValues:
-        codes, params, tail = ops.append_values(self.codes, self.params, self.tail, new, self.seq_len,
-                                                *ops.vcodec_args(self.codec))
-        return self.with_data(codes, params, tail, self.seq_len + new.shape[2])
+    def write_(self, new: torch.Tensor) -> None:
+        ops.append_values_(self.codes, self.params, self.tail, new, self.seq_len, *ops.vcodec_args(self.codec))
 
     def param_rows(self, n_tokens: int) -> int:
         return n_tokens  # one (min, scale) row per token

@@ -23,6 +23,19 @@ import pytest
 
 from pqcompile import counters
 
+try:  # a dev dependency; the GPU machine runs the kernel tests without it
+    from hypothesis import HealthCheck, settings
+except ImportError:
+    settings = None
+if settings is not None:
+    # Hypothesis profiles (tests/reliability): "ci", the default, is short; "long" is the run docs/reliability.md
+    # reports (>= 10,000 examples per codec/cache property; interpreter-kernel properties take 1/20 of it).
+    # Choose with HYPOTHESIS_PROFILE=long. Tests that pass max_examples to @settings keep their own count.
+    settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("long", max_examples=10_000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 # A source checkout run without `pip install` (the GPU machine: PYTHONPATH only) has no entry point for the
 # backend's name; register the same callable the entry point names, so tests can say backend="polarquant".
 if "polarquant" not in {ep.name for ep in entry_points(group="torch_dynamo_backends")}:

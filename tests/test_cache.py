@@ -34,13 +34,49 @@ def test_cat_equals_encode_of_concatenation(codec, T0, S):
     pk = PolarKeys.from_dense(k[:, :, :T0], codec)
     assert isinstance(pk, PolarKeys) and pk.shape == (2, 2, T0, 8)
     assert_state_equal(pk, C.encode(k[:, :, :T0], codec))
+    again = pk.clone()  # cat appends in place: pk itself becomes an earlier state
     out = torch.cat([pk, k[:, :, T0:]], dim=-2)
     assert isinstance(out, PolarKeys)
     assert out.shape == k.shape and out.dtype == k.dtype and out.seq_len == T0 + S
     assert_state_equal(out, C.encode(k, codec))
     torch.testing.assert_close(out.dequantize(), C.decode(C.encode(k, codec), T0 + S, codec), rtol=0, atol=0)
     # dim=2 is the same as dim=-2
-    assert_state_equal(torch.cat([pk, k[:, :, T0:]], dim=2), C.encode(k, codec))
+    assert_state_equal(torch.cat([again, k[:, :, T0:]], dim=2), C.encode(k, codec))
+
+
+def test_cat_appends_in_place_and_refuses_an_earlier_state():
+    codec = CODECS[0]
+    k = keys_(T=40, seed=5)
+    pk = PolarKeys.from_dense(k[:, :, :20], codec)
+    codes, tail = pk.codes.data_ptr(), pk.tail.data_ptr()
+    out = torch.cat([pk, k[:, :, 20:21]], dim=-2)
+    assert out.codes.data_ptr() == codes and out.tail.data_ptr() == tail  # no history copied
+    # the state before a one-token step is still whole (a step verify refused is retried from it) ...
+    assert_state_equal(torch.cat([pk, k[:, :, 20:21]], dim=-2), C.encode(k[:, :, :21], codec))
+    out = torch.cat([pk, k[:, :, 20:34]], dim=-2)  # ... until the appends wrap the ring into its open group
+    with pytest.raises(RuntimeError, match="earlier state of a cache that now holds 34"):
+        torch.cat([pk, k[:, :, 20:21]], dim=-2)
+    with pytest.raises(RuntimeError, match="earlier state"):
+        pk[:, :, :10]
+    crop = out[:, :, :30]  # a crop copies the ring: the state it was cut from is stale even for one token
+    with pytest.raises(RuntimeError, match="earlier state of a cache that now holds 30"):
+        torch.cat([out, k[:, :, 34:35]], dim=-2)
+    out = torch.cat([crop, k[:, :, 30:40]], dim=-2)  # the cropped state goes on: 40 tokens, 2 groups encoded
+    assert out.capacity == 32  # from_dense of 20 tokens made room for 2 groups: no growth was needed
+    d = out.dequantize()
+    assert torch.equal(d[:, :, :16], C.decode(C.encode(k, codec), 40, codec)[:, :, :16])
+    assert torch.equal(d[:, :, 32:], k[:, :, 32:])  # the ring: exact
+    out = torch.cat([out, k[:, :, :9]], dim=-2)  # 49 tokens: the flush at 48 grows the buffers, with room for
+    assert out.capacity == 64 and not out.reserve()  # the next group (what the backend keeps between steps)
+
+
+def test_capacity_grows_by_a_sixteenth_at_least():
+    from pqcompile.compressed import capacity_for
+
+    assert capacity_for(0, 0, 128) == 128 and capacity_for(300, 0, 128) == 384
+    assert capacity_for(300, 384, 128) == 384  # room for the open group: unchanged
+    assert capacity_for(384, 384, 128) == 512  # its group must be able to flush
+    assert capacity_for(32768, 32768, 128) == 32768 + 2048  # 1/16 of 32k
 
 
 def test_cat_one_token_at_a_time():
@@ -89,13 +125,14 @@ def test_slice_on_batch_dim(sl):
 def test_crop_by_slicing(codec, n):
     k = keys_(T=37, seed=n)
     pk = PolarKeys.from_dense(k, codec)
+    full = pk.dequantize()
+    # the same through a negative end (HF DynamicLayer.crop: keys[..., :-k, :]); on a copy, as a crop makes its
+    # input an earlier state of the cache
+    if n < 37:
+        torch.testing.assert_close(pk.clone()[..., : n - 37, :].dequantize(), full[:, :, :n])
     out = pk[..., :n, :]
     assert isinstance(out, PolarKeys) and out.shape == (2, 2, n, 8)
-    full = pk.dequantize()
     torch.testing.assert_close(out.dequantize(), full[:, :, :n])
-    # the same through a negative end (HF DynamicLayer.crop: keys[..., :-k, :])
-    if n < 37:
-        torch.testing.assert_close(pk[..., : n - 37, :].dequantize(), full[:, :, :n])
     # the cropped cache keeps growing: newly appended tokens come back exactly while they sit in the tail
     G = codec.group_size
     new = keys_(T=3, seed=99)

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pqcompile import codec as C
 from pqcompile import ops
 from pqcompile import value_codec as V
 from pqcompile.cache import PolarKeys, polar_sdpa
@@ -53,8 +52,9 @@ def test_cat_equals_encode_of_concatenation(vc, T0, S):
     assert isinstance(out, PolarValues) and out.shape == v.shape and out.seq_len == T0 + S
     assert_state_equal(out, V.encode(v, vc))
     torch.testing.assert_close(out.dequantize(), V.decode(V.encode(v, vc), T0 + S, vc), rtol=0, atol=0)
-    # params are flattened: no dim of size 1 (one channel group) and none that changes but T
-    assert out.params.shape == (2, 2, (T0 + S) // vc.group_size * vc.group_size, 16 // vc.channel_group * 2)
+    # params are flattened: no dim of size 1 (one channel group); only the capacity (rows) grows
+    assert out.params.shape == (2, 2, out.capacity, 16 // vc.channel_group * 2)
+    assert out.capacity % vc.group_size == 0 and out.capacity >= (T0 + S) // vc.group_size * vc.group_size
 
 
 def test_one_token_at_a_time_and_no_dense_copy_held():
@@ -64,10 +64,11 @@ def test_one_token_at_a_time_and_no_dense_copy_held():
     for t in range(1, 50):
         pv = torch.cat([pv, v[:, :, t: t + 1]], dim=-2)
     assert_state_equal(pv, V.encode(v, vc))
-    # the state is codes + params of 48 tokens and a 2-token tail (+ 2 pad rows): nothing dense of the groups
-    assert pv.inner_tensors() == (pv.codes, pv.params, pv.tail) and pv.tail.shape[2] == 50 % 16 + C.TAIL_PAD
-    assert pv.nbytes_held() * 8 == 2 * 2 * V.state_bits(vc, 50, 16, tail_bits=32)
-    assert pv.nbytes_held() < 0.4 * v.numel() * v.element_size()
+    # the state is codes + params with room for 64 tokens and a ring of one group: nothing dense of the groups
+    assert pv.inner_tensors() == (pv.codes, pv.params, pv.tail) and pv.tail.shape[2] == vc.group_size
+    cap = pv.capacity  # grown lazily in eager use: as far as the appends needed
+    assert cap == 48 and pv.nbytes_held() * 8 == 2 * 2 * V.state_bits(vc, 50, 16, tail_bits=32, capacity=cap)
+    assert pv.nbytes_held() - pv.tail.numel() * pv.tail.element_size() < 0.4 * v.numel() * v.element_size()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -115,17 +116,18 @@ def test_crop_moves_the_cut_group_back_to_the_tail(n):
     out = pv[..., :n, :]
     assert isinstance(out, PolarValues) and out.shape == (2, 2, n, 16)
     torch.testing.assert_close(out.dequantize(), full[:, :, :n], rtol=0, atol=0)
-    if n < 37:
-        torch.testing.assert_close(pv[..., : n - 37, :].dequantize(), full[:, :, :n], rtol=0, atol=0)
+    if n < 37:  # (on a copy: a crop makes its input an earlier state of the cache)
+        torch.testing.assert_close(PolarValues.from_dense(v, vc)[..., : n - 37, :].dequantize(), full[:, :, :n],
+                                   rtol=0, atol=0)
     # keeps growing; a refilled group is encoded from the reconstruction of its kept tokens and the new ones
     new = values_(T=16, seed=99)
     grown = torch.cat([out, new], dim=-2)
     G = vc.group_size
     keep = n // G * G
     want = V.encode(torch.cat([full[:, :, keep:n], new], dim=2), vc)
-    assert torch.equal(grown.codes[:, :, keep:], want.codes)
-    assert torch.equal(grown.data_.params[:, :, keep:], want.params) and torch.equal(grown.tail, want.tail)
-    assert torch.equal(grown.codes[:, :, :keep], pv.codes[:, :, :keep])
+    assert torch.equal(grown.data_.codes[:, :, keep:], want.codes)
+    assert torch.equal(grown.data_.params[:, :, keep:], want.params) and torch.equal(grown.data_.tail, want.tail)
+    assert torch.equal(grown.data_.codes[:, :, :keep], V.encode(v, vc).codes[:, :, :keep])
 
 
 def test_lives_in_dynamic_cache_next_to_polar_keys():
@@ -150,7 +152,7 @@ def test_lives_in_dynamic_cache_next_to_polar_keys():
     before = cache.layers[0].values.dequantize()
     cache.crop(-17)  # 45 -> 28: cuts into the encoded group [16, 32)
     got = cache.layers[0].values
-    assert isinstance(got, PolarValues) and got.shape[2] == 28 and got.codes.shape[2] == 16
+    assert isinstance(got, PolarValues) and got.shape[2] == 28 and got.encoded == 16
     torch.testing.assert_close(got.dequantize(), before[:, :, :28], rtol=0, atol=0)
 
 
@@ -214,7 +216,7 @@ def test_opcheck_dynamic_value_ops(T):
     vargs = ops.vcodec_args(vc)
     codes, params, tail = _dynamic_state(T, vc)
     new = values_(T=3, seed=12)
-    torch.library.opcheck(ops.append_values, (codes, params, tail, new, T, *vargs))
+    torch.library.opcheck(ops.append_values_, (codes, params, tail, new, T, *vargs))
     torch.library.opcheck(ops.decode_values, (codes, params, tail, T, *vargs))
     keys = PolarKeys.from_dense(values_(T=T, seed=13), KCODEC)
     q = values_(B=2, H=4, T=2, seed=14)

@@ -176,7 +176,10 @@ def _attend(q, codes, params, tail, vt, codec, vcodec, *, seq_len, length, mask,
     T = seq_len if length is None else t_max  # the mask's key extent
     packed = None
     if vcodec is not None:
-        packed = (_unit_last(vt[1]), vt[2] if vt[2].stride()[-2:] == (2, 1) else vt[2].contiguous(), vcodec)
+        vcodes, vparams = vt[1], vt[2]  # each token's codes and params contiguous (the kernel relies on it)
+        nb, ng = vcodes.shape[-1], vparams.shape[-2]
+        packed = (vcodes if vcodes.stride()[-2:] in ((nb, 1), (0, 1)) else vcodes.contiguous(),
+                  vparams if vparams.stride()[-3:] in ((2 * ng, 2, 1), (0, 2, 1)) else vparams.contiguous(), vcodec)
     launch = _Launch(q, _unit_last(codes), _unit_last(params), tail, _unit_last(vt[0]), codec,
                      _broadcast_mask(mask, (B, Hq, S, T), q.device), seq_len=seq_len, length=length, scale=scale,
                      softcap=softcap, is_causal=is_causal, num_splits=num_splits, packed=packed, t_max=t_max)
@@ -269,10 +272,16 @@ class _Launch:
             "CB": codec.code_bits // math.gcd(codec.code_bits, 8),  # bytes of the smallest whole word of codes
             "VB": vb, "VCG": vcg, "NBV": nbv,
         }
+        # packed values dequantized after the dot: tl.dot needs channel groups of >= 16; row blocks of 64 (prompts)
+        # spill there (sm_90 SASS, bench/compile_kernels.py), so they dequantize before it
+        form = settings.value_form if packed is not None and vcg >= 16 and self.block_m <= 32 else "dequant"
+        if form != "dequant":
+            ut = tl.float32 if vt == tl.float32 else tl.bfloat16  # bf16 for fp16 values too: p * scale's range
+            self.meta.update(VDOT=True, VLOAD=int(form == "dot-bytes"), UT=ut)
         # the tuner's shape class: what changes the best config (lengths and grids by power of two)
         self.key = (length is None, (self.Tc + self.L).bit_length(), self.n_prog.bit_length(), P, NB,
                     codec.radius_bits, G, self.block_m, self.block_dv, has_mask, mask_bool, self.meta["CAUSAL"],
-                    bool(softcap), q.dtype, v.dtype, tail.dtype, vb, vcg)
+                    bool(softcap), q.dtype, v.dtype, tail.dtype, vb, vcg, form)
 
     def splits(self, block_n: int, programs_per_sm: int) -> int:
         """Splits of the token range: about programs_per_sm programs an SM, each split a whole number of blocks."""

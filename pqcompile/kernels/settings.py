@@ -56,6 +56,11 @@ ATTENTION = LaunchConfig(64, True, 2, 4, 3)  # the fixed launch: no tuning (inte
 ENCODE_TILE = Tile(block_p=8, num_warps=2)
 WRITE_TILE = Tile(block_p=16, num_warps=4)
 VALUE_TILE = RowTile(block_t=16, num_warps=4)  # not yet timed on a GPU
+# How the attention kernel reads packed values (channel groups of >= 16; smaller ones always "dequant"):
+# "dot": dequantized after the P @ V dot (raw codes as exact bf16 numbers against P * scale per channel group,
+# the mins by one fp32 row sum), each token's code bytes loaded contiguously; "dot-bytes": the same, each
+# channel's own byte loaded; "dequant": every value dequantized in registers before the dot (the first form).
+VALUE_FORMS = ("dot", "dot-bytes", "dequant")
 
 
 @dataclasses.dataclass
@@ -75,6 +80,7 @@ class KernelSettings:
     encode_tile: Tile = ENCODE_TILE
     write_tile: Tile = WRITE_TILE
     value_tile: RowTile = VALUE_TILE
+    value_form: str = "dot"
 
     def __post_init__(self):
         self.attention = LaunchConfig(*self.attention)
@@ -87,6 +93,8 @@ class KernelSettings:
         for t in (self.encode_tile, self.write_tile):
             if t.block_p < 1 or t.num_warps < 1:
                 raise ValueError(f"{t}: block_p and num_warps must be positive")
+        if self.value_form not in VALUE_FORMS:
+            raise ValueError(f"value_form={self.value_form!r} is invalid; allowed: {', '.join(VALUE_FORMS)}")
         t = self.value_tile
         if t.block_t < 1 or t.block_t & (t.block_t - 1) or t.num_warps < 1:
             raise ValueError(f"{t}: block_t must be a power of two and num_warps positive")

@@ -65,6 +65,7 @@ class Site:
     values: str = ""
     value_append: fx.Node | None = None  # the cached value: its KV-append (DynamicCache) or the static buffer
     value_write: fx.Node | None = None  # static caches: values.index_copy_(2, pos, new)
+    values_held: bool = False  # dense values the backend keeps in place (dense_values.DenseValues): prefill sites
 
     def decline(self, reason: str) -> None:
         self.status, self.reason = SiteStatus.DECLINED, reason

@@ -2,7 +2,8 @@
 
 prefill (the cache held no PolarKeys yet): attention over the prompt stays dense SDPA (exact and fast);
   the key written back to the cache becomes compress_keys(key) -> PolarKeys, and, where trace_values said so
-  (Site.values == "compressed"), the value compress_values(value) -> PolarValues.
+  (Site.values == "compressed"), the value compress_values(value) -> PolarValues; dense values it can hold
+  (Site.values_held) become hold_values(value) -> DenseValues, appended to in place.
 decode (the cache holds PolarKeys, so HF's own cat already appended into it): SDPA(q, repeat(key), v)
   becomes polar_sdpa(q, key, v_unrepeated): one code stream serves all query heads of a kv head. When the cache
   holds PolarValues, v_unrepeated is one too and polar_sdpa reads both code streams (ops.attention_qv).
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .. import cache, static_cache, values
+from .. import cache, dense_values, static_cache, values
 from ..codec import Pairing
 from ..config import PolarQuantConfig
 from .common import VALUES_COMPRESSED, PassResult, Site, SiteKind, SiteStatus, arg, eliminate_dead_code, sites, val
@@ -65,6 +66,8 @@ def _rewrite_prefill(gm: fx.GraphModule, site: Site, cfg: PolarQuantConfig) -> N
         value = site.value_append
         _compress_cached(gm, site, value, values.compress_values,
                          (value, cfg.value_bits, cfg.value_group, cfg.group_size))
+    elif site.values_held:
+        _compress_cached(gm, site, site.value_append, dense_values.hold_values, (site.value_append, cfg.group_size))
 
 
 def _rewrite_static_write(gm: fx.GraphModule, write: fx.Node, target, buffer: fx.Node) -> fx.Node:

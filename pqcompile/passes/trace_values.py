@@ -6,6 +6,8 @@
            and the polar attention reads both code streams
   static   the PolarStaticCache holds StaticPolarValues (built with value_bits): its values.index_copy_
            becomes static_write_values
+A prefill site whose values stay dense (value_bits None, or a reason above) but are such a KV-append gets
+Site.values_held: rewrite_attention caches hold_values(value) (a dense_values.DenseValues, appended to in place).
 A site whose keys are compressed but whose values cannot be keeps its values dense (half-compressed) and says
 why in Site.values: the value is not a KV-append written back to the cache, it also feeds other ops (it would be
 dequantized), its head count or dtype does not fit, value_group does not divide its head dim
@@ -33,7 +35,8 @@ PROVIDES = frozenset({"values"})
 _NOT_APPENDED = "the value is not a KV-append torch.cat([past, new], dim=-2)"
 
 
-def _prefill(site: Site, outputs: set[fx.Node], cfg: PolarQuantConfig) -> str:
+def _cached_value(site: Site, outputs: set[fx.Node]) -> str:
+    """"" if the site's value is a KV-append written back to the cache and read only by the attention, else why not."""
     value = site.value
     if kv_append(value) is None:
         return _NOT_APPENDED
@@ -47,6 +50,15 @@ def _prefill(site: Site, outputs: set[fx.Node], cfg: PolarQuantConfig) -> str:
         return "value shape unknown or not 4-D"
     if v.shape[1] != k.shape[1]:
         return f"value heads {v.shape[1]} differ from the key heads {k.shape[1]}"
+    return ""
+
+
+def _prefill(site: Site, outputs: set[fx.Node], cfg: PolarQuantConfig) -> str:
+    value = site.value
+    reason = _cached_value(site, outputs)
+    if reason:
+        return reason
+    v = val(value)
     if v.dtype not in VALUE_DTYPES:
         return f"value dtype {v.dtype} (the value codec takes float16, bfloat16, float32)"
     misfit = check_fits(cfg, v.shape[-1])
@@ -87,9 +99,12 @@ def run(gm: fx.GraphModule, cfg: PolarQuantConfig) -> PassResult:
         if site.status is SiteStatus.DECLINED or site.value is None:
             continue
         if site.kind is SiteKind.PREFILL:
+            if cfg.value_bits is not None:
+                site.values = _prefill(site, outputs, cfg)
+            if site.values != VALUES_COMPRESSED and not _cached_value(site, outputs):
+                site.value_append, site.values_held = site.value, True  # dense, but kept in place (DenseValues)
             if cfg.value_bits is None:
                 continue
-            site.values = _prefill(site, outputs, cfg)
         elif site.kind is SiteKind.DECODE:
             site.values = _decode(site)
             if site.values != VALUES_COMPRESSED and cfg.value_bits is None:

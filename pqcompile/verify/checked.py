@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from torch import fx
 
+from ..compressed import appends_in_place
 from ..config import OnMismatch, PolarQuantConfig, VerifyMode
 from . import drift, graphs, kernel, state
 from .kernel import VerifyMismatch
@@ -68,8 +69,10 @@ class Checked:
         return ref, rew
 
     def _kernel_check(self, args):
-        # In-place inputs (static caches): each checking run gets its own copy, taken before any run.
-        ref_args, rew_args = (graphs.with_clones(args, self.mutated) for _ in range(2)) if self.mutated else (args, args)
+        # In-place inputs (static caches; DynamicCache states, which cat appends to in place): each checking run
+        # gets its own copy, taken before any run.
+        cloned = self.mutated + _appended_in_place(args)
+        ref_args, rew_args = (graphs.with_clones(args, cloned) for _ in range(2)) if cloned else (args, args)
         out = self._compiled(args)
         try:
             ref, rew = self._run_both(ref_args, rew_args)
@@ -105,13 +108,14 @@ class Checked:
         return ref[0]
 
     def _drift(self, args):
-        out = self._compiled(args)
         shadowed = drift.shadow_inputs(args, self.cfg.verify_n)
+        rew_args = graphs.with_clones(args, _appended_in_place(args)) if shadowed and shadowed[0] else None
+        out = self._compiled(args)
         if shadowed is None:
             return out
         step, shadow_args = shadowed
         try:  # a prefill (step 0) has no compressed keys yet: only the original graph runs
-            ref, (_, rew_seen) = self._run_both(shadow_args, args if step else None)
+            ref, (_, rew_seen) = self._run_both(shadow_args, rew_args)
         except Exception as e:  # noqa: BLE001
             return self._cannot_check(e, out)
         drift.remember(out, ref[0], step, self.cfg.verify_n)
@@ -134,3 +138,7 @@ class Checked:
         state.add_event(self.state, event)
         if self.on_event is not None:
             self.on_event(self.state)
+
+
+def _appended_in_place(args) -> list[int]:
+    return [i for i, a in enumerate(args) if appends_in_place(a)]

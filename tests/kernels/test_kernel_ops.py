@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pqcompile import codec as ref
-from pqcompile import ops  # registers torch.ops.pqcompile.*
+from pqcompile import ops  # noqa: F401 (registers torch.ops.pqcompile.*)
+from pqcompile.cache import PolarKeys
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CODEC = (4, 4, 16, "half")
@@ -20,39 +21,40 @@ def triton_kernels(monkeypatch):
 
 
 def decode_step(codes, params, tail, new_k, q, v, seq_len: int):
-    """One decode step as the rewritten graph does it: append the new key, attend over the whole state."""
-    codes, params, tail = torch.ops.pqcompile.append(codes, params, tail, new_k, seq_len, *CODEC)
+    """One decode step as the rewritten graph does it: append the new key in place, attend over the whole state."""
+    torch.ops.pqcompile.append_(codes, params, tail, new_k, seq_len, *CODEC)
     out = torch.ops.pqcompile.attention(q, codes, params, tail, v, seq_len + new_k.shape[2], None, 0.125, 0.0,
                                         False, *CODEC)
-    return out * 2, codes, params, tail
+    return out * 2
 
 
 def inputs(T=31, S=1):
     torch.manual_seed(T)
     c = ref.Codec(4, 4, 16, ref.Pairing())
-    state = ref.encode(torch.randn(2, 2, T, 64, device=DEVICE), c)
+    keys = PolarKeys.from_dense(torch.randn(2, 2, T, 64, device=DEVICE), c)  # a cache's layout: spare rows, ring
     new_k = torch.randn(2, 2, S, 64, device=DEVICE)
     q = torch.randn(2, 8, S, 64, device=DEVICE)
     v = torch.randn(2, 2, T + S, 64, device=DEVICE)
-    return (state.codes, ops.flat(state.params), state.tail, new_k, q, v, T), c  # the ops see flat params
+    return (keys.codes, keys.params, keys.tail, new_k, q, v, T), keys, c
 
 
-def reference(args, c):
-    codes, params, tail, new_k, q, v, T = args
-    state = ref.append(ref.PolarData(codes, ops.unflat(params), tail), T, new_k, c)
+def reference(keys, new_k, q, v, c):
+    T = keys.seq_len
+    state = ref.append(keys.data_, T, new_k, c)
     return ref.attention(q, state, T + new_k.shape[2], v, c, scale=0.125) * 2, state
 
 
 @pytest.mark.parametrize("backend", [None, "aot_eager", "inductor"])
 @pytest.mark.parametrize("T", [31, 15])  # 15 + 1 completes a group: the append encodes it in the kernel
 def test_ops_through_torch_compile(backend, T):
-    args, c = inputs(T)
+    args, keys, c = inputs(T)
+    want, state = reference(keys.clone(), *args[3:6], c)
     fn = decode_step if backend is None else torch.compile(decode_step, backend=backend, fullgraph=True)
-    out, codes, params, tail = fn(*args)
-    want, state = reference(args, c)
+    out = fn(*args)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
-    assert torch.equal(codes, state.codes) and torch.equal(tail, state.tail)
-    assert torch.equal(ops.unflat(params), state.params)
+    got = keys.with_data(keys.codes, keys.params, keys.tail, T + 1).data_  # the buffers, written in place
+    for name, g, w in zip(ref.PolarData._fields, got, state):
+        assert torch.equal(g, w), name
 
 
 def test_static_ops_on_preallocated_buffers(monkeypatch):

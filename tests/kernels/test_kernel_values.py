@@ -69,6 +69,29 @@ def test_attention_matches_reference(B, Hq, H, T, D, Dv, S, vbits, cg, G, mask, 
     run_case(B, Hq, H, T, D, Dv, S, vbits, cg, G=G, mask=mask, causal=causal, dtype=dtype, seed=T + vbits + cg)
 
 
+@pytest.mark.parametrize("form", ["dot", "dot-bytes", "dequant"])
+@pytest.mark.parametrize("B, Hq, H, T, D, Dv, S, vbits, cg, G, causal, softcap, dtype", [
+    (2, 8, 2, 77, 128, 128, 1, 4, 64, 16, False, None, torch.float32),  # odd T, GQA 4, two groups a token
+    (1, 4, 2, 11, 64, 64, 1, 4, 16, 16, False, None, torch.float32),  # T < G: the tail only
+    (1, 8, 2, 40, 256, 256, 4, 2, 128, 32, True, None, torch.bfloat16),  # D256, q_len 4 causal
+    (1, 4, 2, 45, 96, 96, 2, 8, 32, 16, True, 4.0, torch.float16),  # D96: a padded group, softcap
+    (1, 4, 1, 50, 64, 128, 1, 2, 16, 16, False, None, torch.float32),  # MQA, Dv > D, the smallest dot group
+    (1, 4, 2, 70, 128, 64, 3, 4, 32, 32, True, None, torch.float32),  # Dv < D
+])
+def test_attention_value_forms(form, B, Hq, H, T, D, Dv, S, vbits, cg, G, causal, softcap, dtype, poisoned):
+    """Each way the kernel can read packed values (kernels.settings.value_form) against the reference: after
+    the dot with contiguous or per-channel code loads, or dequantized before it."""
+    with kernels.settings.override(value_form=form):
+        run_case(B, Hq, H, T, D, Dv, S, vbits, cg, G=G, causal=causal, softcap=softcap, dtype=dtype, splits=3,
+                 seed=T + D + vbits)
+
+
+def test_value_form_setting_is_checked():
+    with pytest.raises(ValueError, match="value_form='after'"), kernels.settings.override(value_form="after"):
+        pass
+    assert kernels.settings.value_form == "dot"
+
+
 @pytest.mark.parametrize("splits", [None, 1, 3, 64])  # heuristic, direct store, reduce, more than blocks
 def test_attention_splits(splits, poisoned):
     run_case(1, 4, 2, 75, 64, 64, 1, 4, 32, splits=splits)
@@ -282,8 +305,9 @@ def test_static_write_values_half_ring(dtype, schedule):
     assert_same_value_state(a, b)
 
 
+@pytest.mark.parametrize("form", ["dot", "dequant"])
 @pytest.mark.parametrize("S, causal, mask_extent, vbits", [(1, False, 60, 4), (4, True, None, 2), (2, False, 1, 8)])
-def test_static_attention_with_packed_values(S, causal, mask_extent, vbits, poisoned):
+def test_static_attention_with_packed_values(S, causal, mask_extent, vbits, form, poisoned):
     """Keys and values written by the static kernels, attention over the first `length` tokens vs the reference
     over the same tokens (a mask of HF's max_cache_len < capacity, none, or one broadcast over keys)."""
     torch.manual_seed(8)
@@ -302,8 +326,9 @@ def test_static_attention_with_packed_values(S, causal, mask_extent, vbits, pois
     mask = None if mask_extent is None else torch.rand(2, 1, S, mask_extent, device=DEVICE) > 0.3
     if mask is not None:
         mask[..., -1] = True
-    out = kernels.static_attention(q, *kst, ValueData(*vst[:3]), c, vcodec=vc, mask=mask, scale=0.125,
-                                   is_causal=causal)
+    with kernels.settings.override(value_form=form):
+        out = kernels.static_attention(q, *kst, ValueData(*vst[:3]), c, vcodec=vc, mask=mask, scale=0.125,
+                                       is_causal=causal)
     pad = torch.zeros(2, 2, ref.TAIL_PAD, 64, device=DEVICE)  # the reference over what the kernels wrote
     kd = ref.PolarData(kst[0][:, :, :32], kst[1][:, :, :2], torch.cat([kst[2][:, :, :9], pad], dim=2))
     vd = ValueData(vst[0][:, :, :32], vst[1][:, :, :32], torch.cat([vst[2][:, :, :9], pad], dim=2))

@@ -13,6 +13,7 @@ import transformers
 from pqcompile import cache as pq_cache
 from pqcompile import passes
 from pqcompile.config import PolarQuantConfig
+from pqcompile.dense_values import hold_values
 from pqcompile.hf_compat import cache_kw
 from pqcompile.models import tiny_llama
 from pqcompile.passes import (
@@ -166,6 +167,9 @@ def test_value_bits_none_leaves_the_keys_only_graph(llama_graphs):
         results, found = run_all(keys_only, CFG)
         assert next(r for r in results if r.name == "trace_values").matched == 0
         assert [s.values for s in found] == ["", ""]
+        prefill = found[0].kind == "prefill"  # its dense values are held in place (DenseValues)
+        assert [s.values_held for s in found] == [prefill] * 2
+        assert _targets(keys_only).count(hold_values) == 2 * prefill
         results, found = run_all(misfit, PolarQuantConfig(group_size=16, value_bits=4, value_group=64))
         assert misfit.code == keys_only.code
         assert all(s.status == "rewritten" for s in found)

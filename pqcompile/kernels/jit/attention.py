@@ -12,7 +12,8 @@ GPU by the host wrapper. Online softmax in fp32, P @ V, then either the final ou
 partials (acc, max, sum) reduced by polar_attn_reduce_kernel. Dense dequantized keys never leave registers.
 Values (VB): VB = 0 reads dense V [B, Hkv | Hq, T, Dv] (token t at row t); VB in {2, 4, 8} reads packed values
 (value_codec.py): an encoded block's codes [N, NBV] and (min, scale) [N, Dv/VCG, 2] are dequantized in registers
-to [N, BLOCK_DV] (load_values: the keys' bin_unit and one FMA), the tail blocks read the dense value tail (row
+to [N, BLOCK_DV] (load_values: the keys' bin_unit and one FMA) or, VDOT, after the dot (packed_block_update: per
+channel group (p * scale) @ codes as exact bf16 plus p @ (min + scale / 2)), the tail blocks read the dense value tail (row
 t - Tc: the state's tail, or a static cache's ring at slot t % G); V then has Hkv heads only. With VB = 0 the
 packed-value arguments are None (constexprs: the launch's signature and SASS are those of the dense kernel).
 LEN_DEVICE (static caches, CUDA graphs): the length is read from device memory, the grid is sized by the
@@ -149,6 +150,80 @@ def load_values(VCrow, VProw, NBV: tl.constexpr, VB: tl.constexpr, VCG: tl.const
 
 
 @triton.jit
+def value_units(VCrow3, VB: tl.constexpr, VCG: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+                NGP: tl.constexpr, UT: tl.constexpr, VLOAD: tl.constexpr):
+    """The raw codes of BLOCK_N tokens as exact numbers U [NGP, N, VCG] in UT (VCrow3 [NGP, N, 1]: each (channel
+    group, token)'s first code byte; groups past NG, the padding of Dv, give 0). VLOAD 0: each group's bytes of
+    a token loaded contiguously (cp.async), the fields split by shifts and interleaved by joins in registers; 1:
+    each channel's own byte (neighbouring lanes load the same byte), shifted. bf16 from codes < 128: the code
+    ORed into the bits of 128.0 (0x4300) less 128 (one packed bf16 add per two codes; no int -> float convert);
+    8-bit codes and fp32 are converted."""
+    gok = tl.arange(0, NGP) < NG
+    if VLOAD == 0:
+        offs_b = tl.arange(0, VCG * VB // 8)
+        raw = tl.load(VCrow3 + offs_b[None, None, :], mask=gok[:, None, None], other=0).to(tl.int32)
+        if VB == 8:
+            code = raw
+        elif VB == 4:
+            code = tl.reshape(tl.join(raw & 15, raw >> 4), [NGP, BLOCK_N, VCG])
+        else:  # channel 4i + k at bits 2k of byte i: join(join(f0, f2), join(f1, f3)) is f0 f1 f2 f3 in order
+            code = tl.reshape(tl.join(tl.join(raw & 3, (raw >> 4) & 3), tl.join((raw >> 2) & 3, raw >> 6)),
+                              [NGP, BLOCK_N, VCG])
+    else:
+        offs_c = tl.arange(0, VCG)
+        raw = tl.load(VCrow3 + ((offs_c * VB) >> 3)[None, None, :], mask=gok[:, None, None], other=0).to(tl.int32)
+        code = (raw >> ((offs_c * VB) & 7)[None, None, :]) & ((1 << VB) - 1)
+    if UT == tl.bfloat16 and VB < 8:
+        u = (code | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        u = code.to(UT)
+    return u
+
+
+@triton.jit
+def packed_block_update(qk, VCrow3, VProw3, tt, m_i, l_i, acc3, Mrow, sm_t, si, row_ok, seq_len, S_len,
+                        scale, softcap, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr,
+                        CAUSAL: tl.constexpr, PREC: tl.constexpr, VB: tl.constexpr, VCG: tl.constexpr,
+                        BLOCK_N: tl.constexpr, NG: tl.constexpr, NGP: tl.constexpr, UT: tl.constexpr,
+                        VLOAD: tl.constexpr):
+    """block_update over one block of packed values, dequantized after the dot. With p [M, N] the block's
+    probabilities and, per channel group g, s_g, m_g [N] its tokens' scales and mins and U_g [N, VCG] their raw
+    codes, p v over g's channels is (p * s_g) U_g + p (m_g + s_g / 2) (value_codec's bin centre m + (c + 1/2) s).
+    acc3 [NGP, M, VCG] (group-major) takes the batched dot of p * s_g (rounded to UT) with U, accumulated onto
+    acc3 * alpha + the fp32 row sums of p (m_g + s_g / 2); no per-element FMA, no dequantized tile. The caller
+    puts the groups back in place after the last encoded block. Scoring and softmax repeat block_update's
+    (sharing a helper would change the dense launches' SASS)."""
+    s = qk * scale
+    if SOFTCAP:
+        e = tl.exp(2.0 * s / softcap)
+        s = softcap * (1.0 - 2.0 / (e + 1.0))  # softcap * tanh(s / softcap)
+    t_ok = tt < seq_len
+    keep = t_ok[None, :] & row_ok[:, None]
+    if CAUSAL:
+        keep = keep & (tt[None, :] <= (seq_len - S_len + si)[:, None])
+    if HAS_MASK:
+        mv = tl.load(Mrow + tt.to(tl.int64)[None, :] * sm_t, mask=row_ok[:, None] & t_ok[None, :], other=0)
+        if MASK_BOOL:
+            keep = keep & (mv != 0)
+        else:
+            s = s + mv.to(tl.float32)
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2((s - m_use[:, None]) * 1.4426950408889634)
+    alpha = tl.exp2((m_i - m_use) * 1.4426950408889634)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    prm = tl.load(VProw3, mask=(tl.arange(0, 2 * NGP) < 2 * NG)[None, :], other=0.0)  # [N, 2 NGP]: (min, scale)
+    mn, sc = tl.split(tl.reshape(prm.to(tl.float32), [BLOCK_N, NGP, 2]))  # [N, NGP] each
+    p3 = tl.broadcast_to(p[None, :, :], [NGP, p.shape[0], BLOCK_N])
+    ps = (p3 * tl.trans(sc)[:, None, :]).to(UT)  # [NGP, M, N]
+    u = value_units(VCrow3, VB, VCG, BLOCK_N, NG, NGP, UT, VLOAD)
+    z = tl.sum(tl.trans(p)[:, None, :] * (mn + 0.5 * sc)[:, :, None], axis=0)  # [NGP, M]
+    acc3 = tl.dot(ps, u, acc3 * alpha[None, :, None] + z[:, :, None], input_precision=PREC)
+    return m_new, l_i, acc3
+
+
+@triton.jit
 def block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale, softcap,
                  HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr,
                  VT: tl.constexpr, PREC: tl.constexpr):
@@ -200,6 +275,8 @@ def polar_attn_fwd_kernel(
     BLOCK_N: tl.constexpr, SPLIT_DOT: tl.constexpr, PPS: tl.constexpr, ALT: tl.constexpr,  # tuned (PPS: grid)
     NCH: tl.constexpr,  # tuned: pair chunks per encoded block (> 1: 8-bit codes and split dots only)
     VB: tl.constexpr, VCG: tl.constexpr, NBV: tl.constexpr,  # value bits (0: dense V), channels per group, bytes
+    VDOT: tl.constexpr = False,  # packed values dequantized after the dot (VB > 0, VCG >= 16), else before
+    VLOAD: tl.constexpr = 0, UT: tl.constexpr = None,  # VDOT: the code load (value_units), the dots' dtype
 ):
     W: tl.constexpr = RB + AB
     if LEN_DEVICE:  # a static cache: nothing on the host knows the length (CUDA-graph replays)
@@ -243,6 +320,15 @@ def polar_attn_fwd_kernel(
     if VB > 0:  # packed values: rows of the block's codes and params
         VCrow = VCp + b * svc_b + kvh * svc_h + offs_n.to(tl.int64)[:, None] * svc_t
         VProw = VPp + b * svp_b + kvh * svp_h + offs_n.to(tl.int64)[:, None] * svp_t
+    if VDOT:  # per (channel group, token): the group's first code byte; per token: (min, scale) per group
+        NGP: tl.constexpr = BLOCK_DV // VCG
+        NG: tl.constexpr = NBV // (VCG * VB // 8)  # groups past NG (the padding of Dv) load nothing
+        offs_g = tl.arange(0, NGP)
+        # token strides NBV and 2 NG (the host makes both contiguous per token): known alignment, vector loads
+        VCrow3 = (VCp + b * svc_b + kvh * svc_h + offs_n.to(tl.int64)[None, :, None] * NBV
+                  + (offs_g * (VCG * VB // 8))[:, None, None])
+        VProw3 = VPp + b * svp_b + kvh * svp_h + offs_n.to(tl.int64)[:, None] * (2 * NG) + tl.arange(0, 2 * NGP)[None, :]
+        acc3 = tl.zeros([NGP, BLOCK_M, VCG], tl.float32)
     for blk in range(first, tl.minimum(last, n_code)):
         t0 = blk * BLOCK_N
         tt = t0 + offs_n
@@ -271,11 +357,19 @@ def polar_attn_fwd_kernel(
                 qk = tl.dot(qxy, tl.trans(k), input_precision=PREC)
         if VB == 0:
             v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=dv_mask[None, :], other=0.0)
+            m_i, l_i, acc = block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale,
+                                         softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, PREC)
+        elif VDOT:
+            m_i, l_i, acc3 = packed_block_update(
+                qk, VCrow3 + t0.to(tl.int64) * NBV, VProw3 + t0.to(tl.int64) * (2 * NG), tt, m_i, l_i, acc3, Mrow, sm_t, si, row_ok, seq_len, S_len, scale, softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL,
+                PREC, VB, VCG, BLOCK_N, NG, NGP, UT, VLOAD)
         else:
             v = load_values(VCrow + t0.to(tl.int64) * svc_t, VProw + t0.to(tl.int64) * svp_t, NBV, VB, VCG, BLOCK_N,
                             BLOCK_DV)
-        m_i, l_i, acc = block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale,
-                                     softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, PREC)
+            m_i, l_i, acc = block_update(qk, v, tt, m_i, l_i, acc, Mrow, sm_t, si, row_ok, seq_len, S_len, scale,
+                                         softcap, HAS_MASK, MASK_BOOL, SOFTCAP, CAUSAL, VT, PREC)
+    if VDOT:  # the channel groups back in place: acc [M, NGP * VCG], for the tail blocks and the store
+        acc = tl.reshape(tl.permute(acc3, (1, 0, 2)), [BLOCK_M, BLOCK_DV])
 
     Tbase = Kt + b * st_b + kvh * st_h  # the full-precision tail, scored the same way
     for blk in range(tl.maximum(first, n_code), last):

@@ -1,0 +1,46 @@
+"""CPU smoke test of bench/capacity.py (--tiny: SIMULATED budgets, a byte counter instead of the CUDA allocator)."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+PATH = pathlib.Path(__file__).resolve().parents[1] / "bench" / "capacity.py"
+
+
+@pytest.fixture(scope="module")
+def capacity():
+    spec = importlib.util.spec_from_file_location("bench_capacity", PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_predict_boundary(capacity):
+    # allocated = 1000 + 10 * size, 50 B of allocator slack: 1000 + 50 + 10 * x = 2050 -> x = 100
+    fits = [(10, 1100, 1150), (20, 1200, 1250)]
+    assert capacity.predict(fits, 2050) == pytest.approx(100)
+    assert capacity.predict(fits[:1], 2050) is None  # one size: no slope
+
+
+def test_tiny_context_search(capacity, tmp_path, monkeypatch):
+    """Dense DynamicCache vs PolarStaticCache, one simulated budget: both searches converge on an OOM boundary,
+    polar fits >= 1.4x the context (K 4+4 + dense V, fp32 tiny model), the JSON is written with its probe log."""
+    monkeypatch.delenv("OUT", raising=False)
+    out = capacity.main(["--tiny", "--contenders", "dense-dynamic", "polar-static", "--search", "context",
+                         "--budgets", "0.00626", "--steps", "1", "--warmup", "1", "--resolution", "128",
+                         "--out", str(tmp_path)])
+    data = json.loads(pathlib.Path(out["path"]).read_text())
+    rows = {r["contender"]: r for r in data["rows"]}
+    assert data["meta"]["simulated"] and set(rows) == {"dense-dynamic", "polar-static"}
+    for row in rows.values():
+        assert row["status"] == "converged", row
+        assert row["oom_at"] - row["max"] <= 128  # the resolution
+        assert any(p["fit"] for p in row["probes"]) and any("oom" in p for p in row["probes"])
+        assert row["at_max"]["tokens_per_s"] > 0 and row["at_max"]["cache_bytes_held"] > 0
+    assert rows["polar-static"]["ratio_vs_dense_dynamic"] >= 1.4
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is skipped without it
+        assert pathlib.Path(out["path"]).with_suffix(".png").exists()
