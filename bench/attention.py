@@ -532,7 +532,7 @@ def run(args) -> bool:
         meta.update(values=args.values, value_group=args.value_group,
                     value_forms=args.value_forms or [settings.value_form])
         for form in args.value_forms or [settings.value_form]:
-            with settings.override(value_form=form):
+            with settings.override(value_form=form, autotune=False):  # correctness: the fixed launch, no timing
                 ok &= check_values(checks, args.values, args.value_group)
     bw = copy_bandwidth()
     meta["copy_bandwidth_TBps"] = bw * 1e-12

@@ -267,10 +267,10 @@ class DynamicCompressed(CompressedTensor):
         is still whole while every token appended after it went to its own open group (a decode step that a
         verify check refused, retried). Eager only: graphs see fake tensors, the backend checks their inputs."""
         written = getattr(self.codes, "_pq_len", None)
-        if written is None or torch.compiler.is_compiling() or self.codes._pq_at != self.codes.data_ptr():
-            return  # untracked, or marks copied along with the tensor (copy.deepcopy): a different buffer
+        if written is None or torch.compiler.is_compiling() or self.codes._pq_at != _data_ptr(self.codes):
+            return  # untracked (or traced), or marks copied along with the tensor (copy.deepcopy): another buffer
         T, G = self.seq_len, self.group_size
-        if getattr(self.codes, "_pq_ring", None) == self.tail.data_ptr() and T <= written <= (T // G + 1) * G:
+        if getattr(self.codes, "_pq_ring", None) == _data_ptr(self.tail) and T <= written <= (T // G + 1) * G:
             return
         raise RuntimeError(
             f"{type(self).__name__} of {T} tokens is an earlier state of a cache that now holds {written}: the "
@@ -278,9 +278,14 @@ class DynamicCompressed(CompressedTensor):
             "copy.deepcopy(cache)) before appending if both are needed")
 
     def mark_current(self) -> None:
-        if not isinstance(self.codes, FakeTensor) and not torch.compiler.is_compiling():
-            codes = self.codes
-            codes._pq_len, codes._pq_ring, codes._pq_at = self.seq_len, self.tail.data_ptr(), codes.data_ptr()
+        if torch.compiler.is_compiling():
+            return
+        codes = self.codes
+        try:
+            ring, at = self.tail.data_ptr(), codes.data_ptr()
+        except RuntimeError:  # fake or functional tensors (AOTAutograd tracing a graph): nothing to mark
+            return
+        codes._pq_len, codes._pq_ring, codes._pq_at = self.seq_len, ring, at
 
     def appended(self, new: torch.Tensor) -> DynamicCompressed:
         """HF's cat([self, new], -2): the new tokens written in place (the buffers grow first if they must)."""
@@ -322,6 +327,13 @@ class DynamicCompressed(CompressedTensor):
         out = self.with_data(self.codes, self.params, ring, length)
         out.mark_current()
         return out
+
+
+def _data_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.data_ptr()
+    except RuntimeError:  # fake or functional (tracing)
+        return None
 
 
 def appends_in_place(t) -> bool:
