@@ -553,6 +553,18 @@ def plot(rows: list[dict], path: pathlib.Path, meta: dict) -> str | None:
         return f"no plot: {e}"
     kinds = [k for k in ("context", "batch") if any(r["kind"] == k for r in rows)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.5), squeeze=False)
+    if len({r["budget_gb"] for r in rows}) == 1:  # one budget: a bar per contender
+        for ax, kind in zip(axes[0], kinds):
+            got = [(r["contender"], r.get("max") or 0) for r in rows if r["kind"] == kind]
+            ax.bar([g[0] for g in got], [g[1] for g in got], color=["#888" if g[0].startswith("dense") else "#3a7"
+                                                                    for g in got])
+            for i, (_, v) in enumerate(got):
+                ax.annotate(f"{v:,}", (i, v), ha="center", va="bottom", fontsize=8)
+            ax.set_ylabel("max context, batch 1 (tokens)" if kind == "context"
+                          else f"max batch at context {meta['args']['batch_context']}")
+            ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+            ax.set_title(f"budget {rows[0]['budget_gb'] * GB / UNIT[0]:g} {UNIT[1]} (nominal)", fontsize=9)
+        kinds = []
     for ax, kind in zip(axes[0], kinds):
         for name in dict.fromkeys(r["contender"] for r in rows):
             pts = sorted((r["budget_gb"] * GB / UNIT[0], r.get("max") or 0, r["status"]) for r in rows
@@ -650,7 +662,30 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def merge(paths: list[str], out: pathlib.Path) -> None:
+    """Rows of several runs (same model and rules) in one JSON, table and plot: a later converged row replaces an
+    earlier time-limited one of the same contender, search and budget (runs split to fit a device call)."""
+    rows: dict = {}
+    metas = []
+    for p in paths:
+        data = json.loads(pathlib.Path(p).read_text())
+        metas.append(data["meta"])
+        for r in data["rows"]:
+            key = (r["contender"], r["kind"], r["budget_gb"])
+            if key not in rows or rows[key]["status"] != "converged":
+                rows[key] = r
+    meta = {**metas[0], "merged_from": [str(p) for p in paths]}
+    merged = list(rows.values())
+    write(merged, meta, out)
+    print(table(merged, meta["simulated"]), flush=True)
+    msg = plot(merged, out.with_suffix(".png"), meta)
+    say(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if msg is None else f"; {msg}"))
+
+
 def main(argv=None) -> dict:
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--merge":  # --merge OUT.json IN.json ...
+        merge(sys.argv[3:], pathlib.Path(sys.argv[2]))
+        return {}
     args = parse(argv)
     cuda = torch.cuda.is_available() and not args.tiny
     args.device = "cuda" if cuda else "cpu"
@@ -740,8 +775,9 @@ def main(argv=None) -> dict:
         del fwd
     print(table(rows, args.tiny), flush=True)
     msg = plot(rows, path.with_suffix(".png"), meta)
-    if msg is None and os.environ.get("OUT"):
-        shutil.copy(path.with_suffix(".png"), pathlib.Path(os.environ["OUT"]) / path.with_suffix(".png").name)
+    copy = pathlib.Path(os.environ.get("OUT", "")) / path.with_suffix(".png").name
+    if msg is None and os.environ.get("OUT") and copy.resolve() != path.with_suffix(".png").resolve():
+        shutil.copy(path.with_suffix(".png"), copy)
     say(f"wrote {path}" + (f" and {path.with_suffix('.png')}" if msg is None else f"; {msg}")
         + (f" (copies in {os.environ['OUT']})" if os.environ.get("OUT") else ""))
     return {"meta": meta, "rows": rows, "path": str(path)}

@@ -114,8 +114,7 @@ def soak(model, path: str, args, out: dict, save) -> None:
     for step in range(1, args.steps + 1):
         token = logits.argmax(-1, keepdim=True)
         check = step % args.every == 0 or step == 1
-        # copy.deepcopy(PolarStaticCache) fails today (StaticCompressed has no clone: docs/reliability.md, finding 5)
-        reference = copy.deepcopy(cache) if check and args.reference and path == "dynamic" else None
+        reference = copy.deepcopy(cache) if check and args.reference else None
         logits = compiled(token, **cache_kw(cache), use_cache=True).logits[:, -1]
         if shadow is not None:
             dense_logits = model(token, **cache_kw(shadow), use_cache=True).logits[:, -1]

@@ -218,6 +218,8 @@ def _static_write_reference(codes, params, ring, length, new, positions, *, G: i
     """The CPU static write of keys and values: `rows` params rows per group, encode(x [B, H, n*G, D]) ->
     (codes, flat params), decode(L) -> the first L tokens, dense."""
     S = new.shape[2]
+    if S == 0:  # nothing to write (positions is empty)
+        return
     start, L = int(positions[0]), int(length[0])
     end = start + S
     if end > codes.shape[2]:

@@ -122,6 +122,12 @@ def _alias(func, x):
     return x.rewrap()
 
 
+@StaticCompressed.implements(aten.clone.default)
+def _clone(func, x, memory_format=None):
+    """A copy with its own buffers (copy.deepcopy of a PolarStaticCache, e.g. a prompt cache reused per request)."""
+    return x.rewrap(**{name: t.clone() for name, t in zip(x.inner_names, x.inner_tensors())})
+
+
 @StaticCompressed.implements(aten.slice.Tensor)
 def _slice(func, x, dim=0, start=None, end=None, step=1):
     """x[:, :, :n] (HF's eager sdpa slices a static cache to the written length): a shorter logical view."""

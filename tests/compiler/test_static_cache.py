@@ -171,6 +171,22 @@ def test_length_slice_is_a_compressed_view():
         assert torch.equal(view.dequantize(), full[:, :, :n])
 
 
+def test_deepcopy_of_a_static_cache_owns_its_buffers(model):
+    """A prompt cache copied per continuation (copy.deepcopy, HF's pattern): the copy reads the same, writes apart."""
+    import copy
+
+    cache = PolarStaticCache(config=model.config, max_cache_len=64, group_size=G, value_bits=4, value_group=16)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(ids[:, :37], **cache_kw(cache), use_cache=True)
+        twin = copy.deepcopy(cache)
+        for a, b in ((cache.layers[0].keys, twin.layers[0].keys), (cache.layers[0].values, twin.layers[0].values)):
+            assert type(a) is type(b) and a.codes.data_ptr() != b.codes.data_ptr()
+            assert torch.equal(a.dequantize(), b.dequantize())
+        model(ids[:, 37:40], **cache_kw(twin), use_cache=True)
+    assert int(cache.layers[0].keys.length) == 37 and int(twin.layers[0].keys.length) == 40
+
+
 def test_every_buffer_is_a_static_address(model):
     """CUDA graphs need the mutated cache buffers marked static: AOTAutograd reads that off the StaticPolarKeys
     wrapper itself (dynamo's input), not off its inner tensors; unmarked, inductor skips the graph."""
