@@ -23,6 +23,7 @@ from pqcompile.compressed import CompressedTensor, quiet_fallbacks
 from pqcompile.hf_compat import cache_kw, cache_of
 from pqcompile.models import tiny_llama
 from pqcompile.static_cache import PolarStaticCache, StaticPolarKeys, StaticPolarValues
+from pqcompile.dense_values import DenseValues
 from pqcompile.value_codec import ValueCodec, state_bits
 from pqcompile.values import PolarValues, polar_values_in
 
@@ -243,7 +244,8 @@ def test_values_that_do_not_fit_stay_dense_with_a_reason(model, tmp_path):
                              options={**options, "value_bits": 4, "value_group": 64, "report": str(tmp_path)})
     half = _teacher_forced(compiled, ids, cache)
     assert torch.equal(half, keys_only)
-    assert all(type(layer.keys) is PolarKeys and type(layer.values) is torch.Tensor for layer in cache.layers)
+    # dense, but held in place (DenseValues: no history copied per step)
+    assert all(type(layer.keys) is PolarKeys and type(layer.values) is DenseValues for layer in cache.layers)
     assert counters.totals["values_dense"] == counters.totals["sites_rewritten"] > 0
     assert counters.totals["values_compressed"] == 0
     prefill, decode = counters.graphs[0]["values"], counters.graphs[-1]["values"]

@@ -94,7 +94,9 @@ def test_tp_plan_auto_two_ranks_compress_their_own_kv_heads(tmp_path):
     ranks = [json.loads((tmp_path / "tp" / f"rank{r}.json").read_text()) for r in range(WORLD)]
     ref_keys = torch.load(tmp_path / "ref" / "rank0.pt")
     T = PROMPT + NEW - 1
-    held = codec.state_bits(codec.Codec(), T, HEAD_DIM, tail_bits=32) // 8  # per (batch row, kv head), fp32 tail
+    def held(k):  # bytes per (batch row, kv head): codes and params with room for the capacity, an fp32 ring
+        return codec.state_bits(codec.Codec(), T, HEAD_DIM, tail_bits=32, capacity=k["codes"][2]) // 8
+
     assert ref["world"] == 1 and len(ref["tokens"]) == NEW
     assert [k["shape"] for k in ref["keys"]] == [[1, KV_HEADS, T, HEAD_DIM]] * LAYERS
     for site in (s for rep in _reports(tmp_path / "ref-report") for s in rep["sites"]):
@@ -119,7 +121,7 @@ def test_tp_plan_auto_two_ranks_compress_their_own_kv_heads(tmp_path):
         for k, k_ref in zip(got["keys"], ref["keys"], strict=True):
             assert k["shape"] == [1, local, T, HEAD_DIM] and k["codes"][:2] == k["tail"][:2] == [1, local], k
             assert k["inner_types"] == ["Tensor"], k
-            assert k["nbytes_held"] == local * held and 2 * k["nbytes_held"] == k_ref["nbytes_held"], k
+            assert k["nbytes_held"] == local * held(k) and 2 * k["nbytes_held"] == k_ref["nbytes_held"], k
             assert 2 * k["dense_bytes"] == k_ref["dense_bytes"]
         # ... and those are the heads [rank*local, (rank+1)*local) of the single-process cache
         keys = torch.load(tmp_path / "tp" / f"rank{rank}.pt")
