@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from . import counters, report, verify
-from .compressed import appends_in_place, reserve_all
 from .config import InnerBackend, PolarQuantConfig, VerifyMode
+from .dynamic import appends_in_place, reserve_all
 from .passes import run_all
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def polarquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
 
 def _reserving(fn):
     """A decode graph appends in place into the compressed caches it reads: after each call, make room for the
-    next step's group flush, outside the graph and one layer at a time (compressed.reserve_all)."""
+    next step's group flush, outside the graph and one layer at a time (dynamic.reserve_all)."""
 
     def call(*args):
         for t in args:

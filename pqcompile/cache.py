@@ -15,8 +15,9 @@ import torch
 from . import codec as ref
 from . import ops
 from .codec import Codec, PolarData
-from .compressed import CompressedTensor, DynamicCompressed, capacity_for, quiet_fallbacks, reset_fallback_warnings
+from .compressed import CompressedTensor, quiet_fallbacks, reset_fallback_warnings
 from .dense_values import DenseValues
+from .dynamic import DynamicCompressed, capacity_for
 from .values import PolarValues
 
 __all__ = ["CompressedTensor", "PolarKeys", "compress_keys", "polar_keys_in", "polar_sdpa", "quiet_fallbacks",

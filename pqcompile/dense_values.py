@@ -5,7 +5,7 @@ anew each step (`torch.cat([past, new], -2)`); inside one compiled decode graph 
 tensors are alive at once, so the step's peak memory is twice the values. The prefill rewrite therefore puts a
 DenseValues where HF keeps `layer.values`: one buffer [B, H, capacity, Dv] whose first T rows are the values.
 HF's cat writes the new rows in place (`pqcompile::write_rows_`), the backend grows the buffer between steps
-(compressed.reserve_all), and any other op runs on `dequantize()`, which is a view of the first T rows: nothing
+(dynamic.reserve_all), and any other op runs on `dequantize()`, which is a view of the first T rows: nothing
 is copied and nothing warns.
 """
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .compressed import CACHE_OPS, CompressedTensor, DynamicCompressed, capacity_for
+from .compressed import CompressedTensor
+from .dynamic import CACHE_OPS, DynamicCompressed, capacity_for
 
 __all__ = ["DenseValues", "hold_values"]
 

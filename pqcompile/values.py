@@ -19,7 +19,7 @@ import torch
 from . import ops
 from . import value_codec as vref
 from .codec import PARAM_DTYPE, TAIL_PAD
-from .compressed import DynamicCompressed, capacity_for
+from .dynamic import DynamicCompressed, capacity_for
 from .value_codec import ValueCodec, ValueData
 
 __all__ = ["PolarValues", "compress_values", "polar_values_in"]

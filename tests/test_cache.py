@@ -71,7 +71,7 @@ def test_cat_appends_in_place_and_refuses_an_earlier_state():
 
 
 def test_capacity_grows_by_a_sixteenth_at_least():
-    from pqcompile.compressed import capacity_for
+    from pqcompile.dynamic import capacity_for
 
     assert capacity_for(0, 0, 128) == 128 and capacity_for(300, 0, 128) == 384
     assert capacity_for(300, 384, 128) == 384  # room for the open group: unchanged

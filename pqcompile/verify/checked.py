@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from torch import fx
 
-from ..compressed import appends_in_place
 from ..config import OnMismatch, PolarQuantConfig, VerifyMode
+from ..dynamic import appends_in_place
 from . import drift, graphs, kernel, state
 from .kernel import VerifyMismatch
 from .sites import captured, output_names, site_map

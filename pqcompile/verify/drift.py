@@ -13,7 +13,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..compressed import DynamicCompressed
+from ..dynamic import DynamicCompressed
 from ..metrics import kl_top1, metrics
 from .kernel import as_dense
 from .sites import SiteNodes

@@ -20,10 +20,10 @@ from pqcompile import counters, coverage, report
 from pqcompile.cache import PolarKeys
 from pqcompile.codec import Codec, Pairing
 from pqcompile.compressed import CompressedTensor, quiet_fallbacks
+from pqcompile.dense_values import DenseValues
 from pqcompile.hf_compat import cache_kw, cache_of
 from pqcompile.models import tiny_llama
 from pqcompile.static_cache import PolarStaticCache, StaticPolarKeys, StaticPolarValues
-from pqcompile.dense_values import DenseValues
 from pqcompile.value_codec import ValueCodec, state_bits
 from pqcompile.values import PolarValues, polar_values_in
 
