@@ -90,7 +90,7 @@ def polar_sdpa(q: torch.Tensor, keys: PolarKeys, v: torch.Tensor, attn_mask=None
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if isinstance(v, DenseValues):
-        v = v.dequantize()  # a view of its rows
+        v = v.buf  # whole: the op reads its first T rows (a view [:T] would make dynamo guard on cap == T)
     if isinstance(v, PolarValues):
         return ops.attention_qv(q, keys.codes, keys.params, keys.tail, v.codes, v.params, v.tail, keys.seq_len,
                                 attn_mask, scale, 0.0, False, *ops.codec_args(keys.codec),

@@ -158,12 +158,13 @@ def _(codes, params, tail, seq_len, radius_bits, angle_bits, group_size, pairing
 def attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, v: torch.Tensor,
               seq_len: int, mask: torch.Tensor | None, scale: float, softcap: float, is_causal: bool,
               radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> torch.Tensor:
-    """Attention of q [B, Hq, S, D] over compressed keys and dense v [B, Hkv|Hq, T, Dv] -> [B, Hq, S, Dv].
-
-    softcap <= 0 means none. mask: bool (True = attend) or additive, broadcastable to [B, Hq, S, T].
+    """Attention of q [B, Hq, S, D] over compressed keys and dense v [B, Hkv|Hq, >= T, Dv] (its first T rows: a
+    DenseValues buffer is passed whole, so that the graph holds no view whose contiguity depends on T) -> [B, Hq,
+    S, Dv]. softcap <= 0 means none. mask: bool (True = attend) or additive, broadcastable to [B, Hq, S, T].
     """
     c = _codec(radius_bits, angle_bits, group_size, pairing)
     data = _view(codes, params, tail, seq_len, c)
+    v = v[:, :, :seq_len] if v.shape[2] > seq_len else v
     kwargs = {"mask": mask, "scale": scale, "softcap": softcap if softcap > 0 else None, "is_causal": is_causal}
     if _use_kernels(q):
         from . import kernels

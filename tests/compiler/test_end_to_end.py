@@ -140,3 +140,23 @@ def test_model_without_cache_runs_unchanged(model):
     assert counters.totals["sites_rewritten"] == 0
     assert counters.totals["sites_declined"] == model.config.num_hidden_layers
     assert "not a KV-append" in counters.graphs[-1]["sites"][0][3]
+
+
+@pytest.mark.parametrize("value_bits", [None, 4])
+def test_one_decode_graph_across_capacity_growth(value_bits):
+    """The buffers grow between steps (dynamic.reserve_all) and a group fills its capacity exactly now and then:
+    neither may make a new graph (a view [:T] of a value buffer once made dynamo guard on capacity == T)."""
+    model = tiny_llama(layers=2, hidden=128, heads=4, kv_heads=2)
+    compiled = torch.compile(model, backend="polarquant",
+                             options={"group_size": 16, "backend": "aot_eager", "value_bits": value_bits,
+                                      "value_group": 16})
+    cache = transformers.DynamicCache()
+    ids = torch.randint(0, model.config.vocab_size, (1, 140), generator=torch.Generator().manual_seed(5))
+    capacities = set()
+    with torch.no_grad():
+        compiled(ids[:, :40], **cache_kw(cache), use_cache=True)
+        for t in range(40, 140):
+            compiled(ids[:, t: t + 1], **cache_kw(cache), use_cache=True)
+            capacities.add(cache.layers[0].keys.capacity)
+    assert len(capacities) >= 4  # grown several times, filled exactly at each group boundary
+    assert counters.totals["graphs"] == 2  # prefill, decode
