@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import codec as ref
-from . import ops
+from . import ops, value_ops
 from .codec import Codec, PolarData
 from .compressed import CompressedTensor, quiet_fallbacks, reset_fallback_warnings
 from .dense_values import DenseValues
@@ -86,14 +86,14 @@ def polar_sdpa(q: torch.Tensor, keys: PolarKeys, v: torch.Tensor, attn_mask=None
     """Decode rewrite of scaled_dot_product_attention(q, keys, v): attention reads the codes.
 
     q [B, Hq, S, D]; keys PolarKeys [B, Hkv, T, D]; v [B, Hkv|Hq, T, Dv], or PolarValues [B, Hkv, T, Dv]
-    (values compressed too: ops.attention_qv reads both code streams) -> [B, Hq, S, Dv].
+    (values compressed too: value_ops.attention_qv reads both code streams) -> [B, Hq, S, Dv].
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if isinstance(v, DenseValues):
         v = v.buf  # whole: the op reads its first T rows (a view [:T] would make dynamo guard on cap == T)
     if isinstance(v, PolarValues):
-        return ops.attention_qv(q, keys.codes, keys.params, keys.tail, v.codes, v.params, v.tail, keys.seq_len,
+        return value_ops.attention_qv(q, keys.codes, keys.params, keys.tail, v.codes, v.params, v.tail, keys.seq_len,
                                 attn_mask, scale, 0.0, False, *ops.codec_args(keys.codec),
-                                *ops.vcodec_args(v.codec))
+                                *value_ops.vcodec_args(v.codec))
     return ops.attention(q, keys.codes, keys.params, keys.tail, v, keys.seq_len, attn_mask, scale, 0.0, False,
                          *ops.codec_args(keys.codec))

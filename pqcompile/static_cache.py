@@ -12,7 +12,7 @@ HF's own `index_copy_(2, positions, keys)` dispatches to an in-place write that 
 a group when it completes; the attention pass routes SDPA over it to a polar op that reads `length`.
 The values' buffers are codes [B, H, Tcap, Dv*bits/8], params [B, H, Tcap, (Dv/cg)*2] (per token), ring
 [B, H, G, Dv], length [1]; values.index_copy_ dispatches to static_write_values, and SDPA over both to
-ops.static_attention_qv (which reads the values up to the keys' length).
+value_ops.static_attention_qv (which reads the values up to the keys' length).
 
 Recipe (two lines):
     cache = PolarStaticCache(config=model.config, max_cache_len=4096)   # value_bits=4: values compressed too
@@ -27,7 +27,7 @@ import warnings
 import torch
 import transformers
 
-from . import ops
+from . import ops, value_ops
 from .codec import Codec, Pairing
 from .compressed import CompressedTensor
 from .config import PairingMode, PolarQuantConfig
@@ -94,11 +94,11 @@ class StaticPolarValues(StaticCompressed):
                    codec, (batch, heads, max_len, head_dim))
 
     def inner(self) -> tuple:
-        return self.codes, self.params, self.ring, self.length, *ops.vcodec_args(self.codec)
+        return self.codes, self.params, self.ring, self.length, *value_ops.vcodec_args(self.codec)
 
     def dequantize(self) -> torch.Tensor:
         """Dense [B, H, max_cache_len, Dv]: written tokens reconstructed, the rest zero."""
-        return ops.static_decode_values(*self.inner(), self.shape[2])
+        return value_ops.static_decode_values(*self.inner(), self.shape[2])
 
     def write(self, positions: torch.Tensor, new: torch.Tensor) -> None:
         static_write_values(self, positions, new)
@@ -164,8 +164,8 @@ static_write.mutates_inputs = True  # dead-code elimination must keep it (passes
 
 def static_write_values(values: StaticPolarValues, positions: torch.Tensor, new_values: torch.Tensor) -> None:
     """What the rewritten graph calls for HF's values.index_copy_(2, positions, new_values)."""
-    ops.static_write_values_(values.codes, values.params, values.ring, values.length, new_values, positions,
-                             *ops.vcodec_args(values.codec))
+    value_ops.static_write_values_(values.codes, values.params, values.ring, values.length, new_values, positions,
+                             *value_ops.vcodec_args(values.codec))
 
 
 static_write_values.mutates_inputs = True
@@ -178,8 +178,8 @@ def polar_static_sdpa(q: torch.Tensor, keys: StaticPolarKeys, v: torch.Tensor, a
     last S written tokens."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if isinstance(v, StaticPolarValues):
-        return ops.static_attention_qv(q, *keys.inner()[:4], *v.inner()[:3], attn_mask, scale, is_causal,
-                                       *ops.codec_args(keys.codec), *ops.vcodec_args(v.codec))
+        return value_ops.static_attention_qv(q, *keys.inner()[:4], *v.inner()[:3], attn_mask, scale, is_causal,
+                                       *ops.codec_args(keys.codec), *value_ops.vcodec_args(v.codec))
     return ops.static_attention(q, *keys.inner()[:4], v, attn_mask, scale, is_causal, *ops.codec_args(keys.codec))
 
 

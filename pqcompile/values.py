@@ -4,20 +4,20 @@ The value counterpart of PolarKeys (cache.py): a DynamicCompressed (compressed.p
 value_codec.py's state, metadata = the ValueCodec, logical shape [B, Hkv, T, Dv]:
   codes  uint8 [B, H, (T//G)*G, Dv*bits/8]   packed per-token codes of the complete groups
   params bf16  [B, H, (T//G)*G, (Dv/cg)*2]   per token and channel group (min, scale), flattened from
-                                             value_codec's [.., Dv/cg, 2] (ops.vunflat views it back)
+                                             value_codec's [.., Dv/cg, 2] (value_ops.vunflat views it back)
   tail   dtype [B, H, T%G + TAIL_PAD, Dv]    the open group's tokens in full precision, then 2 zero rows
 Keys and values share G, so they flush on the same step. The cache ops (cat -> ops.append_values, detach,
 clone, _to_copy, index_select / index / slice on the batch dim, repeat_interleave, crop) are DynamicCompressed's;
 the prefill rewrite puts one into the cache (compress_values), after which HF's own cat appends to it, and
-cache.polar_sdpa reads it through ops.attention_qv. No dense value tensor of the encoded groups is kept.
+cache.polar_sdpa reads it through value_ops.attention_qv. No dense value tensor of the encoded groups is kept.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import ops
 from . import value_codec as vref
+from . import value_ops
 from .codec import PARAM_DTYPE, TAIL_PAD
 from .dynamic import DynamicCompressed, capacity_for
 from .value_codec import ValueCodec, ValueData
@@ -38,7 +38,7 @@ class PolarValues(DynamicCompressed):
         Tc, L = self.encoded, self.seq_len
         tail = torch.cat([self.tail[:, :, : L - Tc], self.tail.new_zeros(*self.tail.shape[:2], TAIL_PAD,
                                                                            self.tail.shape[3])], dim=2)
-        return ValueData(self.codes[:, :, :Tc], ops.vunflat(self.params[:, :, :Tc], self.shape[-1], self.codec), tail)
+        return ValueData(self.codes[:, :, :Tc], value_ops.vunflat(self.params[:, :, :Tc], self.shape[-1], self.codec), tail)
 
     @classmethod
     def empty(cls, batch: int, heads: int, head_dim: int, dtype, device, codec: ValueCodec,
@@ -60,10 +60,10 @@ class PolarValues(DynamicCompressed):
 
     def dequantize(self) -> torch.Tensor:
         """Dense values [B, H, T, Dv]: the encoded groups reconstructed (lossy), the ring exact."""
-        return ops.decode_values(self.codes, self.params, self.tail, self.seq_len, *ops.vcodec_args(self.codec))
+        return value_ops.decode_values(self.codes, self.params, self.tail, self.seq_len, *value_ops.vcodec_args(self.codec))
 
     def write_(self, new: torch.Tensor) -> None:
-        ops.append_values_(self.codes, self.params, self.tail, new, self.seq_len, *ops.vcodec_args(self.codec))
+        value_ops.append_values_(self.codes, self.params, self.tail, new, self.seq_len, *value_ops.vcodec_args(self.codec))
 
     def param_rows(self, n_tokens: int) -> int:
         return n_tokens  # one (min, scale) row per token
@@ -77,4 +77,4 @@ def polar_values_in(obj) -> list[PolarValues]:
 
 def compress_values(values: torch.Tensor, value_bits: int, value_group: int, group_size: int) -> PolarValues:
     """Prefill rewrite: the dense values HF is about to cache -> PolarValues (primitive args for FX)."""
-    return PolarValues.from_dense(values, ops._vcodec(value_bits, value_group, group_size))
+    return PolarValues.from_dense(values, value_ops._vcodec(value_bits, value_group, group_size))

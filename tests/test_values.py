@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pqcompile import ops
+from pqcompile import ops, value_ops
 from pqcompile import value_codec as V
 from pqcompile.cache import PolarKeys, polar_sdpa
 from pqcompile.codec import Codec, Pairing
@@ -213,22 +213,22 @@ def _dynamic_state(T=37, vc=VCODECS[0]):
 @pytest.mark.parametrize("T", [5, 37])
 def test_opcheck_dynamic_value_ops(T):
     vc = VCODECS[0]
-    vargs = ops.vcodec_args(vc)
+    vargs = value_ops.vcodec_args(vc)
     codes, params, tail = _dynamic_state(T, vc)
     new = values_(T=3, seed=12)
-    torch.library.opcheck(ops.append_values_, (codes, params, tail, new, T, *vargs))
-    torch.library.opcheck(ops.decode_values, (codes, params, tail, T, *vargs))
+    torch.library.opcheck(value_ops.append_values_, (codes, params, tail, new, T, *vargs))
+    torch.library.opcheck(value_ops.decode_values, (codes, params, tail, T, *vargs))
     keys = PolarKeys.from_dense(values_(T=T, seed=13), KCODEC)
     q = values_(B=2, H=4, T=2, seed=14)
     mask = torch.zeros(2, 1, 2, T)
     for m, causal in ((None, True), (mask, False)):
-        torch.library.opcheck(ops.attention_qv, (q, keys.codes, keys.params, keys.tail, codes, params, tail, T, m,
+        torch.library.opcheck(value_ops.attention_qv, (q, keys.codes, keys.params, keys.tail, codes, params, tail, T, m,
                                                  0.25, 0.0, causal, *ops.codec_args(KCODEC), *vargs))
 
 
 def test_opcheck_static_value_ops():
     vc = VCODECS[0]
-    vargs = ops.vcodec_args(vc)
+    vargs = value_ops.vcodec_args(vc)
 
     def state():
         vals = StaticPolarValues.zeros(1, 2, 48, 16, torch.float32, "cpu", vc)
@@ -238,9 +238,9 @@ def test_opcheck_static_value_ops():
     vals = state()
     keys = StaticPolarKeys.zeros(1, 2, 48, 16, torch.float32, "cpu", KCODEC)
     keys.index_copy_(2, torch.arange(20), values_(B=1, T=20, seed=16))
-    torch.library.opcheck(ops.static_write_values_, (*state().inner()[:4], values_(B=1, T=1, seed=17),
+    torch.library.opcheck(value_ops.static_write_values_, (*state().inner()[:4], values_(B=1, T=1, seed=17),
                                                      torch.tensor([20]), *vargs))
     q = values_(B=1, H=4, T=1, seed=18)
-    torch.library.opcheck(ops.static_attention_qv, (q, *keys.inner()[:4], *vals.inner()[:3], None, 0.25, False,
+    torch.library.opcheck(value_ops.static_attention_qv, (q, *keys.inner()[:4], *vals.inner()[:3], None, 0.25, False,
                                                     *ops.codec_args(KCODEC), *vargs))
-    torch.library.opcheck(ops.static_decode_values, (*vals.inner(), 48))
+    torch.library.opcheck(value_ops.static_decode_values, (*vals.inner(), 48))

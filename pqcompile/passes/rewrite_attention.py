@@ -6,7 +6,7 @@ prefill (the cache held no PolarKeys yet): attention over the prompt stays dense
   (Site.values_held) become hold_values(value) -> DenseValues, appended to in place.
 decode (the cache holds PolarKeys, so HF's own cat already appended into it): SDPA(q, repeat(key), v)
   becomes polar_sdpa(q, key, v_unrepeated): one code stream serves all query heads of a kv head. When the cache
-  holds PolarValues, v_unrepeated is one too and polar_sdpa reads both code streams (ops.attention_qv).
+  holds PolarValues, v_unrepeated is one too and polar_sdpa reads both code streams (value_ops.attention_qv).
 static (the cache is a PolarStaticCache, whose index_copy_ already wrote into the compressed buffers):
   keys.index_copy_ becomes static_write (values.index_copy_ static_write_values when its values are
   compressed), SDPA becomes polar_static_sdpa(q, key, v_unrepeated, mask), reading the length on the device.

@@ -200,7 +200,7 @@ def test_decode_over_compressed_values_reads_both_code_streams():
         model(ids, **cache_kw(cache), use_cache=True)
         for layer in cache.layers:  # what a compiled prefill with value_bits=4 leaves in the cache
             layer.keys = pq_cache.PolarKeys.from_dense(layer.keys, pq_cache.ops._codec(4, 4, 16, "half"))
-            layer.values = PolarValues.from_dense(layer.values, pq_cache.ops._vcodec(4, 16, 16))
+            layer.values = PolarValues.from_dense(layer.values, pq_cache.value_ops._vcodec(4, 16, 16))
         gm = _capture(model, ids[:, :1], **cache_kw(cache), use_cache=True)[0]
     for cfg in (VCFG, CFG):  # the cache decides: its PolarValues are read compressed whatever value_bits says
         g = copy.deepcopy(gm)

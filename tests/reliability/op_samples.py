@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from pqcompile import codec as ref
-from pqcompile import ops
+from pqcompile import ops, value_ops
 from pqcompile import value_codec as vref
 
 G = 16  # group size of every case: small, so T = 2G + 1 is cheap
@@ -52,7 +52,7 @@ class Case(NamedTuple):
 
     @property
     def value_args(self) -> tuple:
-        return ops.vcodec_args(self.vcodec)
+        return value_ops.vcodec_args(self.vcodec)
 
     def __str__(self) -> str:
         name = str(self.dtype).removeprefix("torch.")
