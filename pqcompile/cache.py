@@ -1,9 +1,9 @@
 """PolarKeys: the compressed key cache as a tensor, standing where Hugging Face keeps its key tensor.
 
-A CompressedTensor (compressed.py): inner tensors codes / params / tail (see codec.py for the layout),
-metadata = the Codec, logical shape [B, Hkv, T, D] (HF reads keys.shape[-2] as the length). It lives in an
-unmodified DynamicCache between compiled calls. The ops HF's cache code applies have compressed
-implementations, shared with PolarValues (values.py) through their base DynamicCompressed (compressed.py);
+A DynamicCompressed (dynamic.py): inner tensors codes / params with spare capacity and the ring `tail`
+(docs/design.md §2.1), appended to in place, metadata = the Codec, logical shape [B, Hkv, T, D] (HF reads
+keys.shape[-2] as the length). It lives in an unmodified DynamicCache between compiled calls. The ops HF's cache
+code applies have compressed implementations, shared with PolarValues (values.py) through their base;
 any other op dequantizes correctly, with a one-time warning. Inside compiled graphs dynamo/AOTAutograd
 flatten it, so the custom ops in ops.py receive the inner tensors.
 """

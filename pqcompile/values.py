@@ -1,12 +1,12 @@
 """PolarValues: the compressed value cache as a tensor, standing where Hugging Face keeps its value tensor.
 
-The value counterpart of PolarKeys (cache.py): a DynamicCompressed (compressed.py) whose inner tensors are
-value_codec.py's state, metadata = the ValueCodec, logical shape [B, Hkv, T, Dv]:
-  codes  uint8 [B, H, (T//G)*G, Dv*bits/8]   packed per-token codes of the complete groups
-  params bf16  [B, H, (T//G)*G, (Dv/cg)*2]   per token and channel group (min, scale), flattened from
-                                             value_codec's [.., Dv/cg, 2] (value_ops.vunflat views it back)
-  tail   dtype [B, H, T%G + TAIL_PAD, Dv]    the open group's tokens in full precision, then 2 zero rows
-Keys and values share G, so they flush on the same step. The cache ops (cat -> ops.append_values, detach,
+The value counterpart of PolarKeys (cache.py): a DynamicCompressed (dynamic.py) whose inner tensors hold
+value_codec.py's state, appended to in place, metadata = the ValueCodec, logical shape [B, Hkv, T, Dv]:
+  codes  uint8 [B, H, cap, Dv*bits/8]   rows [0, (T//G)*G): packed per-token codes of the complete groups
+  params bf16  [B, H, cap, (Dv/cg)*2]   per token and channel group (min, scale), flattened from value_codec's
+                                        [.., Dv/cg, 2] (value_ops.vunflat views it back)
+  tail   dtype [B, H, G, Dv]            the ring: the open group's tokens in full precision, token t at slot t % G
+Keys and values share G, so they flush on the same step. The cache ops (cat -> value_ops.append_values_, detach,
 clone, _to_copy, index_select / index / slice on the batch dim, repeat_interleave, crop) are DynamicCompressed's;
 the prefill rewrite puts one into the cache (compress_values), after which HF's own cat appends to it, and
 cache.polar_sdpa reads it through value_ops.attention_qv. No dense value tensor of the encoded groups is kept.
