@@ -55,21 +55,21 @@ def polarquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
     compiled = _inner_compile(gm, example_inputs, cfg, mode)
     if checked is not None:
         checked.compiled, compiled = compiled, checked
-    if any(appends_in_place(t) for t in example_inputs):
-        return _reserving(compiled)
-    return compiled
+    in_place = [i for i, t in enumerate(example_inputs) if appends_in_place(t)]
+    return _reserving(compiled, in_place) if in_place else compiled
 
 
-def _reserving(fn):
-    """A decode graph appends in place into the compressed caches it reads: after each call, make room for the
-    next step's group flush, outside the graph and one layer at a time (dynamic.reserve_all)."""
+def _reserving(fn, in_place: list[int]):
+    """A decode graph appends in place into the compressed caches it reads (inputs at `in_place`, found once at
+    compile time: the per-step cost does not scan the weights): check them before the call; after it, make room
+    for the next step's group flush, outside the graph and one layer at a time (dynamic.reserve_all)."""
 
     def call(*args):
-        for t in args:
-            if appends_in_place(t):
-                t.check_current()
+        caches = [args[i] for i in in_place]
+        for t in caches:
+            t.check_current()
         out = fn(*args)
-        reserve_all(args, out if isinstance(out, (list, tuple)) else (out,))
+        reserve_all(caches, out if isinstance(out, (list, tuple)) else (out,))
         return out
 
     return call
