@@ -276,7 +276,10 @@ def test_encode_kernel_matches_the_reference(triton_kernels, case):
     got = kernels.append(state, T0, keys[:, :, T0:], codec)
     assert got.tail.shape == want.tail.shape and torch.equal(got.tail, want.tail)
     assert got.codes.shape == want.codes.shape and got.params.shape == want.params.shape
-    torch.testing.assert_close(got.params.float(), want.params.float(), rtol=2 ** -7, atol=1e-30)
+    # one bf16 ulp relative; an absolute floor 2^-20 of the largest param: a near-zero scale of a constant group
+    # came out 3e-8 apart (the interpreter's fp32 atan2 polynomial), which no code reads as a different bin
+    floor = 2 ** -20 * want.params.float().abs().amax().item() + 1e-30 if want.params.numel() else 1e-30
+    torch.testing.assert_close(got.params.float(), want.params.float(), rtol=2 ** -7, atol=floor)
     _codes_within_one_bin(codec, got.codes, want.codes, D)
 
 
