@@ -6,6 +6,7 @@
     python bench/attention.py --sweep-encode  # also time encode and one-token static writes per tile config
     python bench/attention.py --shapes extra  # only some rows (all, main, extra, none)
     python bench/attention.py --values 4 2    # + K4+4 with packed values V4 / V2 per row (checked first)
+    python bench/attention.py --codecs channel polar-hybrid  # + K4+4 of other key codecs (and over --values)
 
 Contenders on the same logical cache (q_len 1, bf16): SDPA flash and SDPA cuDNN on dense bf16 K/V
 (enable_gqa), and the polar kernel (4+4, 3+3, 2+2 keys, bf16 V; with --values also 4+4 keys over packed values,
@@ -34,7 +35,7 @@ from pqcompile import value_codec as vref
 from pqcompile.kernels import LaunchConfig, RowTile, Tile, settings, tuner
 from pqcompile.kernels.settings import VALUE_FORMS
 
-SCRIPT_VERSION = 12  # recorded in the JSON; bench/NOTES.md says what each version changed
+SCRIPT_VERSION = 13  # recorded in the JSON; bench/NOTES.md says what each version changed
 # Tuned configs not yet in the product space: pair chunks (not yet run on a GPU; --pair-chunks adds them).
 PAIR_CHUNK_SPACE = (
     LaunchConfig(64, True, 6, 4, 3, maxnreg=168, pair_chunks=2),
@@ -309,8 +310,33 @@ def time_encode(row: dict, k, v, Hq) -> None:
             row["encode_graph_frac_of_prefill"] = row["encode44_graph_us"] / row["prefill_best_us"]
 
 
+def time_codecs(row: dict, q, k, v, bw, graphs: bool, codecs, values, value_group: int) -> None:
+    """K4+4 of each key codec kind of `codecs` (key_cells.py): over bf16 V and over packed values of each width of
+    `values` (the default value form), graph-timed against the row's dense best; and its key encode."""
+    B, H, T, D = k.shape
+    for kind in codecs:
+        c = ref.Codec(4, 4, 128, ref.Pairing(), kind)
+        kd = kernels.append(ref.empty(c, B, H, D, k.dtype, "cuda"), 0, k, c)
+        tag = kind.replace("-", "_") + "44"
+        nbytes = ref.nbytes(kd) + v.numel() * 2 + 2 * q.numel() * 2
+        time_polar(row, tag, lambda kd=kd, c=c: kernels.attention(q, kd, T, v, c), nbytes, bw, graphs, True)
+        row[tag + "_floor_us"] = nbytes / bw * 1e6
+        if row.get("polar44_graph_us") and row.get(tag + "_graph_us"):
+            row[tag + "_vs_polar44"] = row[tag + "_graph_us"] / row["polar44_graph_us"]
+        row[tag + "_encode_graph_us"] = graph_us(lambda c=c: kernels.encode_groups(k, c))
+        for vb in values:
+            vc = value_codec_for(vb, value_group, D)
+            vd = kernels.append_values(vref.empty(vc, B, H, D, v.dtype, "cuda"), 0, v, vc)
+            nbytes = ref.nbytes(kd) + vref.nbytes(vd) + 2 * q.numel() * 2
+            time_polar(row, f"{tag}_v{vb}", lambda vd=vd, vc=vc, kd=kd, c=c: kernels.attention(q, kd, T, vd, c,
+                                                                                               vcodec=vc),
+                       nbytes, bw, graphs, True)
+            row[f"{tag}_v{vb}_floor_us"] = nbytes / bw * 1e6
+            del vd
+
+
 def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=False, values=(),
-               value_group=64, value_forms=None) -> dict:
+               value_group=64, value_forms=None, codecs=()) -> dict:
     """One row: dense contenders, polar per width and per config (name -> LaunchConfig fixed, or None: tuned),
     K4+4 over packed values per width of `values`, encode. configs None: the tuned settings only."""
     dt = torch.bfloat16
@@ -332,6 +358,8 @@ def time_shape(Hq, H, D, B, T, bw, configs=None, bits=BITS, encode=True, graphs=
         row[f"polar{rb}{ab}_floor_us"] = nbytes / bw * 1e6
     if values:
         time_values(row, q, k, v, bw, graphs, values, value_group, value_forms)
+    if codecs:
+        time_codecs(row, q, k, v, bw, graphs, codecs, values, value_group)
     if encode:
         time_encode(row, k, v, Hq)
     torch.cuda.empty_cache()  # the caches go when the function returns
@@ -464,6 +492,8 @@ def parse_args() -> argparse.Namespace:
                          "default: the product's")
     ap.add_argument("--quick-check", action="store_true",
                     help="check only the first case (every tuned config); skips most cold compiles")
+    ap.add_argument("--codecs", nargs="+", choices=[k for k in ref.KINDS if k != "polar"], default=[],
+                    help="also K4+4 of these key codecs per row (bf16 V, and over each --values width)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     return ap.parse_args()
 
@@ -497,7 +527,7 @@ def run_table(args, rows: list, bw: float, save) -> None:
         shapes = [s for s in shapes if {f"{s[3]}x{s[4] // 1024}k", f"{s[3]}x{s[4] // 1024}k/D{s[2]}"} & set(args.only)]
     for Hq, H, D, B, T in shapes:
         rows.append(time_shape(Hq, H, D, B, T, bw, graphs=True, bits=bits, values=args.values,
-                               value_group=args.value_group, value_forms=args.value_forms))
+                               value_group=args.value_group, value_forms=args.value_forms, codecs=args.codecs))
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
         save()
 
@@ -513,6 +543,19 @@ def print_value_table(rows: list, values, value_forms=None) -> None:
                      f"{key}_bytes_vs_dense"]
     print(tabulate([[f"{r['B']}x{r['T'] // 1024}k Hq{r['Hq']}/{r['Hkv']} D{r['D']}"]
                     + [None if r.get(k) is None else round(r[k], 3 if not k.endswith("_us") else 1) for k in cols]
+                    for r in rows], headers=["shape"] + cols, tablefmt="github"))
+
+
+def print_codec_table(rows: list, codecs, values) -> None:
+    """GPU times (graph replay) of each key codec against dense SDPA and against polar 4+4."""
+    from tabulate import tabulate
+
+    cols = ["dense_graph_best_us", "polar44_graph_us"]
+    for kind in codecs:
+        tag = kind.replace("-", "_") + "44"
+        cols += [f"{tag}_graph_us", f"{tag}_graph_ratio", f"{tag}_vs_polar44", f"{tag}_encode_graph_us"]
+        cols += [f"{tag}_v{vb}_{x}" for vb in values for x in ("graph_us", "graph_ratio", "graph_floor_frac")]
+    print(tabulate([[f"{r['B']}x{r['T'] // 1024}k"] + [None if r.get(k) is None else round(r[k], 3) for k in cols]
                     for r in rows], headers=["shape"] + cols, tablefmt="github"))
 
 
@@ -539,7 +582,7 @@ def run(args) -> bool:
     print(f"copy bandwidth {bw * 1e-12:.2f} TB/s; correctness {'OK' if ok else 'FAILED'}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     name = (f"attention-{datetime.date.today().isoformat()}{'-tune' if args.tune else ''}"
-            f"{'-values' if args.values else ''}.json")
+            f"{'-values' if args.values else ''}{'-codecs' if args.codecs else ''}.json")
 
     def save() -> None:  # after every row: a run cut short still leaves its numbers
         with open(os.path.join(args.out, name), "w") as f:
@@ -560,6 +603,8 @@ def run(args) -> bool:
                            tablefmt="github"))
         if rows and args.values:
             print_value_table(rows, args.values, args.value_forms)
+        if rows and args.codecs:
+            print_codec_table(rows, args.codecs, args.values)
     if sweeps:
         print(tabulate([[f"{r['B']}x{r['T'] // 1024}k", *(round(v, 1) for k, v in r.items() if k.endswith("_us"))]
                         for r in sweeps], headers=["tokens"] + [k for k in sweeps[0] if k.endswith("_us")]))

@@ -77,9 +77,9 @@ def polar_keys_in(obj) -> list[PolarKeys]:
 # --------------------------------------------------------------------------- what the rewritten graphs call
 
 
-def compress_keys(keys: torch.Tensor, radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> PolarKeys:
+def compress_keys(keys: torch.Tensor, radius_bits: int, angle_bits: int, group_size: int, layout: str) -> PolarKeys:
     """Prefill rewrite: the dense post-RoPE keys HF is about to cache -> PolarKeys (primitive args for FX)."""
-    return PolarKeys.from_dense(keys, ops._codec(radius_bits, angle_bits, group_size, pairing))
+    return PolarKeys.from_dense(keys, ops._codec(radius_bits, angle_bits, group_size, layout))
 
 
 def polar_sdpa(q: torch.Tensor, keys: PolarKeys, v: torch.Tensor, attn_mask=None, scale=None) -> torch.Tensor:

@@ -1,14 +1,17 @@
-"""Reference PolarQuant key codec in pure PyTorch: the ground truth for kernels, ops and passes.
+"""Reference key codec in pure PyTorch: the ground truth for kernels, ops and passes.
 
 Layout of a compressed key state of logical shape [B, H, T, D] (P = D/2 pairs, G = group size,
 w = radius_bits + angle_bits, NB = ceil(P*w/8) bytes per token):
   codes  uint8 [B, H, (T//G)*G, NB]   pair j of a token at bits [j*w, (j+1)*w) of its NB bytes,
                                       little-endian; a code is c_r | (c_phi << radius_bits)
-  params bf16  [B, H, T//G, 4, P]     per group and pair: r_min, r_scale, phi_min, phi_scale
+  params bf16  [B, H, T//G, 4, P]     per group and pair: r_min, r_scale, phi_min, phi_scale (the polar cell;
+                                      other codec kinds store their own cell's four: key_cells.py)
   tail   dtype [B, H, T%G + 2, D]     the newest T % G tokens in full precision, then TAIL_PAD zero slots
 Every shape is a function of T alone, so a growing cache changes no shape in a data-dependent way, and
 the tail's length is never 0 or 1 (sizes dynamo would specialize on, costing two recompiles per group).
 Reconstruction: v_hat = v_min + (c + 0.5) * scale (bin midpoint); phi = atan2(y, x) in [-pi, pi].
+The scalar quantizer and the packing are quantizer.py's; the kinds of cell (polar, polar-circ, polar-hybrid,
+channel) are key_cells.py's.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import NamedTuple
 import torch
 
 from .config import PairingMode, PolarQuantConfig
+from .key_cells import KINDS, check_kind, decode_cells, encode_cells  # noqa: F401 (KINDS re-exported)
+from .quantizer import PARAM_DTYPE, bin_center, bin_index, group_params, pack_codes, round_bf16, unpack_codes  # noqa: F401 (re-exported)
 
-PARAM_DTYPE = torch.bfloat16
 KEY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TAIL_PAD = 2
 
@@ -69,17 +73,27 @@ class Pairing:
 class Codec:
     """Static description of a compressed key state (hashable: it is the metadata of PolarKeys)."""
 
-    radius_bits: int = 4
-    angle_bits: int = 4
+    radius_bits: int = 4  # bits of the first coordinate of a cell (r; x for channel cells)
+    angle_bits: int = 4  # bits of the second (phi; y)
     group_size: int = 128
     pairing: Pairing = Pairing()
+    kind: str = "polar"  # key_cells.KINDS
+
+    def __post_init__(self) -> None:
+        check_kind(self.kind)
 
     @classmethod
     def from_config(cls, cfg: PolarQuantConfig, pairing: Pairing) -> Codec:
-        return cls(cfg.radius_bits, cfg.angle_bits, cfg.group_size, pairing)
+        return cls(cfg.radius_bits, cfg.angle_bits, cfg.group_size, pairing, cfg.codec)
 
     def __str__(self) -> str:
-        return f"{self.radius_bits}+{self.angle_bits} g{self.group_size} {self.pairing}"
+        kind = "" if self.kind == "polar" else f"{self.kind} "
+        return f"{kind}{self.radius_bits}+{self.angle_bits} g{self.group_size} {self.pairing}"
+
+    @property
+    def spec(self) -> str:
+        """Kind and pairing as one string (the custom ops' `layout` argument): "half@32", "channel:half"."""
+        return str(self.pairing) if self.kind == "polar" else f"{self.kind}:{self.pairing}"
 
     @property
     def code_bits(self) -> int:
@@ -111,69 +125,11 @@ def check_keys(name: str, k: torch.Tensor, *, finite: bool = True) -> None:
         raise ValueError(f"{name} contains inf or NaN (shape {tuple(k.shape)}); PolarQuant cannot encode it")
 
 
-# --------------------------------------------------------------------------- quantizer
-
-
-def round_bf16(x: torch.Tensor, up: bool) -> torch.Tensor:
-    """fp32 -> bf16, rounding toward +inf (up) or -inf: keeps every value inside the stored range."""
-    bits = x.float().contiguous().view(torch.int32)
-    trunc = bits & ~0xFFFF  # truncation = rounding toward zero
-    inexact = (bits & 0xFFFF) != 0
-    away = inexact & ((x > 0) if up else (x < 0))
-    return (trunc + away.to(torch.int32) * 0x10000).view(torch.float32).to(PARAM_DTYPE)
-
-
-def bin_index(v: torch.Tensor, vmin: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """The one quantizer every path uses: floor((v - min) / scale) clamped to [0, 2^bits - 1], fp32."""
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    code = torch.floor((v - vmin) / safe)
-    code = torch.where(scale > 0, code, torch.zeros_like(code))
-    return code.clamp_(0, (1 << bits) - 1).to(torch.uint8)
-
-
-def bin_center(code: torch.Tensor, vmin: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return vmin + (code.float() + 0.5) * scale
-
-
 def to_polar(keys: torch.Tensor, pairing: Pairing) -> tuple[torch.Tensor, torch.Tensor]:
     """keys [..., D] -> radius, angle [..., D/2] in fp32."""
     xs, ys = pairing.indices(keys.shape[-1])
     x, y = keys[..., xs].float(), keys[..., ys].float()
     return torch.hypot(x, y), torch.atan2(y, x)
-
-
-def group_params(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """v [..., G, P] -> (min, scale) [..., P] in bf16, min rounded down and scale up."""
-    vmin = round_bf16(v.amin(dim=-2), up=False)
-    scale = round_bf16((v.amax(dim=-2) - vmin.float()) / (1 << bits), up=True)
-    return vmin, scale
-
-
-# --------------------------------------------------------------------------- packing
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes uint8 [..., P] of `bits` each -> uint8 [..., ceil(P*bits/8)] little-endian bit stream."""
-    if bits == 8:
-        return codes.contiguous()
-    P = codes.shape[-1]
-    nb = math.ceil(P * bits / 8)
-    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
-    stream = ((codes.unsqueeze(-1) >> shifts) & 1).flatten(-2)  # [..., P*bits]
-    stream = torch.nn.functional.pad(stream, (0, nb * 8 - P * bits)).view(*codes.shape[:-1], nb, 8)
-    weights = torch.tensor([1 << i for i in range(8)], device=codes.device, dtype=torch.int32)
-    return (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, num_pairs: int) -> torch.Tensor:
-    """Inverse of pack_codes: uint8 [..., NB] -> uint8 [..., num_pairs]."""
-    if bits == 8:
-        return packed
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    stream = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., : num_pairs * bits]
-    stream = stream.view(*packed.shape[:-1], num_pairs, bits).to(torch.int32)
-    weights = torch.tensor([1 << i for i in range(bits)], device=packed.device, dtype=torch.int32)
-    return (stream * weights).sum(-1).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------- encode / decode
@@ -193,14 +149,11 @@ def encode_groups(keys: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, torch
     """Complete groups only: keys [B, H, n*G, D] -> codes [B, H, n*G, NB], params [B, H, n, 4, P]."""
     B, H, T, D = keys.shape
     G = codec.group_size
-    r, phi = to_polar(keys.view(B, H, T // G, G, D), codec.pairing)  # [B, H, n, G, P]
-    r_min, r_s = group_params(r, codec.radius_bits)
-    a_min, a_s = group_params(phi, codec.angle_bits)
-    params = torch.stack([r_min, r_s, a_min, a_s], dim=-2)  # [B, H, n, 4, P]
-    p = params.float().unsqueeze(3)  # [B, H, n, 1, 4, P]
-    c_r = bin_index(r, p[..., 0, :], p[..., 1, :], codec.radius_bits)
-    c_a = bin_index(phi, p[..., 2, :], p[..., 3, :], codec.angle_bits)
-    code = c_r | (c_a << codec.radius_bits)
+    xs, ys = codec.pairing.indices(D)
+    k = keys.view(B, H, T // G, G, D)
+    c1, c2, params = encode_cells(k[..., xs].float(), k[..., ys].float(), codec.kind, codec.radius_bits,
+                                  codec.angle_bits)  # codes [B, H, n, G, P], params [B, H, n, 4, P]
+    code = c1 | (c2 << codec.radius_bits)
     return pack_codes(code, codec.code_bits).view(B, H, T, -1), params
 
 
@@ -232,7 +185,7 @@ def encode(keys: torch.Tensor, codec: Codec) -> PolarData:
 
 
 def decode_polar(data: PolarData, codec: Codec, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoded groups -> reconstructed (radius, angle) [B, H, (T//G)*G, P] in fp32."""
+    """Encoded groups -> reconstructed (radius, angle) [B, H, (T//G)*G, P] in fp32 (polar and polar-circ cells)."""
     B, H, Tc, _ = data.codes.shape
     G, P = codec.group_size, head_dim // 2
     code = unpack_codes(data.codes, codec.code_bits, P).view(B, H, Tc // G, G, P)
@@ -244,15 +197,24 @@ def decode_polar(data: PolarData, codec: Codec, head_dim: int) -> tuple[torch.Te
     return r, phi
 
 
+def decode_xy(data: PolarData, codec: Codec, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded groups -> reconstructed pair coordinates (x, y) [B, H, (T//G)*G, P] in fp32, any codec kind."""
+    B, H, Tc, _ = data.codes.shape
+    G, P = codec.group_size, head_dim // 2
+    code = unpack_codes(data.codes, codec.code_bits, P).view(B, H, Tc // G, G, P)
+    x, y = decode_cells(code & ((1 << codec.radius_bits) - 1), code >> codec.radius_bits, data.params, codec.kind)
+    return x.reshape(B, H, Tc, P), y.reshape(B, H, Tc, P)
+
+
 def decode(data: PolarData, seq_len: int, codec: Codec) -> torch.Tensor:
     """Compressed state -> dense keys [B, H, seq_len, D] in the tail's dtype."""
     B, H, _, D = data.tail.shape
-    r, phi = decode_polar(data, codec, D)
+    x, y = decode_xy(data, codec, D)
     xs, ys = codec.pairing.indices(D)
-    dense = torch.empty(B, H, r.shape[2], D, dtype=torch.float32, device=r.device)
-    dense[..., xs] = r * torch.cos(phi)
-    dense[..., ys] = r * torch.sin(phi)
-    return torch.cat([dense.to(data.tail.dtype), data.tail[:, :, : seq_len - r.shape[2]]], dim=2)
+    dense = torch.empty(B, H, x.shape[2], D, dtype=torch.float32, device=x.device)
+    dense[..., xs] = x
+    dense[..., ys] = y
+    return torch.cat([dense.to(data.tail.dtype), data.tail[:, :, : seq_len - x.shape[2]]], dim=2)
 
 
 # --------------------------------------------------------------------------- attention
@@ -264,13 +226,17 @@ def polar_scores(q: torch.Tensor, data: PolarData, codec: Codec) -> torch.Tensor
     score = sum_j r_j (q_xj cos phi_j + q_yj sin phi_j). phi takes 2^a values per (group, pair), so cos and sin
     come from a per-group angle table [P, 2^a] indexed by the angle codes (no trig per token); then one
     batched matmul over the 2P components: q_x . (r cos phi) + q_y . (r sin phi). GQA: the R query heads of
-    a kv-head read the same codes.
+    a kv-head read the same codes. Kinds whose cells are not all polar score their decoded (x, y) instead.
     """
     B, Hq, S, D = q.shape
     H, Tc = data.codes.shape[1], data.codes.shape[2]
     G, P, A = codec.group_size, D // 2, 1 << codec.angle_bits
     n, R = Tc // G, Hq // H
     xs, ys = codec.pairing.indices(D)
+    qq = torch.cat([q[..., xs], q[..., ys]], dim=-1).float().reshape(B, H, R * S, 2 * P)
+    if codec.kind not in ("polar", "polar-circ"):
+        k = torch.cat(decode_xy(data, codec, D), dim=-1)
+        return (qq @ k.transpose(-1, -2)).view(B, Hq, S, Tc)
     p = data.params.float()  # [B, H, n, 4, P]
     centers = torch.arange(A, device=q.device, dtype=torch.float32) + 0.5
     phi = p[:, :, :, 2, :, None] + centers * p[:, :, :, 3, :, None]  # angle table [B, H, n, P, A]
@@ -280,7 +246,6 @@ def polar_scores(q: torch.Tensor, data: PolarData, codec: Codec) -> torch.Tensor
     cos = torch.cos(phi).gather(-1, c_a).transpose(-1, -2)  # [B, H, n, G, P]
     sin = torch.sin(phi).gather(-1, c_a).transpose(-1, -2)
     k = torch.cat([r * cos, r * sin], dim=-1).view(B, H, Tc, 2 * P)
-    qq = torch.cat([q[..., xs], q[..., ys]], dim=-1).float().reshape(B, H, R * S, 2 * P)
     return (qq @ k.transpose(-1, -2)).view(B, Hq, S, Tc)
 
 

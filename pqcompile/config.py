@@ -64,6 +64,7 @@ class InnerBackend(str, enum.Enum):
 
 
 VALUE_BITS = (2, 4, 8)
+KEY_CODECS = ("polar", "polar-circ", "polar-hybrid", "channel")  # key_cells.KINDS (config imports nothing)
 
 
 def value_options_error(value_bits: Any, value_group: Any, *, dense_ok: bool = True) -> str | None:
@@ -112,6 +113,7 @@ class PolarQuantConfig:
     angle_bits: int = 4
     group_size: int = 128
     pairing: PairingMode = PairingMode.AUTO
+    codec: str = "polar"  # the key cell: "polar" | "polar-circ" | "polar-hybrid" | "channel" (key_cells.py)
     value_bits: int | None = None  # None: values dense; 2, 4 or 8: per-token quantized values (not used yet)
     value_group: int = 64  # channels of a value vector sharing one (min, scale); must divide head_dim
     verify: VerifyMode = VerifyMode.OFF  # "off" | "first" | "every:N" | "shadow:N" (see verify/)
@@ -141,6 +143,9 @@ class PolarQuantConfig:
         g = self.group_size
         if g < 16 or g & (g - 1):
             raise ValueError(f"PolarQuantConfig.group_size={g} is invalid; allowed: a power of two >= 16")
+        if self.codec not in KEY_CODECS:
+            raise ValueError(f"PolarQuantConfig.codec={self.codec!r} is invalid; allowed: "
+                             f"{', '.join(map(repr, KEY_CODECS))}")
         error = value_options_error(self.value_bits, self.value_group)  # value_group checked even while dense
         if error:
             raise ValueError(f"PolarQuantConfig.{error}")

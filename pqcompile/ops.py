@@ -3,7 +3,7 @@
 On CUDA they launch the Triton kernels (pqcompile.kernels); elsewhere they run the reference codec.
 PQCOMPILE_KERNELS=reference forces the reference everywhere (debugging); =triton forces the kernels
 (with TRITON_INTERPRET=1 they then run on CPU tensors, slowly).
-Every op takes the codec as (radius_bits, angle_bits, group_size, pairing spec) so it stays hashable.
+Every op takes the codec as (radius_bits, angle_bits, group_size, layout spec) so it stays hashable.
 The ops see params flattened to [B, H, (T//G)*4, P] (the same memory as codec's [B, H, T//G, 4, P]): a
 group count of 1 would otherwise be a size-1 dim, which dynamo specializes on (one more recompile).
 
@@ -24,12 +24,13 @@ _LIB = "pqcompile"
 
 
 @functools.cache
-def _codec(radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> Codec:
-    return Codec(radius_bits, angle_bits, group_size, Pairing.parse(pairing))
+def _codec(radius_bits: int, angle_bits: int, group_size: int, layout: str) -> Codec:
+    kind, _, pairing = layout.rpartition(":")
+    return Codec(radius_bits, angle_bits, group_size, Pairing.parse(pairing), kind or "polar")
 
 
 def codec_args(c: Codec) -> tuple[int, int, int, str]:
-    return c.radius_bits, c.angle_bits, c.group_size, str(c.pairing)
+    return c.radius_bits, c.angle_bits, c.group_size, c.spec
 
 
 def _use_kernels(t: torch.Tensor) -> bool:
@@ -87,10 +88,10 @@ def _append_into(codes, params, ring, seq_len: int, new: torch.Tensor, G: int, e
 
 @torch.library.custom_op(f"{_LIB}::append_", mutates_args=("codes", "params", "tail"))
 def append_(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, new_keys: torch.Tensor, seq_len: int,
-            radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> None:
+            radius_bits: int, angle_bits: int, group_size: int, layout: str) -> None:
     """In place: append new_keys [B, H, S, D] to a DynamicCache key state of seq_len tokens (codes [B, H, cap, NB],
     params [B, H, cap/G*4, P], tail the ring [B, H, G, D]; cap >= the encoded rows after the append)."""
-    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    c = _codec(radius_bits, angle_bits, group_size, layout)
     if _use_kernels(new_keys):
         from . import kernels
 
@@ -110,7 +111,7 @@ def append_(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, new_k
 
 
 @append_.register_fake
-def _(codes, params, tail, new_keys, seq_len, radius_bits, angle_bits, group_size, pairing):
+def _(codes, params, tail, new_keys, seq_len, radius_bits, angle_bits, group_size, layout):
     return None
 
 
@@ -135,14 +136,14 @@ def _(buf, new, start):
 
 @torch.library.custom_op(f"{_LIB}::decode", mutates_args=())
 def decode(codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, seq_len: int,
-           radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> torch.Tensor:
+           radius_bits: int, angle_bits: int, group_size: int, layout: str) -> torch.Tensor:
     """Compressed state -> dense keys [B, H, seq_len, D] (contiguous)."""
-    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    c = _codec(radius_bits, angle_bits, group_size, layout)
     return ref.decode(_view(codes, params, tail, seq_len, c), seq_len, c).contiguous()
 
 
 @decode.register_fake
-def _(codes, params, tail, seq_len, radius_bits, angle_bits, group_size, pairing):
+def _(codes, params, tail, seq_len, radius_bits, angle_bits, group_size, layout):
     B, H, _, D = tail.shape
     return tail.new_empty(B, H, seq_len, D)
 
@@ -153,12 +154,12 @@ def _(codes, params, tail, seq_len, radius_bits, angle_bits, group_size, pairing
 @torch.library.custom_op(f"{_LIB}::attention", mutates_args=())
 def attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor, v: torch.Tensor,
               seq_len: int, mask: torch.Tensor | None, scale: float, softcap: float, is_causal: bool,
-              radius_bits: int, angle_bits: int, group_size: int, pairing: str) -> torch.Tensor:
+              radius_bits: int, angle_bits: int, group_size: int, layout: str) -> torch.Tensor:
     """Attention of q [B, Hq, S, D] over compressed keys and dense v [B, Hkv|Hq, >= T, Dv] (its first T rows: a
     DenseValues buffer is passed whole, so that the graph holds no view whose contiguity depends on T) -> [B, Hq,
     S, Dv]. softcap <= 0 means none. mask: bool (True = attend) or additive, broadcastable to [B, Hq, S, T].
     """
-    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    c = _codec(radius_bits, angle_bits, group_size, layout)
     data = _view(codes, params, tail, seq_len, c)
     v = v[:, :, :seq_len] if v.shape[2] > seq_len else v
     kwargs = {"mask": mask, "scale": scale, "softcap": softcap if softcap > 0 else None, "is_causal": is_causal}
@@ -171,7 +172,7 @@ def attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tail: 
 
 @attention.register_fake
 def _(q, codes, params, tail, v, seq_len, mask, scale, softcap, is_causal, radius_bits, angle_bits, group_size,
-      pairing):
+      layout):
     B, Hq, S, _ = q.shape
     return q.new_empty(B, Hq, S, v.shape[-1])
 
@@ -190,10 +191,10 @@ def _static_view(codes, params, ring, L: int, c: Codec) -> PolarData:
 @torch.library.custom_op(f"{_LIB}::static_write_", mutates_args=("codes", "params", "ring", "length"))
 def static_write_(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor, length: torch.Tensor,
                   new_keys: torch.Tensor, positions: torch.Tensor, radius_bits: int, angle_bits: int,
-                  group_size: int, pairing: str) -> None:
+                  group_size: int, layout: str) -> None:
     """In place: write new_keys [B, H, S, D] at token positions [S] (contiguous, starting at or before
     `length`), encoding each group that completes. Positions before `length` rewind (HF crop)."""
-    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    c = _codec(radius_bits, angle_bits, group_size, layout)
     if _use_kernels(new_keys):  # positions and length stay on the device (CUDA-graph capture)
         from . import kernels
 
@@ -241,18 +242,18 @@ def _static_write_reference(codes, params, ring, length, new, positions, *, G: i
 
 
 @static_write_.register_fake
-def _(codes, params, ring, length, new_keys, positions, radius_bits, angle_bits, group_size, pairing):
+def _(codes, params, ring, length, new_keys, positions, radius_bits, angle_bits, group_size, layout):
     return None
 
 
 @torch.library.custom_op(f"{_LIB}::static_attention", mutates_args=())
 def static_attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
                      length: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                     is_causal: bool, radius_bits: int, angle_bits: int, group_size: int, pairing: str
+                     is_causal: bool, radius_bits: int, angle_bits: int, group_size: int, layout: str
                      ) -> torch.Tensor:
     """Attention of q [B, Hq, S, D] over the first `length` tokens of a static state; v [B, Hkv|Hq, Tmax, Dv],
     mask broadcastable to [B, Hq, S, Tmax] (HF's static mask)."""
-    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    c = _codec(radius_bits, angle_bits, group_size, layout)
     if _use_kernels(q):  # the length is read on the device
         from . import kernels
 
@@ -265,16 +266,16 @@ def static_attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor,
 
 
 @static_attention.register_fake
-def _(q, codes, params, ring, length, v, mask, scale, is_causal, radius_bits, angle_bits, group_size, pairing):
+def _(q, codes, params, ring, length, v, mask, scale, is_causal, radius_bits, angle_bits, group_size, layout):
     B, Hq, S, _ = q.shape
     return q.new_empty(B, Hq, S, v.shape[-1])
 
 
 @torch.library.custom_op(f"{_LIB}::static_decode", mutates_args=())
 def static_decode(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor, length: torch.Tensor,
-                  radius_bits: int, angle_bits: int, group_size: int, pairing: str, max_len: int) -> torch.Tensor:
+                  radius_bits: int, angle_bits: int, group_size: int, layout: str, max_len: int) -> torch.Tensor:
     """Dense [B, H, max_len, D]: the first min(length, max_len) tokens reconstructed, zeros after."""
-    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    c = _codec(radius_bits, angle_bits, group_size, layout)
     L = int(length[0])
     out = ring.new_zeros(*ring.shape[:2], max_len, ring.shape[3])
     n = min(L, max_len)  # a shorter view (keys[:, :, :n]) reads the first n written tokens
@@ -283,5 +284,5 @@ def static_decode(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
 
 
 @static_decode.register_fake
-def _(codes, params, ring, length, radius_bits, angle_bits, group_size, pairing, max_len):
+def _(codes, params, ring, length, radius_bits, angle_bits, group_size, layout, max_len):
     return ring.new_empty(*ring.shape[:2], max_len, ring.shape[3])

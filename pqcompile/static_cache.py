@@ -190,19 +190,19 @@ class PolarStaticCache(transformers.StaticCache):
     layers stay dense StaticSlidingWindowLayers."""
 
     def __init__(self, config, max_cache_len: int, *, radius_bits: int = 4, angle_bits: int = 4,
-                 group_size: int = 128, pairing: str = "half", value_bits: int | None = None, value_group: int = 64,
-                 **kwargs):
+                 group_size: int = 128, pairing: str = "half", codec: str = "polar", value_bits: int | None = None,
+                 value_group: int = 64, **kwargs):
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
         cfg = PolarQuantConfig(radius_bits=radius_bits, angle_bits=angle_bits, group_size=group_size,
-                               pairing=pairing, value_bits=value_bits, value_group=value_group)
+                               pairing=pairing, codec=codec, value_bits=value_bits, value_group=value_group)
         if cfg.pairing is PairingMode.AUTO:
             raise ValueError("PolarStaticCache needs a concrete pairing ('half' or 'interleaved'): the buffers are "
                              "allocated before the compiler sees the graph")
-        codec = Codec.from_config(cfg, Pairing(cfg.pairing))
+        key_codec = Codec.from_config(cfg, Pairing(cfg.pairing))
         vcodec = ValueCodec.from_config(cfg)
         for i, layer in enumerate(self.layers):
             if type(layer) is transformers.cache_utils.StaticLayer:
-                self.layers[i] = PolarStaticLayer(layer.max_cache_len, codec, vcodec)
+                self.layers[i] = PolarStaticLayer(layer.max_cache_len, key_codec, vcodec)
 
 
 class PolarStaticLayer(transformers.cache_utils.StaticLayer):

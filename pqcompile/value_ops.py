@@ -103,11 +103,11 @@ def _(codes, params, tail, seq_len, value_bits, value_group, group_size):
 def attention_qv(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tail: torch.Tensor,
                  v_codes: torch.Tensor, v_params: torch.Tensor, v_tail: torch.Tensor, seq_len: int,
                  mask: torch.Tensor | None, scale: float, softcap: float, is_causal: bool, radius_bits: int,
-                 angle_bits: int, group_size: int, pairing: str, value_bits: int, value_group: int,
+                 angle_bits: int, group_size: int, layout: str, value_bits: int, value_group: int,
                  value_group_size: int) -> torch.Tensor:
     """`attention` with compressed values: q [B, Hq, S, D] over compressed keys and values of seq_len tokens
     -> [B, Hq, S, Dv]."""
-    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    c = _codec(radius_bits, angle_bits, group_size, layout)
     vc = _vcodec(value_bits, value_group, value_group_size)
     data, vdata = _view(codes, params, tail, seq_len, c), _vview(v_codes, v_params, v_tail, seq_len, vc)
     kwargs = {"mask": mask, "scale": scale, "softcap": softcap if softcap > 0 else None, "is_causal": is_causal}
@@ -120,7 +120,7 @@ def attention_qv(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tai
 
 @attention_qv.register_fake
 def _(q, codes, params, tail, v_codes, v_params, v_tail, seq_len, mask, scale, softcap, is_causal, radius_bits,
-      angle_bits, group_size, pairing, value_bits, value_group, value_group_size):
+      angle_bits, group_size, layout, value_bits, value_group, value_group_size):
     B, Hq, S, _ = q.shape
     return q.new_empty(B, Hq, S, v_tail.shape[-1])
 
@@ -161,10 +161,10 @@ def _(codes, params, ring, length, new_values, positions, value_bits, value_grou
 def static_attention_qv(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
                         length: torch.Tensor, v_codes: torch.Tensor, v_params: torch.Tensor, v_ring: torch.Tensor,
                         mask: torch.Tensor | None, scale: float, is_causal: bool, radius_bits: int, angle_bits: int,
-                        group_size: int, pairing: str, value_bits: int, value_group: int, value_group_size: int
+                        group_size: int, layout: str, value_bits: int, value_group: int, value_group_size: int
                         ) -> torch.Tensor:
     """static_attention with compressed values: the first `length` (the keys') tokens of both static states."""
-    c = _codec(radius_bits, angle_bits, group_size, pairing)
+    c = _codec(radius_bits, angle_bits, group_size, layout)
     vc = _vcodec(value_bits, value_group, value_group_size)
     if _use_kernels(q):
         from . import kernels
@@ -180,7 +180,7 @@ def static_attention_qv(q: torch.Tensor, codes: torch.Tensor, params: torch.Tens
 
 @static_attention_qv.register_fake
 def _(q, codes, params, ring, length, v_codes, v_params, v_ring, mask, scale, is_causal, radius_bits, angle_bits,
-      group_size, pairing, value_bits, value_group, value_group_size):
+      group_size, layout, value_bits, value_group, value_group_size):
     B, Hq, S, _ = q.shape
     return q.new_empty(B, Hq, S, v_ring.shape[-1])
 

@@ -272,6 +272,8 @@ class _Launch:
             "CB": codec.code_bits // math.gcd(codec.code_bits, 8),  # bytes of the smallest whole word of codes
             "VB": vb, "VCG": vcg, "NBV": nbv,
         }
+        if codec.kind != "polar":  # (polar-circ decodes as polar: its launches are polar's)
+            self.meta["KIND"] = common.kind_index(codec) if codec.kind != "polar-circ" else 0
         # packed values dequantized after the dot: tl.dot needs channel groups of >= 16; row blocks of 64 (prompts)
         # spill there (sm_90 SASS, bench/compile_kernels.py), so they dequantize before it
         form = settings.value_form if packed is not None and vcg >= 16 and self.block_m <= 32 else "dequant"
@@ -281,7 +283,7 @@ class _Launch:
         # the tuner's shape class: what changes the best config (lengths and grids by power of two)
         self.key = (length is None, (self.Tc + self.L).bit_length(), self.n_prog.bit_length(), P, NB,
                     codec.radius_bits, G, self.block_m, self.block_dv, has_mask, mask_bool, self.meta["CAUSAL"],
-                    bool(softcap), q.dtype, v.dtype, tail.dtype, vb, vcg, form)
+                    bool(softcap), q.dtype, v.dtype, tail.dtype, vb, vcg, form, self.meta.get("KIND", 0))
 
     def splits(self, block_n: int, programs_per_sm: int) -> int:
         """Splits of the token range: about programs_per_sm programs an SM, each split a whole number of blocks."""

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .. import codec as ref
-from ..codec import Codec
+from ..codec import KINDS, Codec
 from ..value_codec import ValueCodec
 
 MAX_HEAD_DIM = 256
@@ -36,6 +36,11 @@ def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device}, expected {device} (shape {tuple(t.shape)})")
     if not (t.is_cuda or interpret()):
         raise ValueError(f"{name} must be a CUDA tensor (or set TRITON_INTERPRET=1), got {t.device}")
+
+
+def kind_index(codec: Codec) -> int:
+    """The kernels' KIND constexpr: the codec kind's index in key_cells.KINDS."""
+    return KINDS.index(codec.kind)
 
 
 def check_codec(codec: Codec) -> None:

@@ -55,7 +55,7 @@ def encode_groups_into(keys: torch.Tensor, codes: torch.Tensor, params: torch.Te
         keys, *keys.stride(), xi, yi, codes, *codes.stride()[:3], params, *params.stride()[:4],
         H, n, group_offset,
         P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits, BLOCK_P=block_p, PAIRS=pairs,
-        ON_GPU=common.on_gpu(keys), num_warps=tile.num_warps,
+        ON_GPU=common.on_gpu(keys), KIND=common.kind_index(codec), num_warps=tile.num_warps,
     )
 
 

@@ -57,7 +57,7 @@ def static_write(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor, 
             new_keys, *new_keys.stride(), positions, length, ring, *ring.stride(), xi, yi,
             codes, *codes.stride()[:3], params, *params.stride()[:4], H, S, Tcap // G,
             P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits, BLOCK_P=block_p, FIRST=first,
-            ON_GPU=on_gpu, num_warps=tile.num_warps,
+            ON_GPU=on_gpu, KIND=common.kind_index(codec), num_warps=tile.num_warps,
         )
 
 

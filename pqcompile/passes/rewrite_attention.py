@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from torch import fx
 
-from .. import cache, dense_values, static_cache, values
-from ..codec import Pairing
+from .. import cache, dense_values, ops, static_cache, values
+from ..codec import Codec, Pairing
 from ..config import PolarQuantConfig
 from .common import VALUES_COMPRESSED, PassResult, Site, SiteKind, SiteStatus, arg, eliminate_dead_code, sites, val
 
@@ -59,9 +59,9 @@ def _compress_cached(gm: fx.GraphModule, site: Site, cached: fx.Node, fn, args: 
 
 def _rewrite_prefill(gm: fx.GraphModule, site: Site, cfg: PolarQuantConfig) -> None:
     key = site.append
-    Pairing.parse(site.pairing).indices(val(key).shape[-1])  # fits head_dim, or raises before rewriting
-    _compress_cached(gm, site, key, cache.compress_keys,
-                     (key, cfg.radius_bits, cfg.angle_bits, cfg.group_size, site.pairing))
+    codec = Codec.from_config(cfg, Pairing.parse(site.pairing))
+    codec.pairing.indices(val(key).shape[-1])  # fits head_dim, or raises before rewriting
+    _compress_cached(gm, site, key, cache.compress_keys, (key, *ops.codec_args(codec)))
     if site.values == VALUES_COMPRESSED:
         value = site.value_append
         _compress_cached(gm, site, value, values.compress_values,

@@ -173,7 +173,8 @@ def layer_errors(model, windows: torch.Tensor, methods: list[Method], progress: 
     densely (the LUT attention reads the same reconstruction)."""
     from .methods import polar
 
-    quantizers = {m.name: (m.quantize or polar(m.options["radius_bits"], m.options["angle_bits"], m.group_size))
+    quantizers = {m.name: (m.quantize or polar(m.options["radius_bits"], m.options["angle_bits"], m.group_size,
+                                                 kind=m.options.get("codec", "polar")))
                   for m in methods if m.kind != "fp"}
     value_quantizers = {m.name: m.quantize_values for m in methods if m.kind != "fp"}
     L = model.config.num_hidden_layers

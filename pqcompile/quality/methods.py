@@ -13,7 +13,6 @@ they quantize: (radius, angle) pairs, x/y channels (KIVI-style per-channel), or 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Callable
 
@@ -78,9 +77,10 @@ def per_token(bits: int):
     return quantize
 
 
-def polar(radius_bits: int, angle_bits: int, G: int = 128, pairing: Pairing | None = None):
-    """The product codec, decoded densely (equals the LUT attention up to float rounding)."""
-    c = Codec(radius_bits, angle_bits, G, pairing or Pairing())
+def polar(radius_bits: int, angle_bits: int, G: int = 128, pairing: Pairing | None = None, kind: str = "polar"):
+    """A product codec (any kind of key_cells.py), decoded densely (equals the kernels' attention up to float
+    rounding)."""
+    c = Codec(radius_bits, angle_bits, G, pairing or Pairing(), kind)
 
     def quantize(keys: torch.Tensor) -> torch.Tensor:
         return codec.decode(codec.encode(keys, c), keys.shape[2], c)
@@ -98,67 +98,26 @@ def values(bits: int, channel_group: int = 64, G: int = 128):
     return quantize
 
 
-def circular_arc(phi: torch.Tensor, dim: int = -2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shortest arc holding all angles along `dim`: (start, width), start in [-pi, pi], width in [0, 2pi).
-
-    The arc begins right after the largest gap between circularly sorted angles.
-    """
-    s, _ = phi.sort(dim=dim)
-    n = s.shape[dim]
-    nxt = torch.cat([s.narrow(dim, 1, n - 1), s.narrow(dim, 0, 1) + 2 * math.pi], dim=dim)
-    gap = nxt - s  # gap after each sorted angle (the last one wraps around)
-    g, i = gap.max(dim=dim, keepdim=True)
-    start = nxt.gather(dim, i)
-    start = torch.where(start > math.pi, start - 2 * math.pi, start)
-    return start.squeeze(dim), (2 * math.pi - g).squeeze(dim)
-
-
-def polar_circular(radius_bits: int, angle_bits: int, G: int = 128, pairing: Pairing | None = None):
-    """Polar with a circular angle range (beyond the paper): per group and pair the angle codes span the
-    shortest arc holding all angles, so a cluster straddling +-pi is not given the whole circle. Same bits:
-    the arc start replaces phi_min and its width / 2^a the scale."""
-    pairing = pairing or Pairing()
-
-    def quantize(keys: torch.Tensor) -> torch.Tensor:
-        B, H, T, D = keys.shape
-        xs, ys = pairing.indices(D)
-        r, phi = codec.to_polar(_groups(keys, G), pairing)  # [B, H, n, G, P]
-        r_hat = _uniform(r, radius_bits, dim=-2)
-        start, width = circular_arc(phi)
-        a_min = codec.round_bf16(start, up=False).float()
-        span = width + (start - a_min)  # the arc from the rounded-down start (as codec.group_params does)
-        a_s = codec.round_bf16(span / (1 << angle_bits), up=True).float().unsqueeze(-2)
-        a_min = a_min.unsqueeze(-2)
-        rel = torch.remainder(phi - a_min, 2 * math.pi)  # in [0, 2pi): position along the arc
-        outside = rel > (a_s * (1 << angle_bits) + 2 * math.pi) / 2  # float noise just below the start
-        rel = torch.where(outside, rel - 2 * math.pi, rel)
-        phi_hat = codec.bin_center(codec.bin_index(rel, torch.zeros_like(a_min), a_s, angle_bits), a_min, a_s)
-        out = torch.empty(B, H, T // G, G, D, dtype=torch.float32, device=keys.device)
-        out[..., xs] = r_hat * torch.cos(phi_hat)
-        out[..., ys] = r_hat * torch.sin(phi_hat)
-        return out.reshape(keys.shape).to(keys.dtype)
-
-    return quantize
-
-
 # --------------------------------------------------------------------------- registry
 
 PATTERNS = {  # name pattern -> what it is (R, A, B: bits)
     "fp": "no quantization (the baseline)",
-    "polar-R+A": "the product: polarquant-compiled model, R radius + A angle bits (R + A <= 8)",
-    "polar-R+A-deq": "the same codec decoded densely inside a fake-quant cache (reference, cheap on CPU)",
-    "polar-circ-R+A": "polar with a circular angle range, fake quant (reference)",
+    "CODEC-R+A": "the product: polarquant-compiled model with options codec=CODEC (polar, polar-circ, "
+                 "polar-hybrid, channel), R + A bits per pair (R + A <= 8)",
+    "CODEC-R+A-deq": "the same codec decoded densely inside a fake-quant cache (reference, cheap on CPU)",
     "kivi-ch-intB": "KIVI-style per-channel keys, B bits, groups of G tokens (reference)",
     "kivi-tok-intB": "KIVI-style per-token keys, B bits, one group of head_dim channels (reference)",
     "KEYS-vB": "any reference keys method above, plus values through value_codec: B in {2, 4, 8} bits per token "
                "and group of 64 channels, encoded when their group of G tokens completes (reference)",
 }
-_NAME = re.compile(r"^(?:(fp)|polar-(circ-)?([1-7])\+([1-7])(-deq)?|kivi-(ch|tok)-int([1-8]))(?:-v([248]))?$")
+_NAME = re.compile(r"^(?:(fp)|(polar|polar-circ|polar-hybrid|channel)-([1-7])\+([1-7])(-deq)?|kivi-(ch|tok)-int([1-8]))"
+                   r"(?:-v([248]))?$")
 VALUE_GROUP = 64  # channels per value (min, scale), HF QuantizedCache's default and the product's
 
 DEFAULT = ("fp", "polar-4+4", "polar-3+3", "polar-2+2", "polar-4+4-deq", "polar-3+3-deq", "polar-2+2-deq",
-           "polar-circ-4+4", "polar-circ-3+3", "kivi-ch-int4", "kivi-ch-int3", "kivi-ch-int2", "kivi-tok-int4",
-           "polar-4+4-deq-v4", "polar-4+4-deq-v2", "kivi-ch-int4-v4")
+           "polar-circ-4+4-deq", "polar-circ-3+3-deq", "polar-circ-2+2-deq", "polar-hybrid-4+4-deq",
+           "polar-hybrid-3+3-deq", "polar-hybrid-2+2-deq", "kivi-ch-int4", "kivi-ch-int3", "kivi-ch-int2",
+           "kivi-tok-int4", "polar-4+4-deq-v4", "polar-4+4-deq-v2", "polar-hybrid-4+4-deq-v4", "kivi-ch-int4-v4")
 
 
 def method(name: str, head_dim: int = 64, G: int = 128) -> Method:
@@ -166,7 +125,7 @@ def method(name: str, head_dim: int = 64, G: int = 128) -> Method:
     same per value element (16 when the values stay dense)."""
     m = _NAME.match(name)
     bad = m is None or (m.group(3) and int(m.group(3)) + int(m.group(4)) > 8)
-    if not bad and m.group(8) and (m.group(1) or (m.group(3) and not (m.group(2) or m.group(5)))):
+    if not bad and m.group(8) and (m.group(1) or (m.group(3) and not m.group(5))):
         bad = True  # values only on the fake-quant references (not fp, not the compiled product)
     if bad:
         patterns = "; ".join(f"{k} ({v})" for k, v in PATTERNS.items())
@@ -185,19 +144,17 @@ def method(name: str, head_dim: int = 64, G: int = 128) -> Method:
 
 
 def _keys_method(name: str, head_dim: int, G: int, groups: tuple) -> Method:
-    fp, circ, rb, ab, deq, axis, b = groups
+    fp, kind, rb, ab, deq, axis, b = groups
     if fp:
         return Method("fp", "fp baseline", "fp", 16.0)
     if rb:
         rb, ab = int(rb), int(ab)
-        bits = codec.steady_bits_per_element(Codec(rb, ab, G), head_dim)
-        if circ:
-            return Method(name, f"polar {rb}+{ab} circular range", "reference", bits, polar_circular(rb, ab, G),
-                          group_size=G)
+        bits = codec.steady_bits_per_element(Codec(rb, ab, G, kind=kind), head_dim)
         if deq:
-            return Method(name, f"polar {rb}+{ab} dequantized", "reference", bits, polar(rb, ab, G), group_size=G)
-        return Method(name, f"polar {rb}+{ab} compiled", "product", bits,
-                      options={"radius_bits": rb, "angle_bits": ab, "group_size": G}, group_size=G)
+            return Method(name, f"{kind} {rb}+{ab} dequantized", "reference", bits, polar(rb, ab, G, kind=kind),
+                          group_size=G)
+        return Method(name, f"{kind} {rb}+{ab} compiled", "product", bits,
+                      options={"radius_bits": rb, "angle_bits": ab, "group_size": G, "codec": kind}, group_size=G)
     b = int(b)
     if axis == "ch":
         return Method(name, f"per-channel int{b} g{G}", "reference", b + 2 * PARAM_BITS / G, per_channel(b, G),

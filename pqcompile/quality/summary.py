@@ -119,11 +119,9 @@ def _family(name: str) -> str:
     keys, sep, vbits = name.rpartition("-v")
     if sep and vbits.isdigit():  # keys + quantized values: its own line
         return f"{_family(keys)} + V{vbits}"
-    for prefix in ("polar-circ", "kivi-ch", "kivi-tok"):
+    for prefix in ("polar-circ", "polar-hybrid", "channel", "polar", "kivi-ch", "kivi-tok"):
         if name.startswith(prefix):
-            return prefix
-    if name.startswith("polar"):
-        return "polar (compiled)" if not name.endswith("-deq") else "polar"
+            return prefix if name.endswith("-deq") or prefix.startswith("kivi") else f"{prefix} (compiled)"
     return name
 
 

@@ -3,7 +3,6 @@ they claim, and (with the eval extra installed) the real model and text load."""
 
 import importlib.util
 import itertools
-import math
 
 import pytest
 import torch
@@ -104,36 +103,11 @@ def test_per_token_error_within_half_bin():
     assert ((k_hat - k).abs() <= half_bin * 1.02 + 1e-6).all()
 
 
-def test_circular_arc_straddling_pi():
-    phi = torch.tensor([3.0, 3.1, -3.1, -3.0, 3.05])[:, None]
-    start, width = methods.circular_arc(phi, dim=0)
-    assert start.item() == pytest.approx(3.0) and width.item() == pytest.approx(2 * math.pi - 6.0, abs=1e-5)
-
-
-def test_circular_no_worse_than_polar_on_clustered_angles():
-    """Keys whose angles cluster around +-pi: the linear range spans the whole circle, the arc does not."""
-    g = torch.Generator().manual_seed(1)
-    T, P = 128, 32
-    phi = math.pi + 0.3 * torch.randn(1, 1, T, P, generator=g)
-    r = 1 + 0.1 * torch.rand(1, 1, T, P, generator=g)
-    k = torch.cat([r * torch.cos(phi), r * torch.sin(phi)], dim=-1)
-    err_lin = (methods.polar(4, 4)(k) - k).norm() / k.norm()
-    err_circ = (methods.polar_circular(4, 4)(k) - k).norm() / k.norm()
-    assert err_circ < 0.5 * err_lin
-
-
-def test_polar_circular_matches_polar_when_no_wrap():
-    k = _keys(T=128)
-    xs = k[..., :32].abs() + 1  # x > 0: angles in (-pi/2, pi/2), never wrap
-    k = torch.cat([xs, k[..., 32:]], dim=-1)
-    a, b = methods.polar(4, 4)(k), methods.polar_circular(4, 4)(k)
-    assert (a - b).norm() / k.norm() < 0.02
-
-
 def test_bits_per_element():
     table = {m.name: m for m in methods.select(methods.DEFAULT, head_dim=64, G=128)}
     assert table["polar-4+4"].bits == 4.25 and table["polar-3+3"].bits == 3.25 and table["polar-2+2"].bits == 2.25
-    assert table["polar-4+4-deq"].bits == table["polar-circ-4+4"].bits == 4.25
+    assert table["polar-4+4-deq"].bits == table["polar-circ-4+4-deq"].bits == table["polar-hybrid-2+2-deq"].bits + 2
+    assert table["polar-hybrid-4+4-deq"].bits == 4.25
     assert table["kivi-ch-int4"].bits == 4.25 and table["kivi-tok-int4"].bits == 4.5
 
 

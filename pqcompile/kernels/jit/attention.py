@@ -103,8 +103,26 @@ def decode_codes(raw, offs_j, W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: t
 
 
 @triton.jit
+def cell_halves(code, p0, p1, a_w, a_0, RB: tl.constexpr, AB: tl.constexpr, FAST: tl.constexpr,
+                KIND: tl.constexpr):
+    """Dequantized x and y halves [N, P] of a block of keys of the kinds that are not all polar (KIND 2
+    polar-hybrid: polar where the first scale's sign bit is set, else Cartesian; 3 channel: Cartesian, no trig),
+    from the codes, the first min and scale as loaded (p0, p1) and the second's terms (a_w, a_0 as the polar path's).
+    The polar kinds keep their own inline path in the kernel body (its SASS is the timed one)."""
+    polar = p1.to(tl.int32, bitcast=True) < 0
+    r_w = tl.abs(p1) * (1 << RB)
+    u = bin_unit(code, 0, RB) * r_w[None, :] + (p0 - r_w)[None, :]
+    v = bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :]
+    if KIND == 3:
+        return u, v
+    c, s = cos_sin(v, FAST)
+    return tl.where(polar[None, :], u * c, u), tl.where(polar[None, :], u * s, v)
+
+
+@triton.jit
 def score_pair_chunk(qk, Qrow, sq_d, row_ok, XI, YI, Crow, Pg, sp_k, c, P: tl.constexpr, RB: tl.constexpr,
-                     AB: tl.constexpr, PC: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, PREC: tl.constexpr):
+                     AB: tl.constexpr, PC: tl.constexpr, FAST: tl.constexpr, QT: tl.constexpr, PREC: tl.constexpr,
+                     KIND: tl.constexpr = 0):
     """qk += q · k over pairs [c*PC, (c+1)*PC) of one block of 8-bit codes (byte j = pair j). Splitting the pairs
     into chunks shortens the dequantized tiles' live ranges (fewer registers a thread, more programs per SM);
     the q chunks are loop-invariant loads the compiler hoists out of the block loop. The dequant repeats the
@@ -113,15 +131,21 @@ def score_pair_chunk(qk, Qrow, sq_d, row_ok, XI, YI, Crow, Pg, sp_k, c, P: tl.co
     hmask = offs_h < P
     qx = tl.load(Qrow + tl.load(XI + offs_h)[None, :] * sq_d, mask=row_ok[:, None] & hmask[None, :], other=0.0)
     qy = tl.load(Qrow + tl.load(YI + offs_h)[None, :] * sq_d, mask=row_ok[:, None] & hmask[None, :], other=0.0)
-    r_w = tl.load(Pg + sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) * (1 << RB)
-    r_0 = tl.load(Pg + offs_h, mask=hmask, other=0.0).to(tl.float32) - r_w
     a_w = tl.load(Pg + 3 * sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) * (1 << AB)
     a_0 = tl.load(Pg + 2 * sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) - a_w
     code = tl.load(Crow + offs_h[None, :], mask=hmask[None, :], other=0).to(tl.int32)
-    rad = bin_unit(code, 0, RB) * r_w[None, :] + r_0[None, :]
-    cs, sn = cos_sin(bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :], FAST)
-    qk = tl.dot(qx.to(QT), tl.trans((rad * cs).to(QT)), qk, input_precision=PREC)
-    return tl.dot(qy.to(QT), tl.trans((rad * sn).to(QT)), qk, input_precision=PREC)
+    if KIND >= 2:
+        kx, ky = cell_halves(code, tl.load(Pg + offs_h, mask=hmask, other=0.0).to(tl.float32),
+                             tl.load(Pg + sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32), a_w, a_0, RB, AB,
+                             FAST, KIND)
+    else:
+        r_w = tl.load(Pg + sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) * (1 << RB)
+        r_0 = tl.load(Pg + offs_h, mask=hmask, other=0.0).to(tl.float32) - r_w
+        rad = bin_unit(code, 0, RB) * r_w[None, :] + r_0[None, :]
+        cs, sn = cos_sin(bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :], FAST)
+        kx, ky = rad * cs, rad * sn
+    qk = tl.dot(qx.to(QT), tl.trans(kx.to(QT)), qk, input_precision=PREC)
+    return tl.dot(qy.to(QT), tl.trans(ky.to(QT)), qk, input_precision=PREC)
 
 
 @triton.jit
@@ -277,6 +301,7 @@ def polar_attn_fwd_kernel(
     VB: tl.constexpr, VCG: tl.constexpr, NBV: tl.constexpr,  # value bits (0: dense V), channels per group, bytes
     VDOT: tl.constexpr = False,  # packed values dequantized after the dot (VB > 0, VCG >= 16), else before
     VLOAD: tl.constexpr = 0, UT: tl.constexpr = None,  # VDOT: the code load (value_units), the dots' dtype
+    KIND: tl.constexpr = 0,  # the key codec: key_cells.KINDS index (cell_halves)
 ):
     W: tl.constexpr = RB + AB
     if LEN_DEVICE:  # a static cache: nothing on the host knows the length (CUDA-graph replays)
@@ -339,21 +364,27 @@ def polar_attn_fwd_kernel(
             pg0 = Pp + b * sp_b + kvh * sp_h + (t0 // G).to(tl.int64) * sp_g
             for c in tl.static_range(NCH):
                 qk = score_pair_chunk(qk, Qrow, sq_d, row_ok, XI, YI, Crow + t0.to(tl.int64) * sc_t, pg0, sp_k, c,
-                                      P, RB, AB, BLOCK_P // NCH, FAST, QT, PREC)
+                                      P, RB, AB, BLOCK_P // NCH, FAST, QT, PREC, KIND)
         else:  # bin centre min + (c + 0.5) * step = u * (2^bits * step) + (min - 2^bits * step), u = bin_unit(c)
-            r_w = tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << RB)
-            r_0 = tl.load(pg, mask=jmask, other=0.0).to(tl.float32) - r_w
             a_w = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << AB)
             a_0 = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32) - a_w
             raw = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, t0 >= 0, NB, W, BLOCK_P, ALT, CB)
             code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P, ALT, CB)
-            rad = bin_unit(code, 0, RB) * r_w[None, :] + r_0[None, :]
-            c, s = cos_sin(bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :], FAST)
-            if SPLIT_DOT:
-                qk = tl.dot(qx, tl.trans((rad * c).to(QT)), input_precision=PREC)
-                qk = tl.dot(qy, tl.trans((rad * s).to(QT)), qk, input_precision=PREC)
+            if KIND >= 2:
+                kx, ky = cell_halves(code, tl.load(pg, mask=jmask, other=0.0).to(tl.float32),
+                                     tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32), a_w, a_0, RB, AB,
+                                     FAST, KIND)
             else:
-                k = tl.reshape(tl.join((rad * c).to(QT), (rad * s).to(QT)), [BLOCK_N, 2 * BLOCK_P])
+                r_w = tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << RB)
+                r_0 = tl.load(pg, mask=jmask, other=0.0).to(tl.float32) - r_w
+                rad = bin_unit(code, 0, RB) * r_w[None, :] + r_0[None, :]
+                c, s = cos_sin(bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :], FAST)
+                kx, ky = rad * c, rad * s
+            if SPLIT_DOT:
+                qk = tl.dot(qx, tl.trans(kx.to(QT)), input_precision=PREC)
+                qk = tl.dot(qy, tl.trans(ky.to(QT)), qk, input_precision=PREC)
+            else:
+                k = tl.reshape(tl.join(kx.to(QT), ky.to(QT)), [BLOCK_N, 2 * BLOCK_P])
                 qk = tl.dot(qxy, tl.trans(k), input_precision=PREC)
         if VB == 0:
             v = tl.load(Vrow + tt.to(tl.int64)[:, None] * sv_t, mask=dv_mask[None, :], other=0.0)

@@ -61,28 +61,75 @@ def bin_codes(v, vmin, scale, BITS: tl.constexpr, EXACT_DIV: tl.constexpr):
 
 
 @triton.jit
+def uniform_cell(v, BITS: tl.constexpr, ON_GPU: tl.constexpr):
+    """quantizer.group_params + bin_index over the group (axis 0): (codes int32, min, scale as fp32 of bf16)."""
+    vmin = round_bf16_bits(tl.min(v, axis=0), False)
+    scale = round_bf16_bits((tl.max(v, axis=0) - vmin) * (1.0 / (1 << BITS)), True)
+    return bin_codes(v, vmin, scale, BITS, ON_GPU), vmin, scale
+
+
+@triton.jit
+def circular_cell(phi, G: tl.constexpr, BITS: tl.constexpr, ON_GPU: tl.constexpr):
+    """key_cells._circ_cell: angle bins over the shortest arc holding the group's angles. Each angle's predecessor
+    (the largest other angle not above it) by a pass over the G rows: G^2 compares per pair, once per group. The
+    gap to it, fl(phi - pred), is what the reference's sorted differences give (rounding is monotone)."""
+    offs_t = tl.arange(0, G)[:, None]
+    pred = tl.full(phi.shape, float("-inf"), tl.float32)
+    for u in range(G):
+        pu = tl.max(tl.where(offs_t == u, phi, float("-inf")), axis=0)[None, :]  # row u, exact (sign of -0 kept)
+        pred = tl.maximum(pred, tl.where((pu <= phi) & (offs_t != u), pu, float("-inf")))
+    gap = tl.where(pred > float("-inf"), phi - pred, 0.0)  # the smallest angle's gap is the wrap-around one
+    inner = tl.max(gap, axis=0)
+    lo = tl.min(phi, axis=0)
+    wrap = (lo + 6.283185307179586) - tl.max(phi, axis=0)
+    after = tl.min(tl.where(gap == inner[None, :], phi, float("inf")), axis=0)
+    a_min = round_bf16_bits(tl.where(wrap >= inner, lo, after), False)
+    rel = phi - a_min[None, :]
+    rel = tl.where(rel < 0, (phi + 6.283185307179586) - a_min[None, :], rel)
+    scale = round_bf16_bits(tl.max(rel, axis=0) * (1.0 / (1 << BITS)), True)
+    return bin_codes(rel, tl.zeros_like(scale), scale, BITS, ON_GPU), a_min, scale
+
+
+@triton.jit
 def encode_store(x, y, crow, pp, sp_k, tile, offs_p, pmask, P: tl.constexpr, NB: tl.constexpr,
-                 G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr, BLOCK_P: tl.constexpr, ON_GPU: tl.constexpr):
+                 G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr, BLOCK_P: tl.constexpr, ON_GPU: tl.constexpr,
+                 KIND: tl.constexpr = 0):
     """Encode one group's pairs x, y [G, BLOCK_P] (fp32) and store its codes (token rows crow [G, 1] + byte)
-    and params (pp [BLOCK_P] + k * sp_k)."""
+    and params (pp [BLOCK_P] + k * sp_k). KIND: key_cells.KINDS index (0 polar, 1 polar-circ, 2 polar-hybrid,
+    3 channel)."""
     W: tl.constexpr = RB + AB
-    r = tl.sqrt_rn(x * x + y * y)  # [G, BLOCK_P]
-    if ON_GPU:
-        phi = libdevice.atan2(y, x)
-    else:
-        phi = atan2_poly(y, x)
-
-    r_min = round_bf16_bits(tl.min(r, axis=0), False)
-    r_s = round_bf16_bits((tl.max(r, axis=0) - r_min) * (1.0 / (1 << RB)), True)
-    a_min = round_bf16_bits(tl.min(phi, axis=0), False)
-    a_s = round_bf16_bits((tl.max(phi, axis=0) - a_min) * (1.0 / (1 << AB)), True)
+    if KIND != 3:
+        if ON_GPU:  # torch's own functions on CUDA (CUDA's math library): the same bits
+            r = libdevice.hypot(x, y)
+            phi = libdevice.atan2(y, x)
+        else:
+            r = tl.sqrt_rn(x * x + y * y)
+            phi = atan2_poly(y, x)
+        c_r, p0, p1 = uniform_cell(r, RB, ON_GPU)
+        if KIND == 0:
+            c_a, p2, p3 = uniform_cell(phi, AB, ON_GPU)
+        else:
+            c_a, p2, p3 = circular_cell(phi, G, AB, ON_GPU)
+        code = c_r | (c_a << RB)
+    if KIND >= 2:
+        c_x, x_min, x_s = uniform_cell(x, RB, ON_GPU)
+        c_y, y_min, y_s = uniform_cell(y, AB, ON_GPU)
+    if KIND == 2:  # key_cells.prefer_polar: products of bf16 numbers, exact in fp64, so FMA or not decides alike
+        r_mid = (p0 + p1 * (1 << (RB - 1))).to(tl.bfloat16).to(tl.float64)
+        t = r_mid * p3.to(tl.float64)
+        polar = p1.to(tl.float64) * p1.to(tl.float64) + t * t < (x_s.to(tl.float64) * x_s.to(tl.float64)
+                                                                  + y_s.to(tl.float64) * y_s.to(tl.float64))
+        code = tl.where(polar[None, :], code, c_x | (c_y << RB))
+        p0, p1 = tl.where(polar, p0, x_min), tl.where(polar, -p1, x_s)  # the sign of the first scale: polar
+        p2, p3 = tl.where(polar, p2, y_min), tl.where(polar, p3, y_s)
+    if KIND == 3:
+        c_x, p0, p1 = uniform_cell(x, RB, ON_GPU)
+        c_y, p2, p3 = uniform_cell(y, AB, ON_GPU)
+        code = c_x | (c_y << RB)
     # a non-finite key poisons its pair's params (NaN) instead of yielding plausible garbage codes
-    bad = tl.max((~(r < float("inf"))).to(tl.int32), axis=0) > 0  # NaN or inf
-    r_min = tl.where(bad, float("nan"), r_min)
-
-    c_r = bin_codes(r, r_min, r_s, RB, ON_GPU)
-    c_a = bin_codes(phi, a_min, a_s, AB, ON_GPU)
-    code = tl.where(pmask[None, :], c_r | (c_a << RB), 0)
+    bad = tl.max((~(tl.abs(x) + tl.abs(y) < float("inf"))).to(tl.int32), axis=0) > 0  # NaN or inf
+    p0 = tl.where(bad, float("nan"), p0)
+    code = tl.where(pmask[None, :], code, 0)
 
     if W == 8:  # one byte per pair
         tl.store(crow + offs_p[None, :], code.to(tl.uint8), mask=pmask[None, :])
@@ -101,10 +148,10 @@ def encode_store(x, y, crow, pp, sp_k, tile, offs_p, pmask, P: tl.constexpr, NB:
         bmask = (k8[None, :] < W) & (byte_idx < NB)
         tl.store(crow[:, :, None] + byte_idx[None, :, :], byte.to(tl.uint8), mask=bmask[None, :, :])
 
-    tl.store(pp, r_min.to(tl.bfloat16), mask=pmask)
-    tl.store(pp + sp_k, r_s.to(tl.bfloat16), mask=pmask)
-    tl.store(pp + 2 * sp_k, a_min.to(tl.bfloat16), mask=pmask)
-    tl.store(pp + 3 * sp_k, a_s.to(tl.bfloat16), mask=pmask)
+    tl.store(pp, p0.to(tl.bfloat16), mask=pmask)
+    tl.store(pp + sp_k, p1.to(tl.bfloat16), mask=pmask)
+    tl.store(pp + 2 * sp_k, p2.to(tl.bfloat16), mask=pmask)
+    tl.store(pp + 3 * sp_k, p3.to(tl.bfloat16), mask=pmask)
 
 
 @triton.jit(do_not_specialize=["n_groups", "group_offset"])
@@ -115,7 +162,7 @@ def polar_encode_kernel(
     Params_out, sp_b, sp_h, sp_g, sp_k,  # bf16 [B, H, >=off+n, 4, P], pair stride 1
     H, n_groups, group_offset,
     P: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
-    BLOCK_P: tl.constexpr, PAIRS: tl.constexpr, ON_GPU: tl.constexpr,
+    BLOCK_P: tl.constexpr, PAIRS: tl.constexpr, ON_GPU: tl.constexpr, KIND: tl.constexpr = 0,
 ):
     """PAIRS: 0 = any pairing through XI/YI, 1 = half split (x_j = j, y_j = j + P), 2 = interleaved."""
     pid = tl.program_id(0)
@@ -145,7 +192,7 @@ def polar_encode_kernel(
     grp = group_offset + g
     crow = Codes_out + b * sc_b + h * sc_h + (grp * G + offs_t).to(tl.int64)[:, None] * sc_t
     pp = Params_out + b * sp_b + h * sp_h + grp.to(tl.int64) * sp_g + offs_p
-    encode_store(x, y, crow, pp, sp_k, tile, offs_p, pmask, P, NB, G, RB, AB, BLOCK_P, ON_GPU)
+    encode_store(x, y, crow, pp, sp_k, tile, offs_p, pmask, P, NB, G, RB, AB, BLOCK_P, ON_GPU, KIND)
 
 
 # --------------------------------------------------------------------------- values (value_codec.py)

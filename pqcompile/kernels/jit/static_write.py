@@ -13,8 +13,10 @@ from .encode import encode_store, value_encode_store
 
 
 @triton.jit
-def decode_pairs(crow, pp, sp_k, offs_p, pmask, NB: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr):
-    """The reconstructed x, y [G, BLOCK_P] (fp32, accurate cos/sin) of one encoded group (codec.decode)."""
+def decode_pairs(crow, pp, sp_k, offs_p, pmask, NB: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
+                 KIND: tl.constexpr):
+    """The reconstructed x, y [G, BLOCK_P] (fp32, accurate cos/sin) of one encoded group (codec.decode; KIND as
+    encode_store's)."""
     W: tl.constexpr = RB + AB
     if W == 8:
         code = tl.load(crow + offs_p[None, :], mask=pmask[None, :], other=0).to(tl.int32)
@@ -27,9 +29,15 @@ def decode_pairs(crow, pp, sp_k, offs_p, pmask, NB: tl.constexpr, RB: tl.constex
     r_s = tl.load(pp + sp_k, mask=pmask, other=0.0).to(tl.float32)
     a_min = tl.load(pp + 2 * sp_k, mask=pmask, other=0.0).to(tl.float32)
     a_s = tl.load(pp + 3 * sp_k, mask=pmask, other=0.0).to(tl.float32)
-    r = r_min[None, :] + ((code & ((1 << RB) - 1)).to(tl.float32) + 0.5) * r_s[None, :]
+    polar = r_s.to(tl.int32, bitcast=True) < 0  # polar-hybrid: the sign of the first scale
+    r = r_min[None, :] + ((code & ((1 << RB) - 1)).to(tl.float32) + 0.5) * tl.abs(r_s)[None, :]
     phi = a_min[None, :] + ((code >> RB).to(tl.float32) + 0.5) * a_s[None, :]
-    return r * tl.cos(phi), r * tl.sin(phi)
+    if KIND == 3:
+        return r, phi
+    x, y = r * tl.cos(phi), r * tl.sin(phi)
+    if KIND == 2:
+        x, y = tl.where(polar[None, :], x, r), tl.where(polar[None, :], y, phi)
+    return x, y
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -42,7 +50,7 @@ def polar_static_write_kernel(
     Params, sp_b, sp_h, sp_g, sp_k,  # bf16 [B, H, Tcap/G, 4, P], pair stride 1
     H, S, n_cap_groups,
     P: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, RB: tl.constexpr, AB: tl.constexpr,
-    BLOCK_P: tl.constexpr, FIRST: tl.constexpr, ON_GPU: tl.constexpr,
+    BLOCK_P: tl.constexpr, FIRST: tl.constexpr, ON_GPU: tl.constexpr, KIND: tl.constexpr = 0,
 ):
     """Write S new tokens at positions start.. (start read on the device): program (bh, j, tile) owns the
     j-th group the write touches (FIRST: the group holding `start`; else the ones after it). A group that
@@ -80,7 +88,7 @@ def polar_static_write_kernel(
         if FIRST:  # the group's tokens before `start`: the ring, or decoded codes after a rewind
             old_ok = (tt < start)[:, None] & pmask[None, :]
             if (g + 1) * G <= tl.load(Len).to(tl.int32):
-                ox, oy = decode_pairs(crow, pp, sp_k, offs_p, pmask, NB, RB, AB)
+                ox, oy = decode_pairs(crow, pp, sp_k, offs_p, pmask, NB, RB, AB, KIND)
                 ox = ox.to(RT).to(tl.float32)
                 oy = oy.to(RT).to(tl.float32)
                 to_ring = tt < end  # the re-opened group's kept tokens move back to the ring
@@ -92,7 +100,7 @@ def polar_static_write_kernel(
             y = tl.where(old_ok, oy, y)
         if complete:  # encode (a group past the capacity is dropped: attention then sees a length beyond
             if g < n_cap_groups:  # the capacity and returns NaN)
-                encode_store(x, y, crow, pp, sp_k, tile, offs_p, pmask, P, NB, G, RB, AB, BLOCK_P, ON_GPU)
+                encode_store(x, y, crow, pp, sp_k, tile, offs_p, pmask, P, NB, G, RB, AB, BLOCK_P, ON_GPU, KIND)
         else:
             keep = to_ring[:, None] & pmask[None, :]
             tl.store(rrow + xi[None, :] * sr_d, x.to(RT), mask=keep)
