@@ -277,6 +277,8 @@ class _Launch:
         # packed values dequantized after the dot: tl.dot needs channel groups of >= 16; row blocks of 64 (prompts)
         # spill there (sm_90 SASS, bench/compile_kernels.py), so they dequantize before it
         form = settings.value_form if packed is not None and vcg >= 16 and self.block_m <= 32 else "dequant"
+        if form == "dot" and G < 32:  # 16-token blocks: the contiguous code load gave wrong sums with bf16 inputs
+            form = "dot-bytes"  # on the H200 (bench/value_dot_check.py, not isolated further); the per-channel one
         if form != "dequant":
             ut = tl.float32 if vt == tl.float32 else tl.bfloat16  # bf16 for fp16 values too: p * scale's range
             self.meta.update(VDOT=True, VLOAD=int(form == "dot-bytes"), UT=ut)

@@ -89,7 +89,7 @@ def test_attention_value_forms(form, B, Hq, H, T, D, Dv, S, vbits, cg, G, causal
 def test_value_form_setting_is_checked():
     with pytest.raises(ValueError, match="value_form='after'"), kernels.settings.override(value_form="after"):
         pass
-    assert kernels.settings.value_form == "dequant"  # "dot" failed a bf16 case on the H200 (bench/NOTES.md)
+    assert kernels.settings.value_form == "dot"
 
 
 @pytest.mark.parametrize("splits", [None, 1, 3, 64])  # heuristic, direct store, reduce, more than blocks

@@ -69,20 +69,23 @@ def uniform_cell(v, BITS: tl.constexpr, ON_GPU: tl.constexpr):
 
 
 @triton.jit
+def _last_two(last_a, prev_a, last_b, prev_b):
+    """Scan combine: the last two elements of a concatenation (prev -inf: a run of one element). Associative."""
+    return last_b, tl.where(prev_b > float("-inf"), prev_b, last_a)
+
+
+@triton.jit
 def circular_cell(phi, G: tl.constexpr, BITS: tl.constexpr, ON_GPU: tl.constexpr):
-    """key_cells._circ_cell: angle bins over the shortest arc holding the group's angles. Each angle's predecessor
-    (the largest other angle not above it) by a pass over the G rows: G^2 compares per pair, once per group. The
-    gap to it, fl(phi - pred), is what the reference's sorted differences give (rounding is monotone)."""
-    offs_t = tl.arange(0, G)[:, None]
-    pred = tl.full(phi.shape, float("-inf"), tl.float32)
-    for u in range(G):
-        pu = tl.max(tl.where(offs_t == u, phi, float("-inf")), axis=0)[None, :]  # row u, exact (sign of -0 kept)
-        pred = tl.maximum(pred, tl.where((pu <= phi) & (offs_t != u), pu, float("-inf")))
-    gap = tl.where(pred > float("-inf"), phi - pred, 0.0)  # the smallest angle's gap is the wrap-around one
-    inner = tl.max(gap, axis=0)
-    lo = tl.min(phi, axis=0)
-    wrap = (lo + 6.283185307179586) - tl.max(phi, axis=0)
-    after = tl.min(tl.where(gap == inner[None, :], phi, float("inf")), axis=0)
+    """key_cells._circ_cell: angle bins over the shortest arc holding the group's angles. The angles of each pair
+    sorted (a bitonic sort along the group), each one's predecessor by a scan, then the reference's own
+    arithmetic: the gaps s[i] - s[i-1], the wrap-around gap, the start right after the largest."""
+    s = tl.sort(tl.trans(phi), dim=1)  # [BLOCK_P, G]
+    _, pred = tl.associative_scan((s, tl.full(s.shape, float("-inf"), tl.float32)), 1, _last_two)
+    gap = tl.where(pred > float("-inf"), s - pred, 0.0)  # the smallest angle's gap is the wrap-around one
+    inner = tl.max(gap, axis=1)
+    lo = tl.min(s, axis=1)
+    wrap = (lo + 6.283185307179586) - tl.max(s, axis=1)
+    after = tl.min(tl.where(gap == inner[:, None], s, float("inf")), axis=1)
     a_min = round_bf16_bits(tl.where(wrap >= inner, lo, after), False)
     rel = phi - a_min[None, :]
     rel = tl.where(rel < 0, (phi + 6.283185307179586) - a_min[None, :], rel)
