@@ -154,8 +154,8 @@ def compiled_forward(model, contender: str, args):
     if contender == "inductor-static-graphs":
         return torch.compile(model, mode="reduce-overhead")
     mode = "reduce-overhead" if contender in GRAPHED else None
-    options = {"value_bits": args.value_bits, "value_group": args.value_group}
-    return torch.compile(model, backend=polarquant, mode=mode, options=options)  # the callable: no install needed
+    options = {"value_bits": args.value_bits, "value_group": args.value_group, "mode": mode}  # (mode= and options=
+    return torch.compile(model, backend=polarquant, options=options)  # cannot both be given; the callable: no install)
 
 
 def cache_bytes(cache) -> dict:

@@ -10,8 +10,9 @@ import torch
 
 from . import counters, report, verify
 from .config import InnerBackend, PolarQuantConfig, VerifyMode
-from .dynamic import appends_in_place, reserve_all
+from .dynamic import appends_in_place, refusal, refused_by, reserve_all
 from .passes import run_all
+from .verify.sites import cache_label
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,10 @@ class _Lazy:
 
 def polarquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | None = None,
                options: dict[str, Any] | None = None):
-    """torch.compile backend entry point (registered as "polarquant" through an entry point)."""
+    """torch.compile backend entry point (registered as "polarquant" through an entry point). torch.compile takes
+    `mode=` or `options=`, not both: with options, the mode goes in them (options={"mode": "reduce-overhead", ...})."""
+    options = dict(options or {})
+    mode = options.pop("mode", mode)
     cfg = PolarQuantConfig.from_options(options)
     checking, report_dir = cfg.verify is not VerifyMode.OFF, report.target_dir(cfg)
     original = copy.deepcopy(gm) if checking or report_dir else None  # untouched, for verify and the diff
@@ -52,23 +56,37 @@ def polarquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
     facts = rep.data if rep else None
     log.info("%s", _Lazy(lambda: report.one_line(facts or report.build(gm, gm, sites, results, cfg, "?"))))
     checked = verify.Checked(original, gm, sites, cfg, on_event=rep.update if rep else None) if checking else None
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]  # before inductor may change gm
     compiled = _inner_compile(gm, example_inputs, cfg, mode)
     if checked is not None:
         checked.compiled, compiled = compiled, checked
     in_place = [i for i, t in enumerate(example_inputs) if appends_in_place(t)]
-    return _reserving(compiled, in_place) if in_place else compiled
+    if not in_place:
+        return compiled
+    modules = [(k, s.module) for k, s in enumerate(sites)]
+    return _reserving(compiled, in_place, [cache_label(placeholders[i], modules)[0] for i in in_place])
 
 
-def _reserving(fn, in_place: list[int]):
+def _reserving(fn, in_place: list[int], labels: list[str]):
     """A decode graph appends in place into the compressed caches it reads (inputs at `in_place`, found once at
     compile time: the per-step cost does not scan the weights): check them before the call; after it, make room
-    for the next step's group flush, outside the graph and one layer at a time (dynamic.reserve_all)."""
+    for the next step's group flush, outside the graph and one layer at a time (dynamic.reserve_all). A refused
+    append (a ValueError: non-finite keys on the reference path) is raised again naming the layer (`labels`) and
+    the token position; the cache keeps its earlier state, which a refused step leaves whole (§2.1)."""
 
     def call(*args):
         caches = [args[i] for i in in_place]
         for t in caches:
             t.check_current()
-        out = fn(*args)
+        try:
+            out = fn(*args)
+        except ValueError as e:
+            found = refused_by(e, caches)
+            if found is None:  # raised where no cache buffer is at hand: not an append's refusal
+                raise
+            cause = getattr(e, "refused", e)  # dynamic.refusal's (eager appended): replace its context
+            i, count = found
+            raise refusal(cause, labels[i], caches[i].seq_len, count) from cause
         reserve_all(caches, out if isinstance(out, (list, tuple)) else (out,))
         return out
 

@@ -15,7 +15,7 @@ import torch
 
 from . import ops
 from .compressed import CompressedTensor
-from .dynamic import CACHE_OPS, DynamicCompressed, capacity_for
+from .dynamic import CACHE_OPS, DynamicCompressed, capacity_for, refusal
 
 __all__ = ["DenseValues", "hold_values"]
 
@@ -77,7 +77,10 @@ class DenseValues(CompressedTensor):
         self.check_current()
         T, S = self.seq_len, new.shape[2]
         buf = self.buf if T + S <= self.capacity else self._grown(capacity_for(T + S, self.capacity, self.codec))
-        ops.write_rows_(buf, new, T)
+        try:
+            ops.write_rows_(buf, new, T)
+        except ValueError as e:  # misshapen rows: refused before anything was written
+            raise refusal(e, type(self).__name__, T, S) from e
         out = DenseValues(buf, self.codec, (*self.shape[:2], T + S, self.shape[3]))
         out.mark_current()
         return out

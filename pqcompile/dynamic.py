@@ -122,7 +122,10 @@ class DynamicCompressed(CompressedTensor):
         if (T + S) // G * G > self.capacity:  # in a graph: a guard; the backend reserves between calls (reserve)
             codes, params = self._grown_buffers(capacity_for(T + S, self.capacity, G))
             state = self.with_data(codes, params, self.tail, T)
-        state.write_(new)
+        try:
+            state.write_(new)
+        except ValueError as e:  # non-finite or misshapen tokens: refused before anything was written
+            raise refusal(e, type(self).__name__, T, S) from e
         out = state.with_data(state.codes, state.params, state.tail, T + S)
         out.mark_current()
         return out
@@ -179,11 +182,57 @@ def reserve_all(*tensor_lists) -> None:
                 sharing.setdefault(id(t.codes), []).append(t)
     for group in sharing.values():
         newest = max(group, key=lambda t: t.seq_len)
+        ring = newest.tail
         if newest.reserve():
             for t in group:
                 if t is not newest:
                     t.grown_to(newest)
+            if newest.tail is not ring:  # DenseValues: its "ring" is the buffer that grew
+                for hook in RING_MOVED:
+                    hook(ring, newest.tail)
         newest.mark_current()
+
+
+# hook(old, new) after reserve_all replaced a state's ring tensor (the tensor verify's state check keys on) by a
+# grown copy with the same rows (verify/integrity.py registers one)
+RING_MOVED: list[Callable[[torch.Tensor, torch.Tensor], None]] = []
+
+
+def refusal(error: Exception, where: str, position: int, count: int | None) -> ValueError:
+    """The ValueError of a refused append (non-finite or misshapen tokens, refused before anything is written),
+    saying where and at which token position; `refused` marks it so that an outer caller that knows the layer
+    (the backend) rewrites the context instead of adding a second one."""
+    after = f", {position + count} after the step" if count else ""
+    err = ValueError(f"{error} [{where}: appending at token position {position} (the cache holds {position} "
+                     f"tokens{after}) was refused; the cache keeps its {position} tokens]")
+    err.refused = error  # type: ignore[attr-defined]
+    return err
+
+
+def refused_by(error: BaseException, states: list) -> tuple[int, int | None] | None:
+    """(index in `states`, new tokens or None) of the cache tensor an exception from a compiled call was raised
+    for: the innermost frame of its traceback that holds one of their buffers, directly or in a list / dict (the
+    refusing op holds its own state's, or auto_functionalize its bases; only outer frames hold every layer's).
+    The error path only: nothing is recorded per step."""
+    owner: dict[int | None, int] = {}
+    for i, s in enumerate(states):
+        for t in (s.tail, s.codes):
+            owner.setdefault(_data_ptr(t), i)
+    owner.pop(None, None)
+    frames, tb = [], error.__traceback__
+    while tb is not None:
+        frames.insert(0, tb.tb_frame)  # innermost first
+        tb = tb.tb_next
+    count = next((v.shape[2] for f in frames for k, v in f.f_locals.items()
+                  if k.startswith("new") and isinstance(v, torch.Tensor) and v.dim() == 4), None)
+    for frame in frames:
+        for value in frame.f_locals.values():
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
+            for t in items:
+                t = t.tail if isinstance(t, CompressedTensor) else t
+                if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor) and _data_ptr(t) in owner:
+                    return owner[_data_ptr(t)], count
+    return None
 
 
 # The DynamicCache ops every tensor that appends in place shares (DynamicCompressed's, and DenseValues' through

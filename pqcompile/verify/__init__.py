@@ -10,6 +10,9 @@ kernel check (verify="first" | "every:N", kernel.py): on the selected calls the 
   compared with the reference codec's encode+decode of the dense keys (this checks the encode kernel); with
   value_bits its PolarValues likewise with the reference value codec's (each site's value check). Compressed
   values reach the original's SDPA through their dense fallback too.
+  With "every:N" a checked call also checks each DynamicCache state against digests taken when its groups
+  were written (integrity.py): the kernel check cannot see a state corrupted between steps, since both graphs
+  read it. A changed state is a failed check naming the layer and the tensor.
   A failed check is handled per on_mismatch: "raise" (VerifyMismatch), "warn" (the compiled result is
   returned), "fallback" (the original graph's result is returned, and the original graph runs, in eager,
   for every later call: exactly what the graph computes without the rewrite).
@@ -24,7 +27,8 @@ after a fallback the original run's state is copied into them. The drift check s
 graph outputs), and graphs without a rewritten site are not checked (nothing changed); the report says why.
 
 Modules: checked.py (Checked, the callable the backend returns: it orchestrates), sites.py (the site map:
-node names in both graphs), graphs.py (running graphs), kernel.py, drift.py, state.py (report.json "verify").
+node names in both graphs), graphs.py (running graphs), kernel.py, integrity.py (the state check), drift.py,
+state.py (report.json "verify").
 See docs/design.md §6.
 """
 

@@ -8,12 +8,13 @@ import warnings
 from collections.abc import Callable
 
 from torch import fx
+from torch.utils._pytree import tree_leaves
 
 from ..config import OnMismatch, PolarQuantConfig, VerifyMode
 from ..dynamic import appends_in_place
-from . import drift, graphs, kernel, state
+from . import drift, graphs, integrity, kernel, state
 from .kernel import VerifyMismatch
-from .sites import captured, output_names, site_map
+from .sites import appended_input, cache_label, captured, output_names, site_map
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,13 @@ class Checked:
         mutated = graphs.mutated_inputs(original)
         placeholders = [n.name for n in original.graph.nodes if n.op == "placeholder"]
         self.mutated = [placeholders.index(name) for name in mutated]  # cloned for the checking runs
+        self.placeholders = placeholders
         skipped = ("no rewritten attention site: the graph is unchanged" if not self.sites else
                    f"the drift check follows graph outputs; this graph mutates its inputs in place "
                    f"({', '.join(mutated)})" if mutated and cfg.verify is VerifyMode.SHADOW else None)
         self.state = state.initial(cfg, skipped)
+        # every:N also checks the DynamicCache states against digests of what was written (integrity.py)
+        self.state_check, self.state_outputs = cfg.verify is VerifyMode.EVERY and not skipped, None
         state.track(self)
         if skipped and on_event is not None:
             on_event(self.state)
@@ -55,7 +59,10 @@ class Checked:
         again = st["status"] == "failed" and self.cfg.on_mismatch is OnMismatch.RAISE  # a caught raise: keep raising
         if st["calls"] == 1 or (every and (st["calls"] - 1) % every == 0) or again:
             return self._kernel_check(args)
-        return self._compiled(args)
+        out = self._compiled(args)
+        if self.state_check:
+            self._track(args, out, checked=False)
+        return out
 
     def _compiled(self, args):
         return self.compiled(*args)  # dynamo calls backends' results unboxed
@@ -71,15 +78,19 @@ class Checked:
     def _kernel_check(self, args):
         # In-place inputs (static caches; DynamicCache states, which cat appends to in place): each checking run
         # gets its own copy, taken before any run.
-        cloned = self.mutated + _appended_in_place(args)
+        in_place = _appended_in_place(args)
+        cloned = self.mutated + in_place
         ref_args, rew_args = (graphs.with_clones(args, cloned) for _ in range(2)) if cloned else (args, args)
+        checks = self._state_checks(args, in_place) if self.state_check else []  # before the step writes
         out = self._compiled(args)
         try:
             ref, rew = self._run_both(ref_args, rew_args)
         except Exception as e:  # noqa: BLE001 (the checker failed, not the model: say so, keep the result)
             return self._cannot_check(e, out)
-        checks = kernel.checks(self.sites, self.out_names, self.cfg, out, ref, rew)
+        checks += kernel.checks(self.sites, self.out_names, self.cfg, out, ref, rew)
         ok = all(c["ok"] for c in checks)
+        if self.state_check and (ok or self.cfg.on_mismatch is OnMismatch.WARN):  # the states the caller keeps
+            self._track(args, out, checked=True)
         st = self.state
         st["checked"] += 1
         st["failed"] += not ok
@@ -106,6 +117,31 @@ class Checked:
         self._emit(event)
         log.warning("%s; falling back to the original graph from now on", msg)
         return ref[0]
+
+    def _state_checks(self, args, in_place: list[int]) -> list[dict]:
+        modules = [(s.index, s.module) for s in self.sites]
+        try:
+            return integrity.verify([(*cache_label(self.placeholders[i], modules), args[i]) for i in in_place])
+        except Exception as e:  # noqa: BLE001 (the state check failed, not the model)
+            self._state_check_off(e)
+            return []
+
+    def _track(self, args, out, checked: bool) -> None:
+        """integrity.track on the cache states this graph returns, each with the input it appended to (positions
+        found on the first call: the output's cat in the original graph and its placeholder)."""
+        try:
+            flat = out if isinstance(out, (list, tuple)) else tree_leaves(out)
+            if self.state_outputs is None:
+                self.state_outputs = [(i, appended_input(self.original, self.out_names[i]))
+                                      for i, o in enumerate(flat) if appends_in_place(o)]
+            integrity.track([(flat[i], None if j is None else args[j]) for i, j in self.state_outputs], checked)
+        except Exception as e:  # noqa: BLE001
+            self._state_check_off(e)
+
+    def _state_check_off(self, error: Exception) -> None:
+        self.state_check = False
+        warnings.warn(f"polarquant verify: the cache state check could not run ({type(error).__name__}: {error}); "
+                      "it is off for this graph, the kernel check goes on", stacklevel=4)
 
     def _drift(self, args):
         shadowed = drift.shadow_inputs(args, self.cfg.verify_n)

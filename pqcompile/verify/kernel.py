@@ -81,4 +81,5 @@ def mismatch_message(call: int, checks: list[dict[str, Any]]) -> str:
                  key=lambda c: math.inf if c["sqnr_db"] is None else c["sqnr_db"])
     return (f"polarquant verify: call {call}: {len(bad)}/{len(checks)} comparisons disagree with the original "
             "graph beyond kernel rounding: " + "; ".join(
-                f"{c['name']} max_abs={c['max_abs']:.3g} sqnr={db(c['sqnr_db'])}" for c in bad[:4]))
+                f"{c['name']}: {c['what']}" if c["max_abs"] is None  # a state check (integrity.py): no metric
+                else f"{c['name']} max_abs={c['max_abs']:.3g} sqnr={db(c['sqnr_db'])}" for c in bad[:4]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple
 
 from torch import fx
@@ -60,3 +61,31 @@ def counterpart(node: fx.Node, original: dict[str, fx.Node]) -> str | None:
             if a is node and isinstance(b, fx.Node):
                 return b.name
     return node.name if node.name in original else None
+
+
+_CACHE_INPUT = re.compile(r"layers_(\d+)_(keys|values)$")  # dynamo's name of L[..].cache.layers[i].keys (values)
+
+
+def cache_label(placeholder: str, modules: list[tuple[int, str]]) -> tuple[str, int | None]:
+    """('<module> keys' or '<module> values', its site index) for a graph input that holds a layer's cache tensor,
+    from dynamo's placeholder name and the sites' (index, module path); the placeholder name when it names no
+    layer. What verify's state check and the backend's refused-append errors call a cache tensor."""
+    m = _CACHE_INPUT.search(placeholder)
+    if m is None:
+        return placeholder, None
+    layer, kind = m.groups()
+    for index, module in modules:
+        if f".layers.{layer}." in f".{module}.":
+            return f"{module} {kind}", index
+    return f"layers.{layer} {kind}", None
+
+
+def appended_input(gm: fx.GraphModule, output: str) -> int | None:
+    """The input position of the cache tensor that graph output `output` (a node name) appends to: the output is
+    torch.cat([placeholder, new], ...) in the original graph. None for anything else (a prefill's new state)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    node = next((n for n in gm.graph.nodes if n.name == output), None)
+    if node is None or node.op != "call_function" or not node.args or not isinstance(node.args[0], (list, tuple)):
+        return None
+    past = node.args[0][0] if node.args[0] else None
+    return placeholders.index(past) if isinstance(past, fx.Node) and past.op == "placeholder" else None

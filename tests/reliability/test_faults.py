@@ -2,6 +2,7 @@
 a wrong attention op caught by verify="every:N" with on_mismatch="fallback", and an op that raises at launch."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import transformers
 
 from pqcompile import codec, verify
 from pqcompile.cache import polar_keys_in
+from pqcompile.dense_values import DenseValues
 from pqcompile.hf_compat import cache_kw
 from pqcompile.models import tiny_llama
 
@@ -44,31 +46,68 @@ def _prefill(compiled, model, ids, steps):
     return cache
 
 
-def _corrupt(keys, part: str) -> None:
-    """In place, inside the tokens the cache holds: flip bits of the first group's codes, scale its radius step,
-    or shift the open group's full-precision tokens."""
+def _corrupt(state, part: str) -> None:
+    """In place, inside the tokens the cache holds: flip bits of the first group's codes, scale its radius step
+    (keys) or its second token's scales (values), or shift the open group's full-precision tokens (the ring;
+    DenseValues: the rows after the last complete group, or, for "codes", its first group's rows)."""
+    T = state.shape[2]
     with torch.no_grad():
-        if part == "codes":
-            keys.codes[:, :, :G] ^= 0x55
-        elif part == "params":
-            keys.params[:, :, 1] *= 4  # r_scale of group 0 (params rows: r_min, r_scale, phi_min, phi_scale)
+        if isinstance(state, DenseValues):
+            rows = state.buf[:, :, :G] if part == "codes" else state.buf[:, :, T // G * G: T]
+            rows += 10.0
+        elif part == "codes":
+            state.codes[:, :, :G] ^= 0x55
+        elif part == "params":  # keys: row 1 is r_scale of group 0 (rows r_min, r_scale, phi_min, phi_scale)
+            state.params[:, :, 1] *= 4  # values: token 1's (min, scale) per channel group
         else:
-            keys.tail[:, :, : keys.shape[2] % G] += 10.0
+            state.tail[:, :, : T % G] += 10.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "verify's kernel check runs the original graph on the same PolarKeys the rewritten graph reads (dense "
-    "fallback of the same codes), so a corrupted state gives both sides the same wrong keys and every check "
-    "passes; nothing compares the stored state with the keys that were appended (docs/reliability.md, finding 3)"))
-@pytest.mark.parametrize("part", ["codes", "params", "tail"])
-def test_state_corruption_is_detected_within_n_steps(model, ids, part):
-    compiled = _compile(model, verify=f"every:{N}", on_mismatch="warn")
+# (cache tensor, part, options): keys; values compressed (value_group 16 fits head dim 32); values held dense
+CORRUPTIONS = [("keys", part, {}) for part in ("codes", "params", "tail")] + [
+    ("values", part, {"value_bits": 4, "value_group": 16}) for part in ("codes", "params", "tail")] + [
+    ("values", part, {}) for part in ("codes", "tail")]
+
+
+@pytest.mark.parametrize("tensor, part, options", CORRUPTIONS,
+                         ids=[f"{t}-{p}-{'v4' if o else 'dense'}" for t, p, o in CORRUPTIONS])
+def test_state_corruption_is_detected_within_n_steps(model, ids, tensor, part, options):
+    """verify="every:N" checks the cache states against digests taken when they were written (verify/integrity.py):
+    a corruption between steps is reported within N steps, naming the layer and the tensor."""
+    compiled = _compile(model, verify=f"every:{N}", on_mismatch="warn", **options)
     cache = _prefill(compiled, model, ids, 3)
-    _corrupt(polar_keys_in(cache)[0], part)
+    _corrupt(getattr(cache.layers[1], tensor), part)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(PROMPT + 3, PROMPT + 3 + N):
+            _step(compiled, ids, t, cache)
+    failed = [c for st in verify.states() for e in st["events"] for c in e["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == [f"model.layers.1.self_attn {tensor}"], failed
+    assert any(f"model.layers.1.self_attn {tensor}: state vs its digests" in str(w.message) for w in caught)
+
+
+def test_a_corrupted_state_raises_naming_the_layer_and_the_tensor(model, ids):
+    compiled = _compile(model, verify=f"every:{N}")  # on_mismatch="raise"
+    cache = _prefill(compiled, model, ids, 3)
+    _corrupt(cache.layers[0].keys, "codes")
+    with pytest.raises(verify.VerifyMismatch, match=r"model\.layers\.0\.self_attn keys: state vs its digests: "
+                                                    r"codes of group\(s\) 0 changed since written"):
+        for t in range(PROMPT + 3, PROMPT + 3 + N):
+            _step(compiled, ids, t, cache)
+
+
+def test_a_corrupted_state_falls_back_to_the_original_graph(model, ids):
+    compiled = _compile(model, verify=f"every:{N}", on_mismatch="fallback")
+    cache = _prefill(compiled, model, ids, 3)
+    decode = max(verify.states(), key=lambda st: st["calls"])
+    _corrupt(cache.layers[1].values, "tail")
     for t in range(PROMPT + 3, PROMPT + 3 + N):
-        _step(compiled, ids, t, cache)
-    failed = [e for st in verify.states() for e in st["events"] if not e["ok"]]
-    assert failed, [(st["status"], st["checked"], st["skipped"]) for st in verify.states()]
+        reference = copy.deepcopy(cache)  # the same (corrupted) state for HF's eager model
+        out = _step(compiled, ids, t, cache)
+        if decode["fallback"]:
+            assert torch.equal(out, _step(model, ids, t, reference))  # the original graph's answer
+            break
+    assert decode["fallback"] and decode["events"][-1]["action"] == "fallback", decode
 
 
 def _noisy_scores(monkeypatch):

@@ -380,9 +380,9 @@ def nan_model():
     return tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, qk_gain=3.0)
 
 
-def _poisoned_step(model, layer: int):
-    """Run one decode step with layer `layer`'s key projection producing NaN (a weight set to NaN, restored)."""
-    w = model.model.layers[layer].self_attn.k_proj.weight
+def _poisoned_step(model, layer: int, proj: str = "k_proj"):
+    """Run one decode step with layer `layer`'s key (value) projection producing NaN (a weight set to NaN, restored)."""
+    w = getattr(model.model.layers[layer].self_attn, proj).weight
     saved = w.detach().clone()
     with torch.no_grad():
         w[0, 0] = float("nan")
@@ -390,8 +390,9 @@ def _poisoned_step(model, layer: int):
 
 
 @pytest.fixture
-def nan_setup(nan_model, fresh_dynamo):
-    compiled = torch.compile(nan_model, backend="polarquant", options={"backend": "eager", "group_size": 16})
+def nan_setup(nan_model, fresh_dynamo, request):
+    options = {"backend": "eager", "group_size": 16, **getattr(request, "param", {})}
+    compiled = torch.compile(nan_model, backend="polarquant", options=options)
     ids = torch.randint(0, nan_model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     cache = transformers.DynamicCache(config=nan_model.config)
     with torch.no_grad():
@@ -400,8 +401,8 @@ def nan_setup(nan_model, fresh_dynamo):
     return compiled, ids, cache
 
 
-def _nan_decode(nan_model, compiled, ids, cache, layer: int):
-    saved, w = _poisoned_step(nan_model, layer)
+def _nan_decode(nan_model, compiled, ids, cache, layer: int, proj: str = "k_proj"):
+    saved, w = _poisoned_step(nan_model, layer, proj)
     try:
         with torch.no_grad():
             compiled(ids[:, 38:39], **cache_kw(cache), use_cache=True)
@@ -434,10 +435,33 @@ def test_nan_key_leaves_the_cache_unchanged(nan_model, nan_setup):
     assert torch.isfinite(out.logits).all() and cache.get_seq_length() == length + 1
 
 
-@pytest.mark.xfail(strict=True, reason="the non-finite key error names the tensor ('new_keys') and its shape, but "
-                   "not the layer (module path) nor the decode step; codec.check_keys has neither")
-def test_nan_key_error_names_the_layer_and_the_step(nan_model, nan_setup):
+@pytest.mark.parametrize("layer", [0, 1])
+def test_nan_key_error_names_the_layer_and_the_step(nan_model, nan_setup, layer):
     compiled, ids, cache = nan_setup
     with pytest.raises(ValueError) as err:
-        _nan_decode(nan_model, compiled, ids, cache, layer=1)
-    assert "layers.1" in str(err.value) and "39" in str(err.value), str(err.value)
+        _nan_decode(nan_model, compiled, ids, cache, layer=layer)
+    assert f"[model.layers.{layer}.self_attn keys: appending at token position 38 (the cache holds 38 tokens, 39 " \
+           "after the step) was refused" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("nan_setup", [{"value_bits": 4, "value_group": 16}], indirect=True)
+def test_nan_value_error_names_the_layer_and_leaves_the_cache_unchanged(nan_model, nan_setup):
+    compiled, ids, cache = nan_setup
+    before = [(layer.keys.dequantize(), layer.values.dequantize()) for layer in cache.layers]
+    with pytest.raises(ValueError, match=r"new_values contains inf or NaN .*\[model\.layers\.0\.self_attn values: "
+                                         r"appending at token position 38 "):
+        _nan_decode(nan_model, compiled, ids, cache, layer=0, proj="v_proj")
+    for layer, (k, v) in zip(cache.layers, before):
+        assert torch.equal(layer.keys.dequantize(), k) and torch.equal(layer.values.dequantize(), v)
+    with torch.no_grad():
+        out = compiled(ids[:, 38:39], **cache_kw(cache), use_cache=True)
+    assert torch.isfinite(out.logits).all() and cache.get_seq_length() == 39
+
+
+def test_an_eager_append_refusal_names_the_token_position():
+    keys = PolarKeys.from_dense(torch.randn(1, 2, 20, 16), Codec(4, 4, 16, Pairing("half")))
+    bad = torch.full((1, 2, 1, 16), float("inf"))
+    with pytest.raises(ValueError, match=r"\[PolarKeys: appending at token position 20 \(the cache holds 20 "
+                                         r"tokens, 21 after the step\) was refused; the cache keeps its 20 tokens\]"):
+        torch.cat([keys, bad], dim=-2)
+    assert torch.cat([keys, torch.ones(1, 2, 1, 16)], dim=-2).shape[2] == 21  # and it still appends

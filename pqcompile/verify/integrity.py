@@ -1,0 +1,208 @@
+"""The state check of verify="every:N": is each live DynamicCache state still what was written into it?
+
+The kernel check runs both graphs on the same state, so it cannot see a state that changed between steps (bytes
+of codes, params or the ring flipped). But the states are append-only (docs/design.md §2.1): a complete group's
+rows never change once written, and the ring's rows below the fill point never change until their group
+flushes. So each state gets a record, an attribute of its ring tensor (the one buffer capacity growth keeps;
+for DenseValues the buffer, moved along by dynamic.RING_MOVED; copy.deepcopy copies it with the rows):
+  - a digest per complete group (of its codes and of its params; DenseValues: of its rows), taken right after
+    the compiled step that completed it: O(one group) of device work per state at a group boundary, none on
+    other steps, no sync;
+  - on a checked call, a digest of the open group's rows; compared at the next checked call or, on the device
+    and without a sync, when that group flushes (the ring still holds the group then) into a sticky flag;
+and a checked call, before the step writes, recomputes every digest and compares (one transfer to the host).
+Digest: per group and (batch, head) row, the sum of byte * weight(position) in int64 with weights in [1, 2^31),
+exact below 2^24 bytes per row: any change confined to one byte (any flipped bit) changes it; changes spread over
+several bytes cancel only by accident.
+Not covered: rows appended on unchecked steps since the last checked call, until their group flushes or the next
+check (what is there then is what gets digested), and states first seen between checked calls (a copy, a crop, a
+beam reorder: adopted at the next checked call). A state that failed keeps failing: its record is not rebased.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .. import dynamic
+from ..dense_values import DenseValues
+
+_BUDGET = 1 << 22  # bytes digested per launch on a checked call: its int64 temporaries stay under 64 MB
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _weights(n: int, device: torch.device) -> torch.Tensor:
+    """Position weights in [1, 2^31), int64: a multiplicative hash of the position, odd."""
+    w = _WEIGHTS.get(device)
+    if w is None or w.numel() < n:
+        i = torch.arange(1 << max(n - 1, 1).bit_length(), dtype=torch.int64, device=device)
+        w = _WEIGHTS[device] = (i * 2654435761 + 40503) % 2147483647 | 1
+    return w[:n]
+
+
+def digest(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [B, H, k * rows, ...] (last dim contiguous) -> int64 [B, H, k]: each group of `rows` rows' bytes, weighted
+    by position."""
+    B, H = x.shape[:2]
+    b = (x if x.dtype == torch.uint8 else x.view(torch.uint8)).reshape(B, H, x.shape[2] // rows, -1)
+    return (b.to(torch.int64) * _weights(b.shape[-1], b.device)).sum(-1)
+
+
+def _parts(s) -> list[tuple[str, torch.Tensor, int]]:
+    """(name, buffer, rows per group) of a state's complete groups."""
+    G = s.group_size
+    return [("rows", s.buf, G)] if isinstance(s, DenseValues) else [("codes", s.codes, G),
+                                                                      ("params", s.params, s.param_rows(G))]
+
+
+def _open_rows(s, group: int, rows: int) -> torch.Tensor:
+    """The first `rows` tokens of group `group` where the state keeps them in full precision."""
+    if isinstance(s, DenseValues):
+        return s.buf[:, :, group * s.group_size: group * s.group_size + rows]
+    return s.tail[:, :, :rows]
+
+
+def _group_sums(s, g0: int, g1: int) -> torch.Tensor:
+    """int64 [B, H, g1 - g0, parts]: the digests of groups [g0, g1), a few groups per launch."""
+    parts = _parts(s)
+    step = max(1, _BUDGET // max(t[:, :, :r].numel() * t.element_size() for _, t, r in parts))
+    chunks = [torch.stack([digest(t[:, :, a * r: min(a + step, g1) * r], r) for _, t, r in parts], dim=-1)
+              for a in range(g0, g1, step)]
+    return torch.cat(chunks, dim=2)
+
+
+class _Record:
+    """Digests of one state: its first `groups` groups (`sums`, room for more), rows [0, ring_rows) of group
+    `ring_group` (`ring`, None when not taken), and `stale`, set on the device when a ring changed before its
+    group flushed."""
+
+    def __init__(self, s):
+        self.groups, self.sums = 0, None
+        self.ring, self.ring_group, self.ring_rows, self.ring_ok = None, 0, 0, True
+        self.stale = torch.zeros((), dtype=torch.bool, device=s.tail.device)
+
+    def grow(self, s, n: int) -> None:
+        """Digest groups [groups, n): just completed (after a step), or all of them (a state adopted)."""
+        if n < self.groups:  # fewer groups over the same ring: an earlier state retried; the rest is rewritten
+            self.groups, self.ring = n, None
+            return
+        held = isinstance(s, DenseValues) or s.seq_len % s.group_size == 0  # a flush leaves the ring as it was
+        if self.ring is not None and self.ring_group == self.groups and held:
+            now = digest(_open_rows(s, self.ring_group, self.ring_rows), self.ring_rows)
+            self.stale |= (now != self.ring).any()
+        self.ring, self.ring_ok = None, True
+        new = _group_sums(s, self.groups, n)
+        if self.sums is None or self.sums.shape[2] < n:  # doubling: O(1) groups copied per flush on average
+            room = new.new_empty(*new.shape[:2], max(2 * n, 16), new.shape[3])
+            if self.groups:
+                room[:, :, : self.groups] = self.sums[:, :, : self.groups]
+            self.sums = room
+        self.sums[:, :, self.groups: n] = new
+        self.groups = n
+
+    def take_ring(self, s) -> None:
+        """Digest the open group's rows (a checked call, after the step): they are covered from now on."""
+        n = s.seq_len // s.group_size
+        rows = s.seq_len - n * s.group_size
+        self.ring_group, self.ring_rows = n, rows
+        self.ring = digest(_open_rows(s, n, rows), rows) if rows else None
+
+
+_ATTR = "_pq_digests"  # the _Record of a state, on its ring tensor (a tensor attribute: read in ~0.1 us)
+
+
+def record_of(s) -> _Record | None:
+    return getattr(s.tail, _ATTR, None)
+
+
+def _moved(old: torch.Tensor, new: torch.Tensor) -> None:
+    record = old.__dict__.pop(_ATTR, None)
+    if record is not None:
+        setattr(new, _ATTR, record)
+
+
+dynamic.RING_MOVED.append(_moved)
+
+
+def track(states, checked: bool) -> None:
+    """After a compiled call, on the (state returned, input state it appended to or None): digest the groups each
+    completed (O(1) host work per state when none did). A returned state with new buffers (aot_eager copies the
+    cache each step: functionalized, not in place) takes over its input's record. On a checked call, also adopt
+    the states not yet tracked and digest the open groups."""
+    with torch._C.DisableTorchFunctionSubclass():  # .shape of a DynamicCompressed costs ~4 us through it
+        for s, source in states:
+            record = getattr(s.tail, _ATTR, None)
+            if record is None and source is not None:
+                record = getattr(source.tail, _ATTR, None)
+                if record is not None:
+                    setattr(s.tail, _ATTR, record)
+            if record is None:
+                if not checked:
+                    continue
+                record = _Record(s)
+                setattr(s.tail, _ATTR, record)
+            n = s.shape[2] // s.group_size
+            if n != record.groups:
+                record.grow(s, n)
+            if checked and record.ring_ok:  # a ring that failed keeps its digest: it keeps failing
+                record.take_ring(s)
+
+
+def verify(states: list[tuple[str, int | None, Any]]) -> list[dict[str, Any]]:
+    """On a checked call, before the step writes: each tracked state of (label, site, state) against its record.
+    One comparison entry per state that changed (a kernel-check "checks" entry, sqnr_db -inf), or one entry for
+    them all when none did."""
+    found = []
+    for label, site, s in states:
+        record = record_of(s)
+        if record is None:
+            continue
+        n, G = min(s.seq_len // s.group_size, record.groups), s.group_size
+        groups = (_group_sums(s, 0, n) != record.sums[:, :, :n]).flatten(0, 1).any(0) if n else \
+            torch.zeros(0, dtype=torch.bool, device=s.tail.device)
+        ring, rows = torch.zeros(1, dtype=torch.bool, device=s.tail.device), 0
+        if record.ring is not None and record.ring_group == s.seq_len // G and \
+                s.seq_len - record.ring_group * G >= record.ring_rows:  # the digested rows are still the open group's
+            rows = record.ring_rows
+            ring = (digest(_open_rows(s, record.ring_group, rows), rows) != record.ring).any().view(1)
+        found.append((label, site, s, record, n, rows, torch.cat([groups.flatten(), ring, record.stale.view(1)])))
+    if not found:
+        return []
+    flags = torch.cat([f[-1] for f in found]).tolist()  # the check's one transfer to the host
+    checks, at, groups_seen, ring_rows = [], 0, 0, 0
+    for label, site, s, record, n, rows, f in found:
+        names = [name for name, _, _ in _parts(s)]
+        bad = flags[at: at + f.numel()]
+        at += f.numel()
+        record.ring_ok = not bad[-2]
+        groups_seen, ring_rows = groups_seen + n, ring_rows + rows
+        what = [f"{name} of group(s) {_spans([g for g in range(n) if bad[g * len(names) + k]])}"
+                for k, name in enumerate(names) if any(bad[k: n * len(names): len(names)])]
+        if bad[-2]:
+            what.append(f"open-group rows {record.ring_group * G}-{record.ring_group * G + record.ring_rows - 1}")
+        if bad[-1]:
+            what.append("an open group's rows changed before the group was encoded")
+        if what:
+            checks.append(_entry(label, site, "state vs its digests: " + "; ".join(what) + " changed since written",
+                                 ok=False))
+    return checks or [_entry("cache state", None, f"{len(found)} cache tensors vs their digests: {groups_seen} groups,"
+                                                  f" {ring_rows} open-group rows unchanged", ok=True)]
+
+
+def _entry(name: str, site: int | None, what: str, ok: bool) -> dict[str, Any]:
+    """A checks entry shaped like kernel.compare's (the reports read these keys); no error metric applies."""
+    return {"name": name, "site": site, "what": what, "max_abs": None, "rel_l2": None,
+            "sqnr_db": None if ok else -math.inf, "cosine": None, "ref_absmax": None, "ok": ok}
+
+
+def _spans(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, g in enumerate(indices):
+        start = g if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != g + 1:
+            out.append(str(g) if g == start else f"{start}-{g}")
+            start = None
+    return ", ".join(out)
