@@ -108,18 +108,18 @@ def compile_launch(fn, args, kwargs):
 # --------------------------------------------------------------------------- launch variants (host calls)
 
 
-def codec(bits=(4, 4), pairing="half"):
-    return ref.Codec(*bits, 128, ref.Pairing.parse(pairing))
+def codec(bits=(4, 4), pairing="half", kind="polar"):
+    return ref.Codec(*bits, 128, ref.Pairing.parse(pairing), kind)
 
 
 def attention_calls():
     """(name, call) pairs; each call runs kernels.attention / static_attention on CPU tensors."""
     def dense_call(bits=(4, 4), B=1, Hq=32, H=8, T=4096 + 77, D=128, S=1, dtype=B16, mask=None, softcap=None,
-                   causal=False, config=None, values=None, Dv=None, form=None):
+                   causal=False, config=None, values=None, Dv=None, form=None, kind="polar"):
         """values: (bits, channel group) of packed values (Dv: their head dim, default D), None: dense V; form:
         settings.value_form (default: the product's)."""
         def call():
-            c = codec(bits)
+            c = codec(bits, kind=kind)
             codes = torch.zeros(B, H, T // 128 * 128, c.code_bytes(D), dtype=torch.uint8)
             params = torch.zeros(B, H, T // 128, 4, D // 2, dtype=B16)
             tail = torch.zeros(B, H, T % 128 + ref.TAIL_PAD, D, dtype=dtype)
@@ -137,9 +137,9 @@ def attention_calls():
                                   is_causal=causal)
         return call
 
-    def static_call(B=1, Hq=32, H=8, cap=8192, D=128, S=1, values=None):
+    def static_call(B=1, Hq=32, H=8, cap=8192, D=128, S=1, values=None, kind="polar"):
         def call():
-            c = codec()
+            c = codec(kind=kind)
             codes = torch.zeros(B, H, cap, c.code_bytes(D), dtype=torch.uint8)
             params, ring = torch.zeros(B, H, cap // 128, 4, D // 2, dtype=B16), torch.zeros(B, H, 128, D, dtype=B16)
             v, vc, mask = torch.zeros(B, H, cap, D, dtype=B16), None, None
@@ -191,6 +191,14 @@ def attention_calls():
             yield f"4+4 V{vb} c64 bf16 D128 form={form}", dense_call(values=(vb, 64), form=form)
         yield f"4+4 V4 c64 form={form} tuned (32, True, 4, 4, 3, False, None, 1)", dense_call(
             config=LaunchConfig(32, True, 4, 4, 3), values=(4, 64), form=form)
+    # the key codecs' own decode (KIND; polar-circ launches the polar code)
+    for kind in ("polar-hybrid", "channel"):
+        yield f"{kind} 4+4 bf16 D128", dense_call(kind=kind)
+        yield f"{kind} 4+4 pair chunks {tuple(PAIR_CHUNK_SPACE[0])}", dense_call(config=PAIR_CHUNK_SPACE[0], kind=kind)
+        yield f"{kind} 3+3 alt=True", dense_call((3, 3), config=settings.attention._replace(alt_code_load=True),
+                                                 kind=kind)
+        yield f"{kind} 4+4 V4 c64", dense_call(values=(4, 64), kind=kind)
+        yield f"{kind} static", static_call(kind=kind)
 
 
 def encode_calls():
@@ -199,6 +207,10 @@ def encode_calls():
             yield f"encode {bits[0]}+{bits[1]} {pairing}", lambda bits=bits, pairing=pairing: kernels.encode_groups(
                 torch.zeros(1, 8, 1024, 128, dtype=B16), codec(bits, pairing))
     yield "encode fp32 keys", lambda: kernels.encode_groups(torch.zeros(1, 8, 256, 128), codec())
+    for kind in ("polar-circ", "polar-hybrid", "channel"):
+        for bits, pairing in (((4, 4), "half"), ((3, 3), "interleaved")):
+            yield f"encode {kind} {bits[0]}+{bits[1]} {pairing}", lambda kind=kind, bits=bits, pairing=pairing: \
+                kernels.encode_groups(torch.zeros(1, 8, 1024, 128, dtype=B16), codec(bits, pairing, kind))
     for vb, cg, D, dtype in ((4, 64, 128, B16), (2, 32, 128, B16), (8, 128, 128, torch.float32), (4, 32, 96, B16),
                              (4, 64, 256, torch.float16)):
         yield f"value encode V{vb} c{cg} D{D} {str(dtype)[6:]}", lambda vb=vb, cg=cg, D=D, dtype=dtype: \
@@ -206,9 +218,9 @@ def encode_calls():
 
 
 def write_calls():
-    def call(S, bits=(4, 4), dtype=B16):
+    def call(S, bits=(4, 4), dtype=B16, kind="polar"):
         def run():
-            c, cap = codec(bits), 1024
+            c, cap = codec(bits, kind=kind), 1024
             codes = torch.zeros(1, 8, cap, c.code_bytes(128), dtype=torch.uint8)
             params, ring = torch.zeros(1, 8, cap // 128, 4, 64, dtype=B16), torch.zeros(1, 8, 128, 128, dtype=dtype)
             kernels.static_write(codes, params, ring, torch.tensor([300]), torch.zeros(1, 8, S, 128, dtype=dtype),
@@ -226,6 +238,8 @@ def write_calls():
     yield "static write, one token", call(1)
     yield "static write, 300 tokens, 3+3", call(300, (3, 3))
     yield "static write, fp32 ring", call(5, dtype=torch.float32)
+    for kind in ("polar-circ", "polar-hybrid", "channel"):
+        yield f"static write {kind}, 300 tokens", call(300, kind=kind)
     yield "value static write V4 c64, one token", value_call(1)
     yield "value static write V2 c32, 300 tokens", value_call(300, 2, 32)
     yield "value static write V8 c128, fp32 ring, D256", value_call(5, 8, 128, torch.float32, 256)

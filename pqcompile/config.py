@@ -113,7 +113,7 @@ class PolarQuantConfig:
     angle_bits: int = 4
     group_size: int = 128
     pairing: PairingMode = PairingMode.AUTO
-    codec: str = "polar"  # the key cell: "polar" | "polar-circ" | "polar-hybrid" | "channel" (key_cells.py)
+    codec: str = "polar-hybrid"  # the key cell: "polar" | "polar-circ" | "polar-hybrid" | "channel" (key_cells.py)
     value_bits: int | None = None  # None: values dense; 2, 4 or 8: per-token quantized values (not used yet)
     value_group: int = 64  # channels of a value vector sharing one (min, scale); must divide head_dim
     verify: VerifyMode = VerifyMode.OFF  # "off" | "first" | "every:N" | "shadow:N" (see verify/)

@@ -35,6 +35,7 @@ import transformers as T
 from . import codec, counters
 from .cache import PolarKeys
 from .codec import Codec, Pairing
+from .config import PolarQuantConfig
 from .hf_compat import cache_kw, cache_of
 
 PROMPT = 37  # 2 complete groups of 16 + a 5-token tail: decode steps flush groups at 48, 64, 80, 96
@@ -219,8 +220,7 @@ def measure(family: Family, steps: int = 64, inner: str = "aot_eager", options: 
 
     prefill = counters.graphs[0]["sites"]
     rewritten = {m: p for m, kind, status, _, p in prefill if status == "rewritten"}
-    c = Codec(4, 4, opts["group_size"]) if "radius_bits" not in opts else \
-        Codec(opts["radius_bits"], opts["angle_bits"], opts["group_size"])
+    c = Codec.from_config(PolarQuantConfig.from_options(opts), Pairing())  # (reference_keys pairs per family)
     eager = teacher_forced(model, seq, PROMPT)
     with reference_keys(sdpa_model, {m: family.rope for m in rewritten}, c):
         ref = teacher_forced(sdpa_model, seq, PROMPT)

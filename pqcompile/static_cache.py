@@ -190,7 +190,7 @@ class PolarStaticCache(transformers.StaticCache):
     layers stay dense StaticSlidingWindowLayers."""
 
     def __init__(self, config, max_cache_len: int, *, radius_bits: int = 4, angle_bits: int = 4,
-                 group_size: int = 128, pairing: str = "half", codec: str = "polar", value_bits: int | None = None,
+                 group_size: int = 128, pairing: str = "half", codec: str = "polar-hybrid", value_bits: int | None = None,
                  value_group: int = 64, **kwargs):
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
         cfg = PolarQuantConfig(radius_bits=radius_bits, angle_bits=angle_bits, group_size=group_size,

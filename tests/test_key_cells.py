@@ -108,3 +108,42 @@ def test_config_rejects_an_unknown_codec_listing_the_valid_ones():
     with pytest.raises(ValueError, match="codec"):
         C.Codec(kind="cartesian")
     assert C.Codec.from_config(PolarQuantConfig(codec="channel"), C.Pairing()).kind == "channel"
+
+
+def check_cells_roundtrip(keys: torch.Tensor, codec: C.Codec) -> None:
+    """Any kind: the tail exact, and every encoded pair within its own cell's bound. A Cartesian cell: each
+    coordinate within half its bin; a polar cell: the pair within half a radius bin plus the top radius times half
+    an angle bin (modulo 2 pi for the circular range); plus the fp32 and the key dtype's rounding."""
+    B, H, T, D = keys.shape
+    G, P, n = codec.group_size, D // 2, T // codec.group_size
+    state = C.encode(keys, codec)
+    dense = C.decode(state, T, codec)
+    assert dense.shape == keys.shape and torch.equal(dense[:, :, n * G:], keys[:, :, n * G:])
+    if n == 0:
+        return
+    xs, ys = codec.pairing.indices(D)
+    k, d = (t[:, :, : n * G].float().view(B, H, n, G, D) for t in (keys, dense))
+    x, y, xh, yh = k[..., xs], k[..., ys], d[..., xs], d[..., ys]
+    p = state.params.float()  # [B, H, n, 4, P]
+    m1, s1, m2, s2 = (p[..., i, :].unsqueeze(3) for i in range(4))
+    s1 = s1.abs()
+    eps = 8 * torch.finfo(torch.float32).eps + torch.finfo(keys.dtype).eps
+    top1, top2 = m1.abs() + (1 << codec.radius_bits) * s1, m2.abs() + (1 << codec.angle_bits) * s2
+    cart = ((xh - x).abs() <= s1 / 2 + eps * (top1 + x.abs())) & ((yh - y).abs() <= s2 / 2 + eps * (top2 + y.abs()))
+    r = torch.hypot(x, y)
+    pair = torch.hypot(xh - x, yh - y)
+    polar_ok = pair <= s1 / 2 + top1 * s2 / 2 + eps * (top1 + r) * (2 + top2 + 2 * math.pi)
+    polar = key_cells.is_polar(state.params, codec.kind)
+    polar = torch.as_tensor(polar).expand(B, H, n, P).unsqueeze(3) if isinstance(polar, bool) else polar.unsqueeze(3)
+    ok = torch.where(polar, polar_ok, cart)
+    assert ok.all(), f"{codec}: {(~ok).sum().item()} of {ok.numel()} pairs outside their cell's bound"
+
+
+@pytest.mark.parametrize("kind", C.KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_kind_round_trips_within_its_cells(kind, dtype):
+    g = torch.Generator().manual_seed(len(kind))
+    keys = (torch.randn(2, 2, 75, 32, generator=g) * 3).to(dtype)
+    x, y = clustered(T=75, P=4)
+    keys[..., :4], keys[..., 16:20] = x[0, 0], y[0, 0]
+    check_cells_roundtrip(keys, C.Codec(3, 4, 16, C.Pairing.parse("interleaved@24"), kind))

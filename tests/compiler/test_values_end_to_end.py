@@ -20,6 +20,7 @@ from pqcompile import counters, coverage, report
 from pqcompile.cache import PolarKeys
 from pqcompile.codec import Codec, Pairing
 from pqcompile.compressed import CompressedTensor, quiet_fallbacks
+from pqcompile.config import PolarQuantConfig
 from pqcompile.dense_values import DenseValues
 from pqcompile.hf_compat import cache_kw, cache_of
 from pqcompile.models import tiny_llama
@@ -28,6 +29,7 @@ from pqcompile.value_codec import ValueCodec, state_bits
 from pqcompile.values import PolarValues, polar_values_in
 
 G, PROMPT, STEPS = 16, 40, 24  # the prompt leaves 2 groups + an 8-token tail; decode flushes at 48 and 64
+KIND = PolarQuantConfig().codec  # the default key codec, which the compiled runs use
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +110,7 @@ def test_decode_loop_with_compressed_values(model, bits, inner, bound):
         "graphs"]
     assert counters.totals["values_dense"] == 0 and counters.totals["sites_declined"] == 0
 
-    kcodec, vcodec = Codec(4, 4, G, Pairing("half")), ValueCodec(bits, 16, G)
+    kcodec, vcodec = Codec(4, 4, G, Pairing("half"), KIND), ValueCodec(bits, 16, G)
     reference = _on_compressed_cache(model, ids, kcodec, vcodec)
     assert _rel_err(polar, reference) <= 1e-4, _rel_err(polar, reference)
     dense = _teacher_forced(model, ids, transformers.DynamicCache(config=model.config))
@@ -224,7 +226,7 @@ def test_families_with_compressed_values(name, attn):
     assert counters.totals["values_compressed"] == counters.totals["sites_rewritten"] == coverage.LAYERS * \
         counters.totals["graphs"]
     assert {p for _, _, status, _, p in counters.graphs[0]["sites"] if status == "rewritten"} == {family.rope}
-    reference = _on_compressed_cache(model, ids, Codec(4, 4, G, Pairing.parse(family.rope)), ValueCodec(4, 16, G),
+    reference = _on_compressed_cache(model, ids, Codec(4, 4, G, Pairing.parse(family.rope), KIND), ValueCodec(4, 16, G),
                                      prompt=coverage.PROMPT)
     assert _rel_err(polar, reference) <= 1e-4, _rel_err(polar, reference)
 
