@@ -59,12 +59,13 @@ def _site_facts(i: int, site, cfg: PolarQuantConfig) -> dict[str, Any]:
     facts = {"index": i, "module": site.module, "node": site.sdpa.name, "kind": site.kind.value if site.kind else None,
              "kv_append": site.append.name if site.append is not None else None, "pairing": site.pairing or None,
              "pairing_source": site.pairing_source or None, "gqa": site.gqa, "status": site.status.value,
-             "reason": site.reason or None, "radius_bits": None, "angle_bits": None, "group_size": None,
+             "reason": site.reason or None, "codec": None, "radius_bits": None, "angle_bits": None, "group_size": None,
              "kv_heads": None, "head_dim": None, "key_dtype": None, "key_bytes_per_token_before": None,
              "key_bytes_per_token_after": None, "key_bits_per_element": None, **_value_facts(site, cfg)}
     if not isinstance(key, torch.Tensor) or key.dim() != 4:
         return facts
-    c = getattr(key, "codec", None) or codec.Codec(cfg.radius_bits, cfg.angle_bits, cfg.group_size)  # compressed
+    c = getattr(key, "codec", None) or codec.Codec(cfg.radius_bits, cfg.angle_bits, cfg.group_size,
+                                                   kind=cfg.codec)  # compressed
     H, D = _int(key.shape[1]), _int(key.shape[-1])
     facts.update(kv_heads=H, head_dim=D, key_dtype=str(key.dtype).replace("torch.", ""))
     if isinstance(H, int) and isinstance(D, int):
@@ -74,7 +75,7 @@ def _site_facts(i: int, site, cfg: PolarQuantConfig) -> dict[str, Any]:
         facts["key_bits_per_element"] = 8 * key.dtype.itemsize
         if site.status is SiteStatus.REWRITTEN:
             bpe = codec.steady_bits_per_element(c, D)
-            facts.update(radius_bits=c.radius_bits, angle_bits=c.angle_bits, group_size=c.group_size,
+            facts.update(codec=c.kind, radius_bits=c.radius_bits, angle_bits=c.angle_bits, group_size=c.group_size,
                          key_bytes_per_token_after=bpe * H * D / 8, key_bits_per_element=bpe)
     return facts
 
@@ -163,7 +164,8 @@ def render_summary(data: dict[str, Any]) -> str:
     cfg, t, g = data["config"], data["totals"], data["graph"]
     lines = [f"polarquant report · graph {data['compile_id']} ({g['kind']}) · torch {data['versions']['torch']}",
              one_line(data),
-             (f"config: {cfg['radius_bits']}+{cfg['angle_bits']} bits, group {cfg['group_size']}, pairing "
+             (f"config: {cfg.get('codec', 'polar')} {cfg['radius_bits']}+{cfg['angle_bits']} bits, group "
+              f"{cfg['group_size']}, pairing "
              f"{cfg['pairing']}, backend {cfg['backend']}, verify {cfg['verify']} (on_mismatch {cfg['on_mismatch']})"),
              (f"graph: {g['nodes_before']} -> {g['nodes_after']} nodes; added {', '.join(g['added']) or '-'}; "
              f"removed {', '.join(g['removed']) or '-'}"), "", "Attention sites"]

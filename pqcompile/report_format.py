@@ -24,8 +24,11 @@ def ratio(a, b) -> str:
 
 
 def bits(f: dict[str, Any]) -> str:
-    """'4+4/g128' for a rewritten site, '-' otherwise."""
-    return f"{f['radius_bits']}+{f['angle_bits']}/g{f['group_size']}" if f["radius_bits"] else "-"
+    """'4+4/g128' (the polar codec) or 'polar-hybrid 4+4/g128' for a rewritten site, '-' otherwise."""
+    if not f["radius_bits"]:
+        return "-"
+    kind = f.get("codec") or "polar"
+    return ("" if kind == "polar" else f"{kind} ") + f"{f['radius_bits']}+{f['angle_bits']}/g{f['group_size']}"
 
 
 def one_line(data: dict[str, Any]) -> str:

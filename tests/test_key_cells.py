@@ -128,11 +128,14 @@ def check_cells_roundtrip(keys: torch.Tensor, codec: C.Codec) -> None:
     m1, s1, m2, s2 = (p[..., i, :].unsqueeze(3) for i in range(4))
     s1 = s1.abs()
     eps = 8 * torch.finfo(torch.float32).eps + torch.finfo(keys.dtype).eps
+    fi = torch.finfo(keys.dtype)
+    floor = fi.smallest_normal * fi.eps  # the spacing of the dtype's subnormals: the decode's cast rounds to it
     top1, top2 = m1.abs() + (1 << codec.radius_bits) * s1, m2.abs() + (1 << codec.angle_bits) * s2
-    cart = ((xh - x).abs() <= s1 / 2 + eps * (top1 + x.abs())) & ((yh - y).abs() <= s2 / 2 + eps * (top2 + y.abs()))
+    cart = (((xh - x).abs() <= s1 / 2 + eps * (top1 + x.abs()) + floor)
+            & ((yh - y).abs() <= s2 / 2 + eps * (top2 + y.abs()) + floor))
     r = torch.hypot(x, y)
     pair = torch.hypot(xh - x, yh - y)
-    polar_ok = pair <= s1 / 2 + top1 * s2 / 2 + eps * (top1 + r) * (2 + top2 + 2 * math.pi)
+    polar_ok = pair <= s1 / 2 + top1 * s2 / 2 + eps * (top1 + r) * (2 + top2 + 2 * math.pi) + 2 * floor
     polar = key_cells.is_polar(state.params, codec.kind)
     polar = torch.as_tensor(polar).expand(B, H, n, P).unsqueeze(3) if isinstance(polar, bool) else polar.unsqueeze(3)
     ok = torch.where(polar, polar_ok, cart)

@@ -263,3 +263,18 @@ def test_a_reused_compile_id_gets_its_own_folder(reports, tmp_path):
     name = "compile-" + data["compile_id"].replace("/", "_")
     assert (first.folder.name, second.folder.name) == (name, f"{name}-2")
     assert (second.folder / "before.py").read_text() == "before\n"
+
+
+def test_reports_name_the_key_codec(model, tmp_path):
+    """Every rewritten site's facts, the summary's config line and the HTML bits cell say which codec it uses."""
+    torch._dynamo.reset()
+    _run(model, steps=1, codec="channel", report=str(tmp_path))
+    folders = sorted(tmp_path.iterdir())
+    assert folders
+    for folder in folders:
+        data = json.loads((folder / "report.json").read_text())
+        rewritten = [f for f in data["sites"] if f["status"] == "rewritten"]
+        assert rewritten and all(f["codec"] == "channel" for f in rewritten)
+        assert "config: channel 4+4 bits" in (folder / "summary.txt").read_text()
+        assert "channel 4+4/g16" in (folder / "diff.html").read_text()
+    torch._dynamo.reset()
