@@ -131,21 +131,26 @@ def score_pair_chunk(qk, Qrow, sq_d, row_ok, XI, YI, Crow, Pg, sp_k, c, P: tl.co
     hmask = offs_h < P
     qx = tl.load(Qrow + tl.load(XI + offs_h)[None, :] * sq_d, mask=row_ok[:, None] & hmask[None, :], other=0.0)
     qy = tl.load(Qrow + tl.load(YI + offs_h)[None, :] * sq_d, mask=row_ok[:, None] & hmask[None, :], other=0.0)
-    a_w = tl.load(Pg + 3 * sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) * (1 << AB)
-    a_0 = tl.load(Pg + 2 * sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) - a_w
-    code = tl.load(Crow + offs_h[None, :], mask=hmask[None, :], other=0).to(tl.int32)
     if KIND >= 2:
+        a_w = tl.load(Pg + 3 * sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) * (1 << AB)
+        a_0 = tl.load(Pg + 2 * sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) - a_w
+        code = tl.load(Crow + offs_h[None, :], mask=hmask[None, :], other=0).to(tl.int32)
         kx, ky = cell_halves(code, tl.load(Pg + offs_h, mask=hmask, other=0.0).to(tl.float32),
                              tl.load(Pg + sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32), a_w, a_0, RB, AB,
                              FAST, KIND)
-    else:
+        qk = tl.dot(qx.to(QT), tl.trans(kx.to(QT)), qk, input_precision=PREC)
+        qk = tl.dot(qy.to(QT), tl.trans(ky.to(QT)), qk, input_precision=PREC)
+    else:  # (the polar path's loads in their first order: the SASS of the polar launches stays what was timed)
         r_w = tl.load(Pg + sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) * (1 << RB)
         r_0 = tl.load(Pg + offs_h, mask=hmask, other=0.0).to(tl.float32) - r_w
+        a_w = tl.load(Pg + 3 * sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) * (1 << AB)
+        a_0 = tl.load(Pg + 2 * sp_k + offs_h, mask=hmask, other=0.0).to(tl.float32) - a_w
+        code = tl.load(Crow + offs_h[None, :], mask=hmask[None, :], other=0).to(tl.int32)
         rad = bin_unit(code, 0, RB) * r_w[None, :] + r_0[None, :]
         cs, sn = cos_sin(bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :], FAST)
-        kx, ky = rad * cs, rad * sn
-    qk = tl.dot(qx.to(QT), tl.trans(kx.to(QT)), qk, input_precision=PREC)
-    return tl.dot(qy.to(QT), tl.trans(ky.to(QT)), qk, input_precision=PREC)
+        qk = tl.dot(qx.to(QT), tl.trans((rad * cs).to(QT)), qk, input_precision=PREC)
+        qk = tl.dot(qy.to(QT), tl.trans((rad * sn).to(QT)), qk, input_precision=PREC)
+    return qk
 
 
 @triton.jit
@@ -366,24 +371,32 @@ def polar_attn_fwd_kernel(
                 qk = score_pair_chunk(qk, Qrow, sq_d, row_ok, XI, YI, Crow + t0.to(tl.int64) * sc_t, pg0, sp_k, c,
                                       P, RB, AB, BLOCK_P // NCH, FAST, QT, PREC, KIND)
         else:  # bin centre min + (c + 0.5) * step = u * (2^bits * step) + (min - 2^bits * step), u = bin_unit(c)
-            a_w = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << AB)
-            a_0 = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32) - a_w
-            raw = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, t0 >= 0, NB, W, BLOCK_P, ALT, CB)
-            code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P, ALT, CB)
             if KIND >= 2:
+                a_w = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << AB)
+                a_0 = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32) - a_w
+                raw = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, t0 >= 0, NB, W, BLOCK_P, ALT, CB)
+                code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P, ALT, CB)
                 kx, ky = cell_halves(code, tl.load(pg, mask=jmask, other=0.0).to(tl.float32),
                                      tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32), a_w, a_0, RB, AB,
                                      FAST, KIND)
-            else:
+            else:  # (loads in their first order, as in score_pair_chunk)
                 r_w = tl.load(pg + sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << RB)
                 r_0 = tl.load(pg, mask=jmask, other=0.0).to(tl.float32) - r_w
+                a_w = tl.load(pg + 3 * sp_k, mask=jmask, other=0.0).to(tl.float32) * (1 << AB)
+                a_0 = tl.load(pg + 2 * sp_k, mask=jmask, other=0.0).to(tl.float32) - a_w
+                raw = load_codes(Crow + t0.to(tl.int64) * sc_t, offs_j, t0 >= 0, NB, W, BLOCK_P, ALT, CB)
+                code = decode_codes(raw, offs_j, W, BLOCK_N, BLOCK_P, ALT, CB)
                 rad = bin_unit(code, 0, RB) * r_w[None, :] + r_0[None, :]
                 c, s = cos_sin(bin_unit(code, RB, AB) * a_w[None, :] + a_0[None, :], FAST)
-                kx, ky = rad * c, rad * s
-            if SPLIT_DOT:
+                if SPLIT_DOT:  # (each product right before its dot, as first timed)
+                    qk = tl.dot(qx, tl.trans((rad * c).to(QT)), input_precision=PREC)
+                    qk = tl.dot(qy, tl.trans((rad * s).to(QT)), qk, input_precision=PREC)
+                else:
+                    kx, ky = rad * c, rad * s
+            if SPLIT_DOT and KIND >= 2:
                 qk = tl.dot(qx, tl.trans(kx.to(QT)), input_precision=PREC)
                 qk = tl.dot(qy, tl.trans(ky.to(QT)), qk, input_precision=PREC)
-            else:
+            elif not SPLIT_DOT:
                 k = tl.reshape(tl.join(kx.to(QT), ky.to(QT)), [BLOCK_N, 2 * BLOCK_P])
                 qk = tl.dot(qxy, tl.trans(k), input_precision=PREC)
         if VB == 0:
