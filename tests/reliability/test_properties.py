@@ -245,8 +245,9 @@ def triton_kernels(monkeypatch):
         yield
 
 
-def _codes_within_one_bin(codec: Codec, got: torch.Tensor, want: torch.Tensor, D: int) -> None:
-    """The kernels' atan2 / hypot may differ from torch's by an ulp: a code may be one bin over at an edge."""
+def _codes_within_one_bin(codec: Codec, got: torch.Tensor, want: torch.Tensor, D: int, edges: int = 1) -> None:
+    """The kernels' atan2 / hypot may differ from torch's by an ulp: a code may be one bin over at an edge (at most
+    `edges` of them, or 1%)."""
     P = D // 2
     a, b = C.unpack_codes(got, codec.code_bits, P).int(), C.unpack_codes(want, codec.code_bits, P).int()
     assert a.shape == b.shape
@@ -255,7 +256,7 @@ def _codes_within_one_bin(codec: Codec, got: torch.Tensor, want: torch.Tensor, D
     mask = (1 << codec.radius_bits) - 1
     assert ((a & mask) - (b & mask)).abs().max() <= 1
     assert ((a >> codec.radius_bits) - (b >> codec.radius_bits)).abs().max() <= 1
-    assert (a != b).sum() <= max(1, a.numel() // 100), f"{int((a != b).sum())} of {a.numel()} codes differ"
+    assert (a != b).sum() <= max(edges, a.numel() // 100), f"{int((a != b).sum())} of {a.numel()} codes differ"
 
 
 @st.composite
@@ -371,11 +372,24 @@ def test_static_write_kernel_matches_the_reference(triton_kernels, case, rewind)
     torch.ops.pqcompile.static_write_(*bufs, keys[:, :, T0:], torch.arange(start, start + S), *args)
     L = start + S
     assert int(bufs[3]) == int(want[3]) == L
-    torch.testing.assert_close(bufs[2][:, :, : L % G], want[2][:, :, : L % G], rtol=0, atol=0)
+    # A rewind into an encoded group brings its kept rows back decoded (the interpreter's cos/sin against torch's,
+    # an ulp apart: found by the long profile), and the group re-encodes from those: there the two states are
+    # compared by what they decode to, within one bin of the reference's cells; everything before it strictly.
+    rewound = start < T0 // G * G
+    tol = {"rtol": 2 * torch.finfo(dtype).eps, "atol": 1e-6} if rewound else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(bufs[2][:, :, : L % G], want[2][:, :, : L % G], **tol)
     n = L // G
-    torch.testing.assert_close(bufs[1][:, :, : n * 4].float(), want[1][:, :, : n * 4].float(), rtol=2 ** -7,
-                               atol=1e-30)
-    _codes_within_one_bin(codec, bufs[0][:, :, : n * G], want[0][:, :, : n * G], D)
+    m = start // G if rewound else n  # groups the write did not re-encode
+    pw = want[1][:, :, : m * 4].float()
+    floor = 2 ** -20 * pw.abs().amax().item() + 1e-30 if pw.numel() else 1e-30  # as the encode property's
+    torch.testing.assert_close(bufs[1][:, :, : m * 4].float(), pw, rtol=2 ** -7, atol=floor)
+    _codes_within_one_bin(codec, bufs[0][:, :, : m * G], want[0][:, :, : m * G], D)
+    if n > m:
+        dec = [C.decode(C.PolarData(b[0][:, :, : n * G], ops.unflat(b[1][:, :, : n * 4]), b[2][:, :, :0].float()),
+                        n * G, codec)[:, :, m * G:].float() for b in (bufs, want)]
+        p = ops.unflat(want[1][:, :, m * 4: n * 4]).float().abs()  # [B, H, groups, 4, P]
+        one_bin = (p[:, :, :, 1] + (p[:, :, :, 0] + (1 << codec.radius_bits) * p[:, :, :, 1]) * p[:, :, :, 3]).amax()
+        assert (dec[0] - dec[1]).abs().max() <= 2 * one_bin + 1e-6
 
 
 # --------------------------------------------------------------------------- non-finite keys
