@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from .config import PairingMode, PolarQuantConfig
-from .key_cells import KINDS, check_kind, decode_cells, encode_cells  # noqa: F401 (KINDS re-exported)
+from .key_cells import KINDS, POLAR_KINDS, check_kind, decode_cells, encode_cells  # noqa: F401 (KINDS re-exported)
 from .quantizer import PARAM_DTYPE, bin_center, bin_index, group_params, pack_codes, round_bf16, unpack_codes  # noqa: F401 (re-exported)
 
 KEY_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -234,7 +234,7 @@ def polar_scores(q: torch.Tensor, data: PolarData, codec: Codec) -> torch.Tensor
     n, R = Tc // G, Hq // H
     xs, ys = codec.pairing.indices(D)
     qq = torch.cat([q[..., xs], q[..., ys]], dim=-1).float().reshape(B, H, R * S, 2 * P)
-    if codec.kind not in ("polar", "polar-circ"):
+    if codec.kind not in POLAR_KINDS:
         k = torch.cat(decode_xy(data, codec, D), dim=-1)
         return (qq @ k.transpose(-1, -2)).view(B, Hq, S, Tc)
     p = data.params.float()  # [B, H, n, 4, P]

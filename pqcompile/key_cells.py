@@ -89,9 +89,8 @@ def encode_cells(x: torch.Tensor, y: torch.Tensor, kind: str, bits1: int, bits2:
         return cr, ca, torch.stack([r_min, r_s, a_min, a_s], dim=-2)
     cx, x_min, x_s = _cell(x, bits1)
     cy, y_min, y_s = _cell(y, bits2)
-    polar = prefer_polar(r_min, r_s, a_s, x_s, y_s, bits1)  # [..., P]
-    pick = polar.unsqueeze(-2)
-    params = torch.where(polar.unsqueeze(-2), torch.stack([r_min, -r_s, a_min, a_s], dim=-2),
+    pick = prefer_polar(r_min, r_s, a_s, x_s, y_s, bits1).unsqueeze(-2)  # [..., 1, P]
+    params = torch.where(pick, torch.stack([r_min, -r_s, a_min, a_s], dim=-2),
                          torch.stack([x_min, x_s, y_min, y_s], dim=-2))
     return torch.where(pick, cr, cx), torch.where(pick, ca, cy), params
 
