@@ -90,14 +90,21 @@ class CompressedTensor(torch.Tensor):
                                                    requires_grad=False)
 
     def __init__(self, *args):
-        *inner, self.codec, _shape = args
+        *inner, self.codec, shape = args
         for name, t in zip(self.inner_names, inner, strict=True):
             setattr(self, name, t)
+        # The logical shape as a plain tuple: `self.shape` on a class with torch-level impls runs
+        # __torch_function__ (~4 us of Python a call), and the eager code between decode steps reads lengths often.
+        self.logical_shape = tuple(shape)
         if self.growing_dim is not None and not torch.compiler.is_compiling():
             # Say so up front, so that dynamo compiles one dynamic graph instead of a static one first and a
-            # dynamic one on the next call (docs/design.md §8.11).
-            for t in (self, *(getattr(self, n) for n in self.growing_inner)):
-                torch._dynamo.maybe_mark_dynamic(t, self.growing_dim)
+            # dynamic one on the next call (docs/design.md §8.11). Inner buffers kept from step to step (appends
+            # in place) carry their mark already: marking again costs more than the step's append.
+            torch._dynamo.maybe_mark_dynamic(self, self.growing_dim)
+            for name in self.growing_inner:
+                t = getattr(self, name)
+                if self.growing_dim not in getattr(t, "_dynamo_weak_dynamic_indices", ()):
+                    torch._dynamo.maybe_mark_dynamic(t, self.growing_dim)
 
     def inner_tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, n) for n in self.inner_names)
@@ -145,17 +152,21 @@ class CompressedTensor(torch.Tensor):
                 else:
                     cls._function_impls[op] = impl
                     cls.__torch_function__ = classmethod(_torch_function)
+            _RESOLVED.clear()
             return impl
 
         return register
 
     @classmethod
     def _lookup(cls, table: str, func) -> Callable | None:
-        for klass in cls.__mro__:
-            impl = vars(klass).get(table, {}).get(func)
-            if impl is not None:
-                return impl
-        return None
+        key = (cls, table, func)
+        try:
+            return _RESOLVED[key]
+        except KeyError:
+            pass
+        impl = next((i for k in cls.__mro__ if (i := vars(k).get(table, {}).get(func)) is not None), None)
+        _RESOLVED[key] = impl
+        return impl
 
     # Off unless a class registers a torch-level function (implements): otherwise every torch call on the tensor,
     # eager or traced by dynamo, would run Python here for nothing.
@@ -170,6 +181,9 @@ class CompressedTensor(torch.Tensor):
             if out is not NotImplemented:
                 return out
         return dense_fallback(func, args, kwargs)
+
+
+_RESOLVED: dict = {}  # (class, table, func) -> impl or None: _lookup's MRO walk, once per key
 
 
 def _torch_function(cls, func, types, args=(), kwargs=None):

@@ -36,7 +36,7 @@ class DenseValues(CompressedTensor):
 
     @property
     def seq_len(self):
-        return self.shape[2]
+        return self.logical_shape[2]
 
     @property
     def capacity(self):

@@ -49,7 +49,7 @@ class DynamicCompressed(CompressedTensor):
 
     @property
     def seq_len(self):
-        return self.shape[2]
+        return self.logical_shape[2]
 
     @property
     def group_size(self) -> int:
