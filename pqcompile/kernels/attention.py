@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import types
 
 import torch
-import triton
 import triton.language as tl
 
 from .. import codec as ref
@@ -70,6 +70,51 @@ def attention(q: torch.Tensor, data: PolarData, seq_len: int, v: torch.Tensor | 
                              is_causal=is_causal)
     return _attend(q, codes, params, tail, vt, codec, vcodec, seq_len=seq_len, length=None, mask=mask, scale=scale,
                    softcap=softcap, is_causal=is_causal, num_splits=num_splits)
+
+
+def attention_state(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
+                    v: torch.Tensor, seq_len: int, codec: Codec, *, mask: torch.Tensor | None = None,
+                    scale: float | None = None, softcap: float | None = None, is_causal: bool = False,
+                    num_splits: int | None = None) -> torch.Tensor:
+    """`attention` over a DynamicCache key state as pqcompile::attention receives it, without the op's views:
+    codes [B, H, cap, NB] and params [B, H, cap/G*4, P] (flat) with spare rows, the ring [B, H, G, D] as the tail,
+    dense v [B, Hkv|Hq, >= seq_len, Dv] (its first seq_len rows). The kernel gets the same pointers and strides as
+    through ops._view (slices from row 0 keep both), so the launch is the same. Inputs that the same checks pass
+    with the spare rows allowed go straight to the launch; anything else (an error, a reference fallback) takes
+    the op's views and `attention`, which raises or falls back exactly as before."""
+    G = codec.group_size
+    Tc = seq_len // G * G
+    dev = q.device if isinstance(q, torch.Tensor) else None
+    fast = (dev is not None and all(isinstance(t, torch.Tensor) for t in (codes, params, ring, v))
+            and q.dim() == codes.dim() == params.dim() == ring.dim() == v.dim() == 4
+            and (mask is None or isinstance(mask, torch.Tensor)
+                 and (mask.dtype == torch.bool or mask.is_floating_point())))
+    if fast:
+        B, Hq, S, D = q.shape
+        _, H, cap, NB = codes.shape
+        _, _, rows, P = params.shape
+        Dv = v.shape[-1]
+        fast = (q.dtype in KEY_DTYPES and v.dtype in KEY_DTYPES and ring.dtype in KEY_DTYPES
+                and codes.dtype == torch.uint8 and params.dtype == PARAM_DTYPE
+                and 1 <= codec.radius_bits and 1 <= codec.angle_bits and codec.code_bits <= 8
+                and G >= 16 and not G & (G - 1)
+                and ring.shape[0] == B and ring.shape[1] == H and ring.shape[3] == D and H and not Hq % H
+                and ring.shape[2] >= seq_len - Tc
+                and codes.shape[0] == B and cap >= Tc and NB == codec.code_bytes(D)
+                and params.shape[0] == B and params.shape[1] == H and rows >= Tc // G * 4 and not rows % 4
+                and P == D // 2
+                and v.shape[0] == B and v.shape[1] in (H, Hq) and v.shape[2] >= seq_len
+                and codes.stride(-1) == 1 and params.stride(-1) == 1 and v.stride(-1) == 1
+                and codes.device == dev and params.device == dev and ring.device == dev and v.device == dev
+                and (q.is_cuda or common.interpret())
+                and 0 < D <= common.MAX_HEAD_DIM and Dv <= common.MAX_HEAD_DIM and seq_len > 0 and S and B)
+    if not fast:
+        data = PolarData(codes[:, :, :Tc], params[:, :, : Tc // G * 4].view(
+            params.shape[0], params.shape[1], -1, 4, params.shape[-1]), ring)
+        return attention(q, data, seq_len, v[:, :, :seq_len] if v.shape[2] > seq_len else v, codec, mask=mask,
+                         scale=scale, softcap=softcap, is_causal=is_causal, num_splits=num_splits)
+    return _attend(q, codes, params.view(B, H, rows // 4, 4, P), ring, (v,), codec, None, seq_len=seq_len,
+                   length=None, mask=mask, scale=scale, softcap=softcap, is_causal=is_causal, num_splits=num_splits)
 
 
 def static_attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor,
@@ -183,12 +228,12 @@ def _attend(q, codes, params, tail, vt, codec, vcodec, *, seq_len, length, mask,
     launch = _Launch(q, _unit_last(codes), _unit_last(params), tail, _unit_last(vt[0]), codec,
                      _broadcast_mask(mask, (B, Hq, S, T), q.device), seq_len=seq_len, length=length, scale=scale,
                      softcap=softcap, is_causal=is_causal, num_splits=num_splits, packed=packed, t_max=t_max)
-    space = tuner.candidates(settings.tuned_space, codec.group_size, launch.block_p, codec.code_bits)
-    if launch.on_gpu and settings.autotune and num_splits is None and space:
-        config = tuner.pick(launch.key, launch, space)
+    plan = launch.plan
+    if plan.tuned:
+        config = tuner.pick(launch.key, launch, plan.space)
         launch.partials.clear()  # the tuner's were allocated on its side stream: this launch allocates on the caller's
     else:
-        config = _fixed_config(codec, launch.block_p)
+        config = plan.fixed_config()
     launch(config)
     return launch.out
 
@@ -219,61 +264,49 @@ def _fixed_config(codec: Codec, block_p: int) -> LaunchConfig:
                       alt_code_load=c.alt_code_load and W != 8)
 
 
-class _Launch:
-    """One attention call's kernel arguments but the launch config; calling it with a config launches the kernel
-    (and the split reduction). Grid (B * NQG, splits, MB): a program serves RG query heads x S positions in
-    row blocks of BLOCK_M, over its split of the kv head's tokens. packed: (value codes, value params, ValueCodec)
-    with v the value tail (ring), or None for dense v."""
+_PLANS: dict = {}  # plan key -> _Plan
+_MAX_PLANS = 256  # a full table is cleared (a miss only rebuilds a plan)
 
-    def __init__(self, q, codes, params, tail, v, codec, mask, *, seq_len, length, scale, softcap, is_causal,
-                 num_splits, packed=None, t_max=None):
+
+class _Plan:
+    """What an attention launch derives from shapes, dtypes, the codecs and the settings alone, computed once per
+    plan key (`_Launch.__init__`): the grid's shape, the kernels' constexprs, the tuner's candidates and key, and
+    the kwargs mapping of each launch config (kept, so that common.launch can key on its identity). Nothing here
+    depends on the length, the strides or the data: those are read on every call."""
+
+    def __init__(self, q, tail, v, codec, mask, *, static, softcap, is_causal, num_splits, packed, on_gpu):
         B, Hq, S, D = q.shape
         H, G = tail.shape[1], codec.group_size
         R = Hq // H
         RG, NQG = (R, H) if v.shape[1] == H else (1, Hq)
         Dv, P, NB = v.shape[-1], D // 2, codec.code_bytes(D)
+        self.codec, self.G, self.S, self.Dv, self.NQG, self.R, self.RG = codec, G, S, Dv, NQG, R, RG
         self.rows = RG * S
-        self.block_m = max(16, min(64, triton.next_power_of_2(self.rows)))
-        self.MB = triton.cdiv(self.rows, self.block_m)
-        self.block_p, self.block_dv = triton.next_power_of_2(P), max(16, triton.next_power_of_2(Dv))
+        self.block_m = max(16, min(64, common.next_pow2(self.rows)))
+        self.MB = common.cdiv(self.rows, self.block_m)
+        self.block_p, self.block_dv = common.next_pow2(P), max(16, common.next_pow2(Dv))
         self.n_prog = B * NQG * self.MB
-        self.sms, self.num_splits = common.sm_count(q.device), num_splits
-        if length is None:
-            self.Tc, self.L = seq_len // G * G, seq_len % G
-            len_arg, t_max = q, seq_len
-        else:  # the grid covers the capacity; the kernel divides the actual length among the splits
-            self.Tc, self.L = codes.shape[2], 0
-            len_arg, t_max = length, v.shape[2] if packed is None else t_max
-        self.on_gpu = common.on_gpu(q)
-        self.device, self.out = q.device, common.alloc((B, Hq, S, Dv), q.dtype, q.device)
-        self.partials: dict = {}
-        xi, yi = common.pair_index(codec.pairing, D, q.device)
-        m_arg, m_strides = (mask, mask.stride()) if mask is not None else (q, (0, 0, 0, 0))
-        out = self.out
+        self.sms, self.num_splits, self.on_gpu = common.sm_count(q.device), num_splits, on_gpu
+        self.out_shape, self.dtype, self.device = (B, Hq, S, Dv), q.dtype, q.device
+        self.xi, self.yi = common.pair_index(codec.pairing, D, q.device)
         if packed is None:  # None: constexprs, the dense kernel's signature
-            vb, vcg, nbv, packed_args = 0, 0, 0, (None,) * 8
+            vb, vcg, nbv = 0, 0, 0
         else:
-            vcodes, vparams, vcodec = packed
+            vcodes, _, vcodec = packed
             vb, vcg, nbv = vcodec.bits, vcodec.channel_group, vcodes.shape[-1]
-            packed_args = (vcodes, *vcodes.stride()[:3], vparams, *vparams.stride()[:3])
-        self.args_in = (q, *q.stride(), codes, *codes.stride()[:3], params, *params.stride()[:4], tail, *tail.stride(),
-                        v, *v.stride()[:3], *packed_args, m_arg, *m_strides, xi, yi, out, *out.stride()[:3])
-        self.args_len = (len_arg, seq_len or 0, self.Tc, t_max, NQG, S, R, RG, Dv,
-                         float(D ** -0.5 if scale is None else scale), float(softcap) if softcap else 1.0)
-        self.reduce_args = (out, *out.stride()[:3], NQG, self.MB, S, RG, Dv)
         has_mask, mask_bool = mask is not None, mask is not None and mask.dtype == torch.uint8
-        qt, vt = (common.TL[q.dtype], common.TL[v.dtype]) if self.on_gpu else (tl.float32, tl.float32)
-        self.meta = {
+        qt, vt = (common.TL[q.dtype], common.TL[v.dtype]) if on_gpu else (tl.float32, tl.float32)
+        meta = {
             "P": P, "NB": NB, "G": G, "RB": codec.radius_bits, "AB": codec.angle_bits, "BLOCK_M": self.block_m,
             "BLOCK_P": self.block_p, "BLOCK_DV": self.block_dv, "HAS_MASK": has_mask, "MASK_BOOL": mask_bool,
-            "SOFTCAP": bool(softcap), "CAUSAL": bool(is_causal) and S > 1, "FAST": self.on_gpu, "QT": qt, "VT": vt,
-            "LEN_DEVICE": length is not None,
+            "SOFTCAP": bool(softcap), "CAUSAL": bool(is_causal) and S > 1, "FAST": on_gpu, "QT": qt, "VT": vt,
+            "LEN_DEVICE": static,
             "PREC": "ieee" if torch.float32 in (q.dtype, v.dtype) else "tf32",  # fp32 inputs: no TF32 rounding
             "CB": codec.code_bits // math.gcd(codec.code_bits, 8),  # bytes of the smallest whole word of codes
             "VB": vb, "VCG": vcg, "NBV": nbv,
         }
         if codec.kind != "polar":  # (polar-circ decodes as polar: its launches are polar's)
-            self.meta["KIND"] = common.kind_index(codec) if codec.kind != "polar-circ" else 0
+            meta["KIND"] = common.kind_index(codec) if codec.kind != "polar-circ" else 0
         # packed values dequantized after the dot: tl.dot needs channel groups of >= 16; row blocks of 64 (prompts)
         # spill there (sm_90 SASS, bench/compile_kernels.py), so they dequantize before it
         form = settings.value_form if packed is not None and vcg >= 16 and self.block_m <= 32 else "dequant"
@@ -281,38 +314,114 @@ class _Launch:
             form = "dot-bytes"  # on the H200 (bench/value_dot_check.py, not isolated further); the per-channel one
         if form != "dequant":
             ut = tl.float32 if vt == tl.float32 else tl.bfloat16  # bf16 for fp16 values too: p * scale's range
-            self.meta.update(VDOT=True, VLOAD=int(form == "dot-bytes"), UT=ut)
-        # the tuner's shape class: what changes the best config (lengths and grids by power of two)
-        self.key = (length is None, (self.Tc + self.L).bit_length(), self.n_prog.bit_length(), P, NB,
-                    codec.radius_bits, G, self.block_m, self.block_dv, has_mask, mask_bool, self.meta["CAUSAL"],
-                    bool(softcap), q.dtype, v.dtype, tail.dtype, vb, vcg, form, self.meta.get("KIND", 0))
+            meta.update(VDOT=True, VLOAD=int(form == "dot-bytes"), UT=ut)
+        self.meta = meta
+        # the tuner's shape class: what changes the best config (lengths and grids by power of two); the second
+        # entry, the length's bit length, is filled in per call
+        self.key_rest = (self.n_prog.bit_length(), P, NB, codec.radius_bits, G, self.block_m, self.block_dv,
+                         has_mask, mask_bool, meta["CAUSAL"], bool(softcap), q.dtype, v.dtype, tail.dtype, vb, vcg,
+                         form, meta.get("KIND", 0))
+        self.space = tuner.candidates(settings.tuned_space, G, self.block_p, codec.code_bits)
+        self.tuned = on_gpu and settings.autotune and num_splits is None and bool(self.space)
+        self._fixed = None
+        self._fwd_kwargs: dict = {}  # LaunchConfig -> the forward kernel's kwargs
+        self._reduce_kwargs: dict = {}  # BLOCK_S -> the reduction's kwargs
+
+    def fixed_config(self) -> LaunchConfig:
+        if self._fixed is None:
+            self._fixed = _fixed_config(self.codec, self.block_p)
+        return self._fixed
+
+    def fwd_kwargs(self, c: LaunchConfig):
+        key = (*c, *map(type, c))  # (True and 1 are different constexprs)
+        kw = self._fwd_kwargs.get(key)
+        if kw is None:
+            kw = self._fwd_kwargs[key] = types.MappingProxyType({
+                **self.meta, "BLOCK_N": c.block_n, "SPLIT_DOT": c.split_dot, "PPS": c.programs_per_sm,
+                "ALT": c.alt_code_load, "NCH": c.pair_chunks, "num_warps": c.num_warps, "num_stages": c.num_stages,
+                **({"maxnreg": c.maxnreg} if c.maxnreg else {})})
+        return kw
+
+    def reduce_kwargs(self, splits: int):
+        block_s = min(32, common.next_pow2(splits))
+        kw = self._reduce_kwargs.get(block_s)
+        if kw is None:
+            kw = self._reduce_kwargs[block_s] = types.MappingProxyType({
+                "BLOCK_M": self.block_m, "BLOCK_DV": self.block_dv, "BLOCK_S": block_s, "num_warps": 4})
+        return kw
+
+
+class _Launch:
+    """One attention call's kernel arguments but the launch config; calling it with a config launches the kernel
+    (and the split reduction). Grid (B * NQG, splits, MB): a program serves RG query heads x S positions in
+    row blocks of BLOCK_M, over its split of the kv head's tokens. packed: (value codes, value params, ValueCodec)
+    with v the value tail (ring), or None for dense v. The shape-only part comes from a cached _Plan."""
+
+    def __init__(self, q, codes, params, tail, v, codec, mask, *, seq_len, length, scale, softcap, is_causal,
+                 num_splits, packed=None, t_max=None):
+        on_gpu = common.on_gpu(q)
+        pkey = (q.shape, q.dtype, q.device, tail.shape[1], tail.dtype, v.shape[1], v.shape[-1], v.dtype, codec,
+                None if mask is None else mask.dtype, length is None, bool(softcap), bool(is_causal), num_splits,
+                None if packed is None else (packed[2], packed[0].shape[-1]), on_gpu, settings.generation)
+        plan = _PLANS.get(pkey)
+        if plan is None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            plan = _PLANS[pkey] = _Plan(q, tail, v, codec, mask, static=length is not None, softcap=softcap,
+                                        is_causal=is_causal, num_splits=num_splits, packed=packed, on_gpu=on_gpu)
+        self.plan, self.on_gpu, self.num_splits = plan, on_gpu, num_splits
+        G = plan.G
+        if length is None:
+            self.Tc, self.L = seq_len // G * G, seq_len % G
+            len_arg, t_max = q, seq_len
+        else:  # the grid covers the capacity; the kernel divides the actual length among the splits
+            self.Tc, self.L = codes.shape[2], 0
+            len_arg, t_max = length, v.shape[2] if packed is None else t_max
+        self.out = out = common.alloc(plan.out_shape, plan.dtype, plan.device)
+        self.partials: dict = {}
+        m_arg, m_strides = (mask, mask.stride()) if mask is not None else (q, (0, 0, 0, 0))
+        if packed is None:
+            packed_args = (None,) * 8
+        else:
+            vcodes, vparams, _ = packed
+            packed_args = (vcodes, *vcodes.stride()[:3], vparams, *vparams.stride()[:3])
+        so = out.stride()[:3]
+        self.args_in = (q, *q.stride(), codes, *codes.stride()[:3], params, *params.stride()[:4], tail, *tail.stride(),
+                        v, *v.stride()[:3], *packed_args, m_arg, *m_strides, plan.xi, plan.yi, out, *so)
+        self.args_len = (len_arg, seq_len or 0, self.Tc, t_max, plan.NQG, plan.S, plan.R, plan.RG, plan.Dv,
+                         float(q.shape[-1] ** -0.5 if scale is None else scale), float(softcap) if softcap else 1.0)
+        self.reduce_args = (out, *so, plan.NQG, plan.MB, plan.S, plan.RG, plan.Dv)
+        self.key = (length is None, (self.Tc + self.L).bit_length(), *plan.key_rest)
+
+    @property
+    def block_p(self) -> int:
+        return self.plan.block_p
 
     def splits(self, block_n: int, programs_per_sm: int) -> int:
         """Splits of the token range: about programs_per_sm programs an SM, each split a whole number of blocks."""
-        n_blocks = self.Tc // block_n + triton.cdiv(self.L, block_n)
-        want = self.num_splits if self.num_splits is not None else triton.cdiv(programs_per_sm * self.sms,
-                                                                                self.n_prog)
-        return triton.cdiv(n_blocks, triton.cdiv(n_blocks, max(1, min(want, n_blocks))))
+        cdiv, plan = common.cdiv, self.plan
+        n_blocks = self.Tc // block_n + cdiv(self.L, block_n)
+        want = self.num_splits if self.num_splits is not None else cdiv(programs_per_sm * plan.sms, plan.n_prog)
+        return cdiv(n_blocks, cdiv(n_blocks, max(1, min(want, n_blocks))))
 
     def _partial_buffers(self, splits: int):
-        """fp32 (acc, max, sum) per split, grown as needed; with one split the kernel writes the output directly."""
+        """fp32 (acc, max, sum) per split, grown as needed; with one split the kernel writes the output directly.
+        One allocation holds all three (each part's offset a multiple of 64 bytes, as separate buffers were)."""
         if splits == 1:
             return self.out, self.out, self.out
         if self.partials.get("n", 0) < splits:
-            n = self.n_prog * splits * self.block_m
-            self.partials.update(n=splits, o=common.alloc((n * self.block_dv,), torch.float32, self.device),
-                                 ml=common.alloc((2, n), torch.float32, self.device))
-        return self.partials["o"], self.partials["ml"][0], self.partials["ml"][1]
+            plan = self.plan
+            n = plan.n_prog * splits * plan.block_m
+            buf = common.alloc((n * (plan.block_dv + 2),), torch.float32, plan.device)
+            self.partials.update(n=splits, bufs=torch.split_with_sizes(buf, (n * plan.block_dv, n, n)))
+        return self.partials["bufs"]
 
     def __call__(self, c: LaunchConfig) -> None:
+        plan = self.plan
         splits = self.splits(c.block_n, c.programs_per_sm)
-        polar_attn_fwd_kernel[(self.n_prog // self.MB, splits, self.MB)](
-            *self.args_in, *self._partial_buffers(splits), *self.args_len, **self.meta,
-            BLOCK_N=c.block_n, SPLIT_DOT=c.split_dot, PPS=c.programs_per_sm, ALT=c.alt_code_load, NCH=c.pair_chunks,
-            num_warps=c.num_warps, num_stages=c.num_stages, **({"maxnreg": c.maxnreg} if c.maxnreg else {}),
-        )
+        parts = self._partial_buffers(splits)
+        common.launch(polar_attn_fwd_kernel, (plan.n_prog // plan.MB, splits, plan.MB),
+                      (*self.args_in, *parts, *self.args_len), plan.fwd_kwargs(c))
         if splits > 1:
-            polar_attn_reduce_kernel[(self.n_prog, min(self.block_m, self.rows))](
-                *self._partial_buffers(splits), *self.reduce_args, splits, BLOCK_M=self.block_m,
-                BLOCK_DV=self.block_dv, BLOCK_S=min(32, triton.next_power_of_2(splits)), num_warps=4,
-            )
+            common.launch(polar_attn_reduce_kernel, (plan.n_prog, min(plan.block_m, plan.rows)),
+                          (*parts, *self.reduce_args, splits), plan.reduce_kwargs(splits))

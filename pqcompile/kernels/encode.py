@@ -4,7 +4,6 @@ rows (value_codec.encode_groups) likewise, and value_codec.append."""
 from __future__ import annotations
 
 import torch
-import triton
 
 from .. import codec as ref
 from .. import value_codec as vref
@@ -50,13 +49,14 @@ def encode_groups_into(keys: torch.Tensor, codes: torch.Tensor, params: torch.Te
     pairs = 0
     if codec.pairing.rotary_dim in (None, D):
         pairs = 1 if codec.pairing.layout is PairingMode.HALF else 2
-    grid = (B * H * n, triton.cdiv(P, block_p))
-    polar_encode_kernel[grid](
+    grid = (B * H * n, common.cdiv(P, block_p))
+    common.launch(polar_encode_kernel, grid, (
         keys, *keys.stride(), xi, yi, codes, *codes.stride()[:3], params, *params.stride()[:4],
         H, n, group_offset,
+    ), common.frozen(
         P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits, BLOCK_P=block_p, PAIRS=pairs,
         ON_GPU=common.on_gpu(keys), KIND=common.kind_index(codec), num_warps=tile.num_warps,
-    )
+    ))
 
 
 def encode_groups(keys: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,14 +137,15 @@ def encode_value_groups_into(values: torch.Tensor, codes: torch.Tensor, params: 
         common.check_device(name, t, values.device)
     if N == 0 or B * H == 0:
         return
-    block_dv = triton.next_power_of_2(Dv)
+    block_dv = common.next_pow2(Dv)
     tile = settings.value_tile
     block_t = common.row_tile(tile.block_t, block_dv, N)
-    value_encode_kernel[(B * H, triton.cdiv(N, block_t))](
+    common.launch(value_encode_kernel, (B * H, common.cdiv(N, block_t)), (
         values, *values.stride(), codes, *codes.stride()[:3], params, *params.stride()[:3], H, N, token_offset,
+    ), common.frozen(
         DV=Dv, NBV=vcodec.code_bytes(Dv), VB=vcodec.bits, VCG=vcodec.channel_group, BLOCK_T=block_t,
         BLOCK_DV=block_dv, ON_GPU=common.on_gpu(values), num_warps=tile.num_warps,
-    )
+    ))
 
 
 def encode_value_groups(values: torch.Tensor, vcodec: ValueCodec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -61,6 +62,7 @@ VALUE_TILE = RowTile(block_t=16, num_warps=4)  # not yet timed on a GPU
 # the mins by one fp32 row sum), each token's code bytes loaded contiguously; "dot-bytes": the same, each
 # channel's own byte loaded; "dequant": every value dequantized in registers before the dot (the first form).
 VALUE_FORMS = ("dot", "dot-bytes", "dequant")
+_GENERATIONS = itertools.count()
 
 
 @dataclasses.dataclass
@@ -81,6 +83,12 @@ class KernelSettings:
     write_tile: Tile = WRITE_TILE
     value_tile: RowTile = VALUE_TILE
     value_form: str = "dot"  # packed values dequantized after the P @ U dot (1.8x "dequant" at 8x32k on the H200)
+
+    def __setattr__(self, name, value):
+        # every change (construction, override, a plain assignment) starts a new generation: the attention
+        # wrapper's launch plans are keyed on it
+        super().__setattr__(name, value)
+        object.__setattr__(self, "generation", next(_GENERATIONS))
 
     def __post_init__(self):
         self.attention = LaunchConfig(*self.attention)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import triton
 
 from .. import codec as ref
 from .. import value_codec as vref
@@ -52,22 +51,24 @@ def static_write(codes: torch.Tensor, params: torch.Tensor, ring: torch.Tensor, 
     tile = settings.write_tile
     block_p = common.pair_tile(tile.block_p, G, P)
     on_gpu = common.on_gpu(new_keys)
-    for first, n_groups in ((True, 1), (False, max(1, triton.cdiv(S - 1, G)))):  # the second stores the length
-        polar_static_write_kernel[(B * H, n_groups, triton.cdiv(P, block_p))](
-            new_keys, *new_keys.stride(), positions, length, ring, *ring.stride(), xi, yi,
-            codes, *codes.stride()[:3], params, *params.stride()[:4], H, S, Tcap // G,
+    args = (new_keys, *new_keys.stride(), positions, length, ring, *ring.stride(), xi, yi,
+            codes, *codes.stride()[:3], params, *params.stride()[:4], H, S, Tcap // G)
+    for first, n_groups in ((True, 1), (False, max(1, common.cdiv(S - 1, G)))):  # the second stores the length
+        common.launch(polar_static_write_kernel, (B * H, n_groups, common.cdiv(P, block_p)), args, common.frozen(
             P=P, NB=NB, G=G, RB=codec.radius_bits, AB=codec.angle_bits, BLOCK_P=block_p, FIRST=first,
             ON_GPU=on_gpu, KIND=common.kind_index(codec), num_warps=tile.num_warps,
-        )
+        ))
 
 
 def _check_positions(positions: torch.Tensor, length: torch.Tensor, S: int, Tcap: int) -> None:
-    """The host check of a write (a sync): HF's IndexError past the capacity, contiguity from the length."""
-    start, L = int(positions[0]), int(length[0])
+    """The host check of a write (one copy to the host, one sync): HF's IndexError past the capacity, contiguity
+    from the length."""
+    L, *pos = torch.cat([length, positions.to(torch.int64)]).tolist()
+    start = pos[0]
     if start + S > Tcap:
         raise IndexError(f"index {start + S - 1} is out of bounds for dimension 2 with size {Tcap}: the static "
                          "cache is too small for the requested tokens")
-    if start > L or not torch.equal(positions.cpu(), torch.arange(start, start + S)):
+    if start > L or pos != list(range(start, start + S)):
         raise ValueError(f"static cache writes must be contiguous from the current length {L}; got positions "
                          f"[{start}, ..] of {S}")
 
@@ -108,14 +109,14 @@ def static_write_values(codes: torch.Tensor, params: torch.Tensor, ring: torch.T
         return
     if check:
         _check_positions(positions, length, S, Tcap)
-    block_dv = triton.next_power_of_2(Dv)
+    block_dv = common.next_pow2(Dv)
     tile = settings.value_tile
     block_t = common.row_tile(tile.block_t, block_dv, G)
     meta = {"DV": Dv, "NBV": vcodec.code_bytes(Dv), "G": G, "VB": vcodec.bits, "VCG": vcodec.channel_group,
             "BLOCK_T": block_t, "BLOCK_DV": block_dv, "VMAX": float(torch.finfo(ring.dtype).max),
             "ON_GPU": common.on_gpu(new_values)}
-    for first, n in ((True, G // block_t), (False, max(1, triton.cdiv(S - 1, block_t)))):  # the second: length
-        value_static_write_kernel[(B * H, n)](
-            new_values, *new_values.stride(), positions, length, ring, *ring.stride(), codes, *codes.stride()[:3],
-            params, *params.stride()[:3], H, S, Tcap, FIRST=first, num_warps=tile.num_warps, **meta,
-        )
+    args = (new_values, *new_values.stride(), positions, length, ring, *ring.stride(), codes, *codes.stride()[:3],
+            params, *params.stride()[:3], H, S, Tcap)
+    for first, n in ((True, G // block_t), (False, max(1, common.cdiv(S - 1, block_t)))):  # the second: length
+        common.launch(value_static_write_kernel, (B * H, n), args,
+                      common.frozen(FIRST=first, num_warps=tile.num_warps, **meta))
