@@ -43,9 +43,13 @@ from pqcompile.backend import polarquant
 from pqcompile.hf_compat import CACHE_KW
 from pqcompile.static_cache import PolarStaticCache
 
-VERSION = 4  # 3: static-cache + CUDA-graph contenders, prefill keeps only the last logits; 4: --interleave
+VERSION = 5  # 3: static-cache + CUDA-graph contenders, prefill keeps only the last logits; 4: --interleave;
+# 5: eager-flash / inductor-flash, the JSON written after every row
 
-DYNAMIC = ("eager", "inductor", "polarquant")
+DYNAMIC = ("eager", "inductor", "polarquant", "eager-flash", "inductor-flash")
+# *-flash: SDPA with the cuDNN backend off. With a DynamicCache every step has a new key length, and on the H200
+# torch 2.11 picks cuDNN attention, which builds an execution plan per new shape: the dense dynamic steps then
+# measure plan building. These contenders give the dense dynamic path its fastest SDPA (flash).
 STATIC = ("inductor-static-graphs", "polar-static-graphs", "polar-static", "hf-generate-polar")
 GRAPHED = ("inductor-static-graphs", "polar-static-graphs", "hf-generate-polar")  # mode="reduce-overhead"
 _FORWARD = inspect.signature(transformers.LlamaModel.forward).parameters
@@ -147,9 +151,9 @@ def make_cache(model, contender: str, ctx: int, args):
 
 
 def compiled_forward(model, contender: str, args):
-    if contender == "eager":
+    if contender in ("eager", "eager-flash"):
         return model
-    if contender == "inductor":
+    if contender in ("inductor", "inductor-flash"):
         return torch.compile(model)
     if contender == "inductor-static-graphs":
         return torch.compile(model, mode="reduce-overhead")
@@ -231,6 +235,17 @@ def run(model, contender: str, ctx: int, args) -> dict:
     fwd = compiled_forward(model, contender, args)
     static = contender in STATIC
     t0 = time.perf_counter()
+    flash = contender.endswith("-flash") and device.startswith("cuda")
+    cudnn_was = torch.backends.cuda.cudnn_sdp_enabled()
+    if flash:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        return _run(model, contender, ctx, args, device, n, ids, cache, fwd, static, t0)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_was)
+
+
+def _run(model, contender, ctx, args, device, n, ids, cache, fwd, static, t0) -> dict:
     with torch.no_grad():
         # static: eager prefill, as generate does; dynamic: through fwd (v2 behaviour)
         out = (model if static else fwd)(ids[:, :ctx], **{CACHE_KW: cache}, use_cache=True, logits_to_keep=1)
@@ -350,7 +365,7 @@ def run_generate(model, ctx: int, args) -> dict:
 
 def compare(rows: list[dict]) -> None:
     """Logits vs eager (dynamic contenders, teacher-forced) and greedy tokens between static contenders."""
-    ref = next((r["logits"] for r in rows if r["contender"] == "eager"), None)
+    ref = next((r["logits"] for r in rows if r["contender"] in ("eager", "eager-flash")), None)
     tokens = {(r["contender"], r["context"]): r["tokens"] for r in rows if r["contender"] in STATIC and "tokens" in r}
     pairs = {"polar-static-graphs": "polar-static", "hf-generate-polar": "polar-static",
              "polar-static": "inductor-static-graphs"}
@@ -423,13 +438,21 @@ def main() -> None:
             rows.append(row)
             say(f"{contender} @ {ctx}: {row['step_ms_median']:.2f} ms/step, cudagraphs {row['cudagraphs']}, "
                 f"skips {row['cudagraph_messages'] or '-'}, tokens {row['tokens'][0, :8].tolist()}")
+            write(rows, args, partial=True)  # a run cut off by a time limit still leaves its numbers
     compare(rows)
     print(tabulate([[r.get(h, "") for h in HEADERS] for r in rows], headers=HEADERS, floatfmt=".3f"), flush=True)
+    write(rows, args)
+
+
+def write(rows: list[dict], args, partial: bool = False) -> None:
+    """The JSON of the rows so far (partial: without the logits and tokens compare() turns into numbers)."""
+    if partial:
+        rows = [{k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} for r in rows]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.tag or ("tiny" if args.tiny else f"{args.layers}layers")
     name = f"decode_e2e-{datetime.date.today()}-{tag}.json"
-    meta = {"script": "bench/decode_e2e.py", "version": VERSION, "torch": torch.__version__,
+    meta = {"script": "bench/decode_e2e.py", "version": VERSION, "partial": partial, "torch": torch.__version__,
             "transformers": transformers.__version__, "pqcompile": pqcompile.__version__,
             "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "args": {
                 k: str(v) for k, v in vars(args).items()}}
