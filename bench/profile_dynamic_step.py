@@ -16,8 +16,10 @@ import datetime
 import io
 import json
 import pathlib
+import os
 import pstats
 import statistics
+import subprocess
 import time
 
 import torch
@@ -25,7 +27,7 @@ import transformers
 
 from pqcompile.backend import polarquant
 
-VERSION = 1
+VERSION = 2  # 2: --py-spy
 
 
 def build(args):
@@ -87,6 +89,8 @@ def run(model, contender: str, args) -> dict:
         sync(args)
         row = {"contender": contender, "warmup_s": round(warm, 2), "step_ms": round(statistics.median(walls), 3),
                "host_enqueue_ms": round(host, 3)}
+        if contender == "polarquant" and args.py_spy:
+            row["py_spy"] = sample(step, tok, args)
         if contender == "polarquant" and args.profile_steps:
             prof = cProfile.Profile()
             prof.enable()
@@ -97,6 +101,25 @@ def run(model, contender: str, args) -> dict:
             row["own_time"] = profile_text(prof, "tottime", args.top)
             row["cumulative"] = profile_text(prof, "cumulative", args.top)
     return row
+
+
+def sample(step, tok, args) -> str:
+    """py-spy (sampling; Python frames) attached to this process while it decodes for --py-spy seconds;
+    the collapsed stacks go to a file beside the JSON (cProfile misattributes time across dynamo's eval-frame
+    hooks and the dispatcher's C++ frames; sampling does not)."""
+    path = pathlib.Path(args.out) / f"py_spy-{datetime.date.today()}-{args.layers}layers.txt"
+    cmd = [os.environ.get("PY_SPY", "py-spy"), "record", "--pid", str(os.getpid()), "--format", "raw", "--rate", "1000",
+           "--nonblocking", "--duration", str(args.py_spy), "-o", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.0)
+    t0, n = time.perf_counter(), 0
+    while proc.poll() is None and time.perf_counter() - t0 < args.py_spy + 30:
+        tok = step(tok)
+        n += 1
+    sync(args)
+    out = proc.communicate()[0]
+    print(out[-2000:], flush=True)
+    return f"{path.name}: {n} steps sampled; py-spy rc {proc.returncode}"
 
 
 def main() -> None:
@@ -110,6 +133,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=45)
     ap.add_argument("--value-bits", type=int, default=None)
     ap.add_argument("--contenders", nargs="+", default=["eager", "inductor", "polarquant"])
+    ap.add_argument("--py-spy", type=int, default=0, help="seconds of py-spy sampling of the polar steps")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--out", default="bench/results")
