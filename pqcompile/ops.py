@@ -13,6 +13,7 @@ The value ops (value_codec.py's state, and attention over keys and values togeth
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -160,14 +161,17 @@ def attention(q: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, tail: 
     S, Dv]. softcap <= 0 means none. mask: bool (True = attend) or additive, broadcastable to [B, Hq, S, T].
     """
     c = _codec(radius_bits, angle_bits, group_size, layout)
-    data = _view(codes, params, tail, seq_len, c)
-    v = v[:, :, :seq_len] if v.shape[2] > seq_len else v
     kwargs = {"mask": mask, "scale": scale, "softcap": softcap if softcap > 0 else None, "is_causal": is_causal}
-    if _use_kernels(q):
-        from . import kernels
+    if _use_kernels(q):  # the state's buffers as they are (no views: ~10 us of host time a call)
+        return _kernel_attention().attention_state(q, codes, params, tail, v, seq_len, c, **kwargs).contiguous()
+    v = v[:, :, :seq_len] if v.shape[2] > seq_len else v
+    return ref.attention(q, _view(codes, params, tail, seq_len, c), seq_len, v, c, **kwargs).contiguous()
 
-        return kernels.attention(q, data, seq_len, v, c, **kwargs).contiguous()
-    return ref.attention(q, data, seq_len, v, c, **kwargs).contiguous()
+
+@functools.cache
+def _kernel_attention():
+    """The module pqcompile.kernels.attention (the package exports a function of that name)."""
+    return importlib.import_module("pqcompile.kernels.attention")
 
 
 @attention.register_fake
