@@ -107,11 +107,12 @@ PATTERNS = {  # name pattern -> what it is (R, A, B: bits)
     "CODEC-R+A-deq": "the same codec decoded densely inside a fake-quant cache (reference, cheap on CPU)",
     "kivi-ch-intB": "KIVI-style per-channel keys, B bits, groups of G tokens (reference)",
     "kivi-tok-intB": "KIVI-style per-token keys, B bits, one group of head_dim channels (reference)",
-    "KEYS-vB": "any reference keys method above, plus values through value_codec: B in {2, 4, 8} bits per token "
-               "and group of 64 channels, encoded when their group of G tokens completes (reference)",
+    "KEYS-vB[cC]": "any reference keys method above, plus values through value_codec: B in {2, 4, 8} bits per "
+                   "token and group of C channels (default 64), encoded when their group of G tokens completes "
+                   "(reference)",
 }
 _NAME = re.compile(r"^(?:(fp)|(polar|polar-circ|polar-hybrid|channel)-([1-7])\+([1-7])(-deq)?|kivi-(ch|tok)-int([1-8]))"
-                   r"(?:-v([248]))?$")
+                   r"(?:-v([248])(?:c(\d+))?)?$")
 VALUE_GROUP = 64  # channels per value (min, scale), HF QuantizedCache's default and the product's
 
 DEFAULT = ("fp", "polar-4+4", "polar-3+3", "polar-2+2", "polar-4+4-deq", "polar-3+3-deq", "polar-2+2-deq",
@@ -134,13 +135,14 @@ def method(name: str, head_dim: int = 64, G: int = 128) -> Method:
     keys = _keys_method(name[: m.start(8) - 2] if vb else name, head_dim, G, m.groups()[:7])
     if not vb:
         return keys
-    c = vc.ValueCodec(int(vb), VALUE_GROUP, G)
+    group = int(m.group(9) or VALUE_GROUP)
+    c = vc.ValueCodec(int(vb), group, G)
     error = c.fit_error(head_dim)
     if error:
         raise ValueError(f"method {name!r}: values cannot be encoded: {error}")
-    return dataclasses.replace(keys, name=name, label=f"{keys.label} + V{vb} c{VALUE_GROUP}",
+    return dataclasses.replace(keys, name=name, label=f"{keys.label} + V{vb} c{group}",
                                value_bits=vc.steady_bits_per_element(c, head_dim),
-                               quantize_values=values(int(vb), VALUE_GROUP, G))
+                               quantize_values=values(int(vb), group, G))
 
 
 def _keys_method(name: str, head_dim: int, G: int, groups: tuple) -> Method:

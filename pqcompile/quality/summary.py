@@ -117,7 +117,7 @@ def table(result: dict, fmt: str = "simple") -> str:
 
 def _family(name: str) -> str:
     keys, sep, vbits = name.rpartition("-v")
-    if sep and vbits.isdigit():  # keys + quantized values: its own line
+    if sep and vbits.split("c")[0].isdigit():  # keys + quantized values (-vB or -vBcC): its own line
         return f"{_family(keys)} + V{vbits}"
     for prefix in ("polar-circ", "polar-hybrid", "channel", "polar", "kivi-ch", "kivi-tok"):
         if name.startswith(prefix):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pqcompile import counters, value_codec
 from pqcompile.cache import polar_keys_in
 from pqcompile.models import tiny_llama
-from pqcompile.quality import evaluate, methods
+from pqcompile.quality import evaluate, methods, summary
 from pqcompile.quality.data import INSTALL_HINT
 
 G = 16  # small groups: several complete groups in a short window
@@ -164,6 +164,21 @@ def test_value_method_bits(name):
     assert m.value_bits == value_codec.steady_bits_per_element(vcodec, 64) == bits + 0.5
     assert m.bits == 4.25 and m.kv_bits == (m.bits + m.value_bits) / 2
     assert methods.select(["polar-4+4-deq"])[0].value_bits == 16.0  # keys-only methods keep values dense
+
+
+def test_value_method_channel_group_suffix():
+    """-vBcC: C channels per value group (bits and quantizer follow it); a group that does not divide head_dim or
+    is no power of two is refused naming the option."""
+    m = methods.select(["polar-hybrid-4+4-deq-v4c32"], head_dim=64, G=128)[0]
+    assert m.value_bits == value_codec.steady_bits_per_element(value_codec.ValueCodec(4, 32, 128), 64) == 5.0
+    assert "c32" in m.label and summary._family(m.name) == "polar-hybrid + V4c32"
+    v = _keys(seed=5)
+    c32, c64 = (methods.select([n], head_dim=64)[0].quantize_values(v) for n in
+                ("polar-hybrid-4+4-deq-v4c32", "polar-hybrid-4+4-deq-v4"))
+    assert (c32 - v).norm() < (c64 - v).norm()  # smaller groups, smaller error on the same values
+    for bad in ("polar-4+4-deq-v4c48", "polar-4+4-deq-v4c128"):
+        with pytest.raises(ValueError, match="value_group"):
+            methods.select([bad], head_dim=64)
 
 
 def test_value_methods_rejected_where_values_cannot_be_quantized():
