@@ -55,23 +55,28 @@ B16 = torch.bfloat16
 class Recorder:
     """Stands in for a JIT kernel: `rec[grid](*args, **kwargs)` records the launch."""
 
-    def __init__(self, fn, launches: list):
-        self.fn, self.launches = fn, launches
+    def __init__(self, fn, launches: list, grids: list | None = None):
+        self.fn, self.launches, self.grids = fn, launches, grids
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
+        def record(*args, **kwargs):
+            self.launches.append((self.fn, args, kwargs))
+            if self.grids is not None:
+                self.grids.append(grid)
+        return record
 
 
 @contextlib.contextmanager
-def recording():
-    """Host wrappers run on CPU as if on the GPU; their launches land in the yielded list."""
+def recording(grids: list | None = None):
+    """Host wrappers run on CPU as if on the GPU; their launches land in the yielded list (and each launch's grid
+    in `grids`, when given: bench/sass_floors.py counts programs and loop iterations)."""
     launches: list = []
     saved = {}
     for mod, name in (("attention", "polar_attn_fwd_kernel"), ("attention", "polar_attn_reduce_kernel"),
                       ("encode", "polar_encode_kernel"), ("static_write", "polar_static_write_kernel"),
                       ("encode", "value_encode_kernel"), ("static_write", "value_static_write_kernel")):
         saved[HOST[mod], name] = getattr(HOST[mod], name)
-        setattr(HOST[mod], name, Recorder(saved[HOST[mod], name], launches))
+        setattr(HOST[mod], name, Recorder(saved[HOST[mod], name], launches, grids))
     patches = {(common, "on_gpu"): lambda t: True, (common, "interpret"): lambda: True,
                (common, "sm_count"): lambda device: SMS}
     for (mod, name), f in patches.items():
@@ -273,9 +278,9 @@ def registers(cubin: bytes) -> int:
     return int(re.search(r"REG:(\d+)", text).group(1))
 
 
-def hottest_loop(ins) -> dict:
-    """Instruction classes of the largest backward-branch loop (the per-block loop of a kernel); the whole
-    kernel (loop 0) when it has no loop of 64 instructions or more."""
+def hottest_loop_range(ins) -> tuple[int, int]:
+    """(first index, instruction count) of the largest backward-branch loop (the per-block loop of a kernel);
+    (0, 0) when it has no loop of 64 instructions or more."""
     at = {a: i for i, (a, _, _) in enumerate(ins)}
     best = (0, 0)
     for i, (a, op, text) in enumerate(ins):
@@ -283,6 +288,13 @@ def hottest_loop(ins) -> dict:
         if target and int(target.group(1), 16) < a and int(target.group(1), 16) in at:
             best = max(best, (i + 1 - at[int(target.group(1), 16)], at[int(target.group(1), 16)]))
     n, start = best if best[0] >= 64 else (0, 0)
+    return start, n
+
+
+def hottest_loop(ins) -> dict:
+    """Instruction classes of the largest backward-branch loop (hottest_loop_range); the whole kernel (loop 0)
+    when it has no loop of 64 instructions or more."""
+    start, n = hottest_loop_range(ins)
     ops = collections.Counter(op for _, op, _ in (ins[start:start + n] if n else ins))
     return {"loop": n, "MUFU": ops["MUFU"], "HMMA": ops["HMMA"], "LDG": ops["LDG"] + ops["LDGSTS"],
             "STS+LDS": ops["STS"] + ops["LDS"] + ops["LDSM"], "LDL+STL": ops["LDL"] + ops["STL"],
