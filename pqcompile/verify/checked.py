@@ -12,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..config import OnMismatch, PolarQuantConfig, VerifyMode
 from ..dynamic import appends_in_place
+from ..static_cache import StaticCompressed
 from . import drift, graphs, integrity, kernel, state
 from .kernel import VerifyMismatch
 from .sites import appended_input, cache_label, captured, output_names, site_map
@@ -40,8 +41,15 @@ class Checked:
                    f"the drift check follows graph outputs; this graph mutates its inputs in place "
                    f"({', '.join(mutated)})" if mutated and cfg.verify is VerifyMode.SHADOW else None)
         self.state = state.initial(cfg, skipped)
-        # every:N also checks the DynamicCache states against digests of what was written (integrity.py)
+        # every:N also checks the cache states against digests of what was written (integrity.py)
         self.state_check, self.state_outputs = cfg.verify is VerifyMode.EVERY and not skipped, None
+        # and the static states it writes: where each write starts, lowering their records' bound (integrity.py)
+        self.static_writes = []
+        if self.state_check:
+            try:
+                self.static_writes = integrity.write_sources(self.rewritten, placeholders)
+            except Exception as e:  # noqa: BLE001
+                self._state_check_off(e)
         state.track(self)
         if skipped and on_event is not None:
             on_event(self.state)
@@ -59,6 +67,8 @@ class Checked:
         again = st["status"] == "failed" and self.cfg.on_mismatch is OnMismatch.RAISE  # a caught raise: keep raising
         if st["calls"] == 1 or (every and (st["calls"] - 1) % every == 0) or again:
             return self._kernel_check(args)
+        if self.static_writes and self.state_check:
+            self._note_writes(args)
         out = self._compiled(args)
         if self.state_check:
             self._track(args, out, checked=False)
@@ -82,6 +92,8 @@ class Checked:
         cloned = self.mutated + in_place
         ref_args, rew_args = (graphs.with_clones(args, cloned) for _ in range(2)) if cloned else (args, args)
         checks = self._state_checks(args, in_place) if self.state_check else []  # before the step writes
+        if self.static_writes and self.state_check:
+            self._note_writes(args)
         out = self._compiled(args)
         try:
             ref, rew = self._run_both(ref_args, rew_args)
@@ -121,7 +133,9 @@ class Checked:
     def _state_checks(self, args, in_place: list[int]) -> list[dict]:
         modules = [(s.index, s.module) for s in self.sites]
         try:
-            return integrity.verify([(*cache_label(self.placeholders[i], modules), args[i]) for i in in_place])
+            static = [i for i, a in enumerate(args) if isinstance(a, StaticCompressed)]  # length read in the check
+            return integrity.verify([(*cache_label(self.placeholders[i], modules), args[i])
+                                     for i in in_place + static])
         except Exception as e:  # noqa: BLE001 (the state check failed, not the model)
             self._state_check_off(e)
             return []
@@ -135,6 +149,15 @@ class Checked:
                 self.state_outputs = [(i, appended_input(self.original, self.out_names[i]))
                                       for i, o in enumerate(flat) if appends_in_place(o)]
             integrity.track([(flat[i], None if j is None else args[j]) for i, j in self.state_outputs], checked)
+        except Exception as e:  # noqa: BLE001
+            self._state_check_off(e)
+
+    def _note_writes(self, args) -> None:
+        """Before a compiled call: integrity.static_writes on the static states it writes, each with where the
+        writes start (the positions' first element, or the 0-d counter they derive from; None: unknown)."""
+        try:
+            integrity.static_writes([(args[i], None if j is None else args[j][0] if positions else args[j])
+                                     for i, j, positions in self.static_writes])
         except Exception as e:  # noqa: BLE001
             self._state_check_off(e)
 

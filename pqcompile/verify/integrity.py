@@ -1,4 +1,5 @@
-"""The state check of verify="every:N": is each live DynamicCache state still what was written into it?
+"""The state check of verify="every:N": is each live cache state (DynamicCache's, and PolarStaticCache's: below)
+still what was written into it?
 
 The kernel check runs both graphs on the same state, so it cannot see a state that changed between steps (bytes
 of codes, params or the ring flipped). But the states are append-only (docs/design.md §2.1): a complete group's
@@ -17,6 +18,19 @@ several bytes cancel only by accident.
 Not covered: rows appended on unchecked steps since the last checked call, until their group flushes or the next
 check (what is there then is what gets digested), and states first seen between checked calls (a copy, a crop, a
 beam reorder: adopted at the next checked call). A state that failed keeps failing: its record is not rebased.
+
+Static states (StaticPolarKeys / StaticPolarValues of a PolarStaticCache) hold their length on the device and are
+rewritten below it by a rewind (HF's crop, then a write) or reset(), so the host learns their length at checked
+calls only, in the same transfer as the flags. Their record (`_StaticRecord`, on the ring) is taken at a checked
+call, before the step writes: digests of the complete groups below the length and of the ring's rows below the
+fill point. The next checked call compares the groups still below `bound` = min(length now, lowest write start
+since), and the ring rows if their group is still the open one and they are below `bound`; the records above
+`bound` are dropped (rewound or reset), and the groups completed since are digested as found. The lowest write
+start comes from `static_writes` (Checked, on every call of a graph that writes a tracked static state, before it
+runs): one fused device minimum of the write positions' source (HF 5.x: the layer's cumulative_length; 4.57: the
+cache_position input), no sync. Not covered: rows written since the last checked call (a group completed in
+between is digested as found then; ring rows digested at a check whose group flushes before the next one), and
+writes outside the compiled graphs (eager calls on the same cache) that rewind: they read as a corruption.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import torch
 
 from .. import dynamic
 from ..dense_values import DenseValues
+from ..static_cache import StaticCompressed, static_write, static_write_values
 
 _BUDGET = 1 << 22  # bytes digested per launch on a checked call: its int64 temporaries stay under 64 MB
 _WEIGHTS: dict[torch.device, torch.Tensor] = {}
@@ -52,7 +67,9 @@ def digest(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _parts(s) -> list[tuple[str, torch.Tensor, int]]:
     """(name, buffer, rows per group) of a state's complete groups."""
-    G = s.group_size
+    G = s.codec.group_size if isinstance(s, StaticCompressed) else s.group_size
+    if isinstance(s, StaticCompressed):  # keys: 4 params rows per group; values: one per token
+        return [("codes", s.codes, G), ("params", s.params, s.params.shape[2] * G // s.codes.shape[2])]
     return [("rows", s.buf, G)] if isinstance(s, DenseValues) else [("codes", s.codes, G),
                                                                       ("params", s.params, s.param_rows(G))]
 
@@ -61,7 +78,7 @@ def _open_rows(s, group: int, rows: int) -> torch.Tensor:
     """The first `rows` tokens of group `group` where the state keeps them in full precision."""
     if isinstance(s, DenseValues):
         return s.buf[:, :, group * s.group_size: group * s.group_size + rows]
-    return s.tail[:, :, :rows]
+    return s.ring[:, :, :rows] if isinstance(s, StaticCompressed) else s.tail[:, :, :rows]
 
 
 def _group_sums(s, g0: int, g1: int) -> torch.Tensor:
@@ -113,8 +130,8 @@ class _Record:
 _ATTR = "_pq_digests"  # the _Record of a state, on its ring tensor (a tensor attribute: read in ~0.1 us)
 
 
-def record_of(s) -> _Record | None:
-    return getattr(s.tail, _ATTR, None)
+def record_of(s) -> _Record | _StaticRecord | None:
+    return getattr(s.ring if isinstance(s, StaticCompressed) else s.tail, _ATTR, None)
 
 
 def _moved(old: torch.Tensor, new: torch.Tensor) -> None:
@@ -150,12 +167,104 @@ def track(states, checked: bool) -> None:
                 record.take_ring(s)
 
 
+_FAR = 1 << 62  # a static record's lowest write start when nothing was written since the check
+
+
+class _StaticRecord:
+    """Digests of a static state, taken at a checked call before the step: its first `groups` groups (`sums`
+    [B, H, groups, parts], None when 0), rows [0, ring_rows) of group `ring_group` (`ring`, None when 0 rows), and
+    `low`, on the device: the lowest position a compiled call wrote at since then (static_writes)."""
+
+    def __init__(self, s):
+        self.groups, self.sums, self.ring, self.ring_group, self.ring_rows = 0, None, None, 0, 0
+        self.low = torch.full((), _FAR, dtype=torch.int64, device=s.ring.device)
+
+    def flags(self, s) -> torch.Tensor:
+        """int64 [3 + groups * parts]: length, low, ring changed, then per group and part: changed."""
+        dev = s.ring.device
+        ring = torch.zeros(1, dtype=torch.bool, device=dev) if self.ring is None else \
+            (digest(_open_rows(s, self.ring_group, self.ring_rows), self.ring_rows) != self.ring).any().view(1)
+        groups = (_group_sums(s, 0, self.groups) != self.sums).flatten(0, 1).any(0).flatten() if self.groups else \
+            torch.zeros(0, dtype=torch.bool, device=dev)
+        return torch.cat([s.length.view(1).to(torch.int64), self.low.view(1), ring.to(torch.int64),
+                          groups.to(torch.int64)])
+
+    def rebase(self, s, kept: int, length: int) -> None:
+        """Keep the first `kept` groups' digests, digest the groups completed up to `length` and the open rows."""
+        G = s.codec.group_size
+        n, sums = length // G, (self.sums[:, :, :kept] if kept else None)
+        if n > kept:
+            new = _group_sums(s, kept, n)
+            sums = new if sums is None else torch.cat([sums, new], dim=2)
+        self.sums, self.groups = sums, n
+        self.ring_group, self.ring_rows = n, length - n * G
+        self.ring = digest(_open_rows(s, n, self.ring_rows), self.ring_rows) if self.ring_rows else None
+        self.low.fill_(_FAR)
+
+
+def static_writes(writes) -> None:
+    """Before a compiled call, on (static state it writes, where its writes start: a 0-d int64 tensor on the
+    state's device, or None when unknown): lower each tracked state's `low` to it. One fused device op, no sync;
+    an unknown start counts as 0 (the next check drops the state's records)."""
+    lows, starts = [], []
+    for s, start in writes:
+        record = getattr(s.ring, _ATTR, None)
+        if record is None:
+            continue
+        if start is None:
+            record.low.zero_()
+        else:
+            lows.append(record.low)
+            starts.append(start)
+    if lows:
+        torch._foreach_minimum_(lows, starts)
+
+
+def write_sources(gm, placeholders: list[str]) -> list[tuple[int, int | None, bool]]:
+    """(input position of a static state, input position of its write positions' source or None, whether that
+    input is the positions [S] itself) for each static write the rewritten graph `gm` makes to one of its inputs.
+    The source: the positions if they are an input (transformers 4.57's cache_position), else the one 0-d integer
+    input they derive from (5.x: arange(S) + the layer's cumulative_length, read before the graph adds S)."""
+    index = {name: i for i, name in enumerate(placeholders)}
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (static_write, static_write_values):
+            continue
+        state, pos = node.args[0], node.args[1]
+        if getattr(state, "op", None) != "placeholder" or state.name not in index:
+            continue  # a state the graph creates (a prefill's lazy init): adopted at a later check
+        if getattr(pos, "op", None) == "placeholder":
+            found.append((index[state.name], index.get(pos.name), True))
+            continue
+        seen, todo, scalars = set(), [pos] if hasattr(pos, "all_input_nodes") else [], set()
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op == "placeholder":
+                v = n.meta.get("val", n.meta.get("example_value"))
+                if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and n.name in index:
+                    scalars.add(n.name)
+            todo += n.all_input_nodes
+        found.append((index[state.name], index[scalars.pop()] if len(scalars) == 1 else None, False))
+    return found
+
+
 def verify(states: list[tuple[str, int | None, Any]]) -> list[dict[str, Any]]:
     """On a checked call, before the step writes: each tracked state of (label, site, state) against its record.
     One comparison entry per state that changed (a kernel-check "checks" entry, sqnr_db -inf), or one entry for
-    them all when none did."""
-    found = []
+    them all when none did. Static states not yet tracked are adopted (their length is read in the same
+    transfer), the others checked below their bound and rebased."""
+    found, static = [], []
     for label, site, s in states:
+        if isinstance(s, StaticCompressed):
+            record = record_of(s)
+            if record is None:
+                record = _StaticRecord(s)
+                setattr(s.ring, _ATTR, record)
+            static.append((label, site, s, record, record.flags(s)))
+            continue
         record = record_of(s)
         if record is None:
             continue
@@ -168,9 +277,9 @@ def verify(states: list[tuple[str, int | None, Any]]) -> list[dict[str, Any]]:
             rows = record.ring_rows
             ring = (digest(_open_rows(s, record.ring_group, rows), rows) != record.ring).any().view(1)
         found.append((label, site, s, record, n, rows, torch.cat([groups.flatten(), ring, record.stale.view(1)])))
-    if not found:
+    if not found and not static:
         return []
-    flags = torch.cat([f[-1] for f in found]).tolist()  # the check's one transfer to the host
+    flags = torch.cat([f[-1].to(torch.int64) for f in found] + [f[-1] for f in static]).tolist()  # the one transfer
     checks, at, groups_seen, ring_rows = [], 0, 0, 0
     for label, site, s, record, n, rows, f in found:
         names = [name for name, _, _ in _parts(s)]
@@ -187,8 +296,27 @@ def verify(states: list[tuple[str, int | None, Any]]) -> list[dict[str, Any]]:
         if what:
             checks.append(_entry(label, site, "state vs its digests: " + "; ".join(what) + " changed since written",
                                  ok=False))
-    return checks or [_entry("cache state", None, f"{len(found)} cache tensors vs their digests: {groups_seen} groups,"
-                                                  f" {ring_rows} open-group rows unchanged", ok=True)]
+    for label, site, s, record, f in static:
+        vals = flags[at: at + f.numel()]
+        at += f.numel()
+        names, G = [name for name, _, _ in _parts(s)], s.codec.group_size
+        length, bound = vals[0], min(vals[0], vals[1])  # rewound or reset since: the records above are dropped
+        kept, bad = min(record.groups, bound // G), vals[3:]
+        ring = record.ring is not None and length // G == record.ring_group and \
+            record.ring_group * G + record.ring_rows <= bound  # the digested rows are still the open group's
+        groups_seen, ring_rows = groups_seen + kept, ring_rows + (record.ring_rows if ring else 0)
+        what = [f"{name} of group(s) {_spans([g for g in range(kept) if bad[g * len(names) + k]])}"
+                for k, name in enumerate(names) if any(bad[k: kept * len(names): len(names)])]
+        if ring and vals[2]:
+            what.append(f"open-group rows {record.ring_group * G}-{record.ring_group * G + record.ring_rows - 1}")
+        if what:  # not rebased: it keeps failing
+            checks.append(_entry(label, site, "state vs its digests: " + "; ".join(what) + " changed since written",
+                                 ok=False))
+        else:
+            record.rebase(s, kept, length)
+    return checks or [_entry("cache state", None, f"{len(found) + len(static)} cache tensors vs their digests: "
+                                                  f"{groups_seen} groups, {ring_rows} open-group rows unchanged",
+                             ok=True)]
 
 
 def _entry(name: str, site: int | None, what: str, ok: bool) -> dict[str, Any]:
