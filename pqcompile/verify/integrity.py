@@ -7,17 +7,20 @@ rows never change once written, and the ring's rows below the fill point never c
 flushes. So each state gets a record, an attribute of its ring tensor (the one buffer capacity growth keeps;
 for DenseValues the buffer, moved along by dynamic.RING_MOVED; copy.deepcopy copies it with the rows):
   - a digest per complete group (of its codes and of its params; DenseValues: of its rows), taken right after
-    the compiled step that completed it: O(one group) of device work per state at a group boundary, none on
-    other steps, no sync;
-  - on a checked call, a digest of the open group's rows; compared at the next checked call or, on the device
-    and without a sync, when that group flushes (the ring still holds the group then) into a sticky flag;
+    the compiled step that completed it: O(one group) of device work per state at a group boundary, no sync;
+  - a digest per row of the open group (`rows`, by ring slot), taken right after every compiled call (checked
+    or not) for the rows it appended, fused over the call's states (one stack, one digest, one _foreach_copy_),
+    no sync; when a call flushes the group, the recorded rows the ring (DenseValues: the buffer) still holds
+    are recomputed and compared on the device into a sticky flag (the group was encoded from changed rows);
 and a checked call, before the step writes, recomputes every digest and compares (one transfer to the host).
 Digest: per group and (batch, head) row, the sum of byte * weight(position) in int64 with weights in [1, 2^31),
 exact below 2^24 bytes per row: any change confined to one byte (any flipped bit) changes it; changes spread over
 several bytes cancel only by accident.
-Not covered: rows appended on unchecked steps since the last checked call, until their group flushes or the next
-check (what is there then is what gets digested), and states first seen between checked calls (a copy, a crop, a
-beam reorder: adopted at the next checked call). A state that failed keeps failing: its record is not rebased.
+Not covered: ring rows of a flushed group that a multi-token append overwrote in the same call (slots below both
+the old and the new fill point: what the encode read is gone by the compare), rows a call appended between the
+write and the digest right after it (inside that call), and states first seen between checked calls (a copy, a
+crop, a beam reorder: adopted at the next checked call, digested as found; so are rows appended outside the
+compiled calls). A state that failed keeps failing: its record is not rebased.
 
 Static states (StaticPolarKeys / StaticPolarValues of a PolarStaticCache) hold their length on the device and are
 rewritten below it by a rewind (HF's crop, then a write) or reset(), so the host learns their length at checked
@@ -91,25 +94,29 @@ def _group_sums(s, g0: int, g1: int) -> torch.Tensor:
 
 
 class _Record:
-    """Digests of one state: its first `groups` groups (`sums`, room for more), rows [0, ring_rows) of group
-    `ring_group` (`ring`, None when not taken), and `stale`, set on the device when a ring changed before its
-    group flushed."""
+    """Digests of one dynamic state covering its first `length` tokens: its first `groups` groups (`sums`, room for
+    more), and one digest per row of the open group (`rows` [B, H, G], slot t % G: taken right after the call that
+    wrote the row, on the device), and `stale`, set on the device when a flushed group's recorded rows no longer
+    matched the ring at the flush (the group was encoded from changed rows)."""
 
     def __init__(self, s):
-        self.groups, self.sums = 0, None
-        self.ring, self.ring_group, self.ring_rows, self.ring_ok = None, 0, 0, True
+        self.groups, self.sums, self.length = 0, None, 0
+        B, H = s.tail.shape[:2]
+        self.rows = torch.zeros(B, H, s.group_size, dtype=torch.int64, device=s.tail.device)
         self.stale = torch.zeros((), dtype=torch.bool, device=s.tail.device)
+        # one-row views of `rows` per slot, made once (a decode step's destination is then a tuple lookup). Not of
+        # the ring: views of it held here would keep it alive through its own attribute (a cycle gc cannot free)
+        self.row_slots = self.rows.unbind(2)
+
+    def cut(self, length: int) -> None:
+        """An earlier state of the same buffers appended to again (a retried step): what lies past it is rewritten.
+        Rows [0, length % G) of its open group are still recorded (an earlier state is only appended to while the
+        ring still holds its group: DynamicCompressed.check_current)."""
+        self.length = length
+        self.groups = min(self.groups, length // _group(self))
 
     def grow(self, s, n: int) -> None:
         """Digest groups [groups, n): just completed (after a step), or all of them (a state adopted)."""
-        if n < self.groups:  # fewer groups over the same ring: an earlier state retried; the rest is rewritten
-            self.groups, self.ring = n, None
-            return
-        held = isinstance(s, DenseValues) or s.seq_len % s.group_size == 0  # a flush leaves the ring as it was
-        if self.ring is not None and self.ring_group == self.groups and held:
-            now = digest(_open_rows(s, self.ring_group, self.ring_rows), self.ring_rows)
-            self.stale |= (now != self.ring).any()
-        self.ring, self.ring_ok = None, True
         new = _group_sums(s, self.groups, n)
         if self.sums is None or self.sums.shape[2] < n:  # doubling: O(1) groups copied per flush on average
             room = new.new_empty(*new.shape[:2], max(2 * n, 16), new.shape[3])
@@ -119,12 +126,9 @@ class _Record:
         self.sums[:, :, self.groups: n] = new
         self.groups = n
 
-    def take_ring(self, s) -> None:
-        """Digest the open group's rows (a checked call, after the step): they are covered from now on."""
-        n = s.seq_len // s.group_size
-        rows = s.seq_len - n * s.group_size
-        self.ring_group, self.ring_rows = n, rows
-        self.ring = digest(_open_rows(s, n, rows), rows) if rows else None
+
+def _group(record: _Record) -> int:
+    return record.rows.shape[2]
 
 
 _ATTR = "_pq_digests"  # the _Record of a state, on its ring tensor (a tensor attribute: read in ~0.1 us)
@@ -144,10 +148,14 @@ dynamic.RING_MOVED.append(_moved)
 
 
 def track(states, checked: bool) -> None:
-    """After a compiled call, on the (state returned, input state it appended to or None): digest the groups each
-    completed (O(1) host work per state when none did). A returned state with new buffers (aot_eager copies the
-    cache each step: functionalized, not in place) takes over its input's record. On a checked call, also adopt
-    the states not yet tracked and digest the open groups."""
+    """After every compiled call, on the (state returned, input state it appended to or None): record what the call
+    appended. Rows left in the open group: one digest per row into the record (`rows`, at their ring slots),
+    fused over the states (a stack, the digest, one _foreach_copy_); groups the call completed: their codes /
+    params (DenseValues: rows) digested, and the flushed group's recorded rows the ring still holds compared
+    with it into the sticky `stale` flag. Device work only, no sync; nothing when nothing was appended. A
+    returned state with new buffers (aot_eager copies the cache each step: functionalized, not in place) takes
+    over its input's record. On a checked call, also adopt the states not yet tracked (digested as found)."""
+    jobs: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch._C.DisableTorchFunctionSubclass():  # .shape of a DynamicCompressed costs ~4 us through it
         for s, source in states:
             record = getattr(s.tail, _ATTR, None)
@@ -160,11 +168,44 @@ def track(states, checked: bool) -> None:
                     continue
                 record = _Record(s)
                 setattr(s.tail, _ATTR, record)
-            n = s.shape[2] // s.group_size
-            if n != record.groups:
-                record.grow(s, n)
-            if checked and record.ring_ok:  # a ring that failed keeps its digest: it keeps failing
-                record.take_ring(s)
+            T1, G = s.shape[2], s.group_size
+            T0 = record.length if source is None else source.shape[2]
+            if T0 < record.length:
+                record.cut(T0)
+            start = record.length  # rows [start, T1) are new to the record (rows an untracked call appended too)
+            if start == T1:
+                continue
+            g0, g1 = start // G, T1 // G
+            if g1 > g0:  # the call completed groups
+                lo, hi = (0 if isinstance(s, DenseValues) else T1 % G), start % G
+                if T0 == start and lo < hi:  # the flushed group's recorded rows the ring still holds
+                    now = digest(_open_rows(s, g0, hi)[:, :, lo:], 1)
+                    record.stale |= (now != record.rows[:, :, lo:hi]).any()
+                record.grow(s, g1)
+            a, b = max(start - g1 * G, 0), T1 - g1 * G
+            if b == a + 1:  # a decode step
+                jobs.append((s.tail.select(2, g1 * G + a if isinstance(s, DenseValues) else a),
+                             record.row_slots[a]))
+            elif b > a:
+                jobs.append((_open_rows(s, g1, b)[:, :, a:], record.rows[:, :, a:b]))
+            record.length = T1
+        _record_rows(jobs)
+
+
+def _record_rows(jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """dst[...] = digest(src, 1) for each (rows [B, H, S, D], their digests [B, H, S]; or one row [B, H, D], [B, H]):
+    one stack, one digest and one _foreach_copy_ per shape."""
+    by: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for src, dst in jobs:
+        by.setdefault((src.shape, src.dtype, src.device), []).append((src, dst))
+    for items in by.values():
+        x = torch.stack([src for src, _ in items])
+        x = x.unsqueeze(-2) if x.dim() == 4 else x  # [n, B, H, S, D]
+        d = digest(x.flatten(0, 1), 1).view(len(items), *items[0][1].shape)
+        if len(items) == 1:
+            items[0][1].copy_(d[0])
+        else:
+            torch._foreach_copy_([dst for _, dst in items], list(d.unbind(0)))
 
 
 _FAR = 1 << 62  # a static record's lowest write start when nothing was written since the check
@@ -271,26 +312,25 @@ def verify(states: list[tuple[str, int | None, Any]]) -> list[dict[str, Any]]:
         n, G = min(s.seq_len // s.group_size, record.groups), s.group_size
         groups = (_group_sums(s, 0, n) != record.sums[:, :, :n]).flatten(0, 1).any(0) if n else \
             torch.zeros(0, dtype=torch.bool, device=s.tail.device)
-        ring, rows = torch.zeros(1, dtype=torch.bool, device=s.tail.device), 0
-        if record.ring is not None and record.ring_group == s.seq_len // G and \
-                s.seq_len - record.ring_group * G >= record.ring_rows:  # the digested rows are still the open group's
-            rows = record.ring_rows
-            ring = (digest(_open_rows(s, record.ring_group, rows), rows) != record.ring).any().view(1)
+        g = s.seq_len // G  # the open group's rows recorded (all of them, unless the record is behind the state)
+        rows = min(s.seq_len, record.length) - g * G if record.length // G == g else 0
+        ring = (digest(_open_rows(s, g, rows), 1) != record.rows[:, :, :rows]).flatten(0, 1).any(0) if rows else \
+            torch.zeros(0, dtype=torch.bool, device=s.tail.device)
         found.append((label, site, s, record, n, rows, torch.cat([groups.flatten(), ring, record.stale.view(1)])))
     if not found and not static:
         return []
     flags = torch.cat([f[-1].to(torch.int64) for f in found] + [f[-1] for f in static]).tolist()  # the one transfer
     checks, at, groups_seen, ring_rows = [], 0, 0, 0
     for label, site, s, record, n, rows, f in found:
-        names = [name for name, _, _ in _parts(s)]
+        names, G = [name for name, _, _ in _parts(s)], s.group_size
         bad = flags[at: at + f.numel()]
         at += f.numel()
-        record.ring_ok = not bad[-2]
         groups_seen, ring_rows = groups_seen + n, ring_rows + rows
         what = [f"{name} of group(s) {_spans([g for g in range(n) if bad[g * len(names) + k]])}"
                 for k, name in enumerate(names) if any(bad[k: n * len(names): len(names)])]
-        if bad[-2]:
-            what.append(f"open-group rows {record.ring_group * G}-{record.ring_group * G + record.ring_rows - 1}")
+        changed = [s.seq_len // G * G + r for r in range(rows) if bad[n * len(names) + r]]
+        if changed:
+            what.append(f"open-group rows {_spans(changed)}")
         if bad[-1]:
             what.append("an open group's rows changed before the group was encoded")
         if what:
