@@ -20,7 +20,7 @@ issue 19 work); `--summarize FILE` prints the summary of any earlier result.
 
     python bench/soak.py --steps 500 --tag smoke          # CPU, tiny Llama, both paths
     python bench/soak.py --steps 10000 --tag cpu-10k
-    python bench/soak.py --cuda --path static --steps 131072 --every 4096 --tag h200-8b   # GPU: 8B shape, random
+    python bench/soak.py --cuda --path static --prompt 126976 --steps 4096 --every 512 --tag h200-8b-128k  # GPU
 """
 
 from __future__ import annotations
@@ -156,6 +156,17 @@ def keys_rel_error(cache, shadow) -> float | None:
     return (num / den) ** 0.5 if den else None
 
 
+def _flash_only(cuda: bool):
+    """SDPA without the cuDNN backend on the GPU (a no-op context on the CPU)."""
+    import contextlib
+
+    if not cuda:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 @torch.no_grad()
 def soak(model, path: str, args, out: dict, save) -> None:
     device = "cuda" if args.cuda else "cpu"
@@ -167,9 +178,10 @@ def soak(model, path: str, args, out: dict, save) -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=g).to(device)
     cache = make_cache(model, path, args)
     shadow = transformers.DynamicCache(config=model.config) if args.shadow else None
-    logits = compiled(ids, **cache_kw(cache), use_cache=True).logits[:, -1]
+    # (logits of the last position only: a 128k-token prompt's full logits would be ~31 GB on the 8B shape)
+    logits = compiled(ids, **cache_kw(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     if shadow is not None:
-        model(ids, **cache_kw(shadow), use_cache=True)
+        model(ids, **cache_kw(shadow), use_cache=True, logits_to_keep=1)
     rows, mismatches, warm = [], 0, None
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -178,7 +190,8 @@ def soak(model, path: str, args, out: dict, save) -> None:
         reference = copy.deepcopy(cache) if check and args.reference else None
         logits = compiled(token, **cache_kw(cache), use_cache=True).logits[:, -1]
         if shadow is not None:
-            dense_logits = model(token, **cache_kw(shadow), use_cache=True).logits[:, -1]
+            with _flash_only(args.cuda):  # cuDNN SDPA would build a plan for every new key length of the shadow
+                dense_logits = model(token, **cache_kw(shadow), use_cache=True).logits[:, -1]
         if not check:
             continue
         row = {"path": path, "step": step, "tokens": args.prompt + step, "graphs": counters.totals["graphs"],
