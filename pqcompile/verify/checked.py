@@ -67,9 +67,10 @@ class Checked:
         again = st["status"] == "failed" and self.cfg.on_mismatch is OnMismatch.RAISE  # a caught raise: keep raising
         if st["calls"] == 1 or (every and (st["calls"] - 1) % every == 0) or again:
             return self._kernel_check(args)
-        if self.static_writes and self.state_check:
-            self._note_writes(args)
+        pending = self._note_writes(args) if self.static_writes and self.state_check else None
         out = self._compiled(args)
+        if pending:
+            self._static_track(pending)
         if self.state_check:
             self._track(args, out, checked=False)
         return out
@@ -92,9 +93,10 @@ class Checked:
         cloned = self.mutated + in_place
         ref_args, rew_args = (graphs.with_clones(args, cloned) for _ in range(2)) if cloned else (args, args)
         checks = self._state_checks(args, in_place) if self.state_check else []  # before the step writes
-        if self.static_writes and self.state_check:
-            self._note_writes(args)
+        pending = self._note_writes(args) if self.static_writes and self.state_check else None
         out = self._compiled(args)
+        if pending:
+            self._static_track(pending)
         try:
             ref, rew = self._run_both(ref_args, rew_args)
         except Exception as e:  # noqa: BLE001 (the checker failed, not the model: say so, keep the result)
@@ -152,12 +154,21 @@ class Checked:
         except Exception as e:  # noqa: BLE001
             self._state_check_off(e)
 
-    def _note_writes(self, args) -> None:
+    def _note_writes(self, args):
         """Before a compiled call: integrity.static_writes on the static states it writes, each with where the
-        writes start (the positions' first element, or the 0-d counter they derive from; None: unknown)."""
+        writes start (the positions' first element, or the 0-d counter they derive from; None: unknown) and how
+        many tokens (None: unknown). Its answer goes to integrity.static_track after the call."""
         try:
-            integrity.static_writes([(args[i], None if j is None else args[j][0] if positions else args[j])
-                                     for i, j, positions in self.static_writes])
+            return integrity.static_writes([(args[i], None if j is None else args[j][0] if positions else args[j], S)
+                                            for i, j, positions, S in self.static_writes])
+        except Exception as e:  # noqa: BLE001
+            self._state_check_off(e)
+            return None
+
+    def _static_track(self, pending) -> None:
+        """After the compiled call: integrity.static_track (the rows it left in the static states' rings)."""
+        try:
+            integrity.static_track(pending)
         except Exception as e:  # noqa: BLE001
             self._state_check_off(e)
 

@@ -221,11 +221,18 @@ def test_a_rewind_within_one_interval_needs_the_write_tracking(model, ids, monke
         torch._dynamo.reset()
 
 
+def _slots_compared(state, record, L: int, L_next: int) -> list[int]:
+    """Ring slots whose recorded row the next check (at length L_next, no rewind before it) compares and no write
+    before it replaces: a recorded position among the last G below L_next, and below L (written already)."""
+    pos = record.pos.tolist()
+    return [k for k, p in enumerate(pos) if 0 <= p < L and p >= L_next - G]
+
+
 def test_random_single_bit_flips_in_static_state_are_detected(model, ids):
     """The measurement in docs/reliability.md: one flipped bit at a random byte the next check compares (a complete
-    group's codes or params below the checked length, or a ring row digested at the last check whose group is
-    still open at the next one), keys and values (V4), then decode steps up to the next check: always reported
-    there. Flips repaired after each trial. Then the gap: flips in ring rows written since the last check."""
+    group's codes or params below the checked length, a ring row digested at the last check whose group is still
+    open at the next one, or a ring row a slot record covers), keys and values (V4), then decode steps up to the
+    next check: always reported there. Flips repaired after each trial."""
     rng = random.Random(0)
     run = Run(model, ids, value_bits=4)
     injected, detected, nonfinite, per_part = 0, 0, 0, {}
@@ -243,6 +250,10 @@ def test_random_single_bit_flips_in_static_state_are_detected(model, ids):
         if record.ring is not None and L_next // G == record.ring_group == L // G and \
                 record.ring_group * G + record.ring_rows <= bound:
             regions.append(("ring", state.ring[:, :, : record.ring_rows]))
+        slots = _slots_compared(state, record, L, L_next)
+        if slots:
+            k = rng.choice(slots)
+            regions.append(("slot", state.ring[:, :, k: k + 1]))
         regions = [(name, r.view(torch.uint8)) for name, r in regions if r.numel()]
         if not regions:
             run.step()
@@ -266,16 +277,59 @@ def test_random_single_bit_flips_in_static_state_are_detected(model, ids):
     print(f"static flips: {injected} injected, {detected} reported by the state check, {nonfinite} refused as "
           f"non-finite before it, per part {per_part}")
     assert detected + nonfinite == injected == 120 and nonfinite <= 12, (detected, nonfinite, per_part)
-    assert set(per_part) == {"codes", "params", "ring"}, per_part
-    # the gap: a ring row written on an unchecked call since the last check is what the next check digests
-    missed = 0
-    for _ in range(10):
-        while run.steps_to_check() == 0 or run.length % G == 0 or run.length % G > G - N:
+    assert set(per_part) == {"codes", "params", "ring", "slot"}, per_part
+
+
+def _flip_recent_rows(run, rng, trials: int, tensors) -> tuple[int, dict]:
+    """Trials of: an unchecked call writes a row (sometimes the last of its group: the group is encoded before the
+    check); one bit of it flipped; decode steps up to the next check. (detected, per tensor and group-flushed)."""
+    detected, kinds = 0, {}
+    for trial in range(trials):
+        want_flushed = trial % 4 >= 2  # half of them: the row's group is encoded by the steps up to the check
+        while True:  # the next call unchecked, its row not the last of its group (that one goes to the encode)
             run.keep_room(rng)
+            L, steps = run.length, run.steps_to_check()
+            if steps and (L + 1) % G and (L // G < (L + steps) // G) == want_flushed:
+                break
             run.step()
-        run.step()  # an unchecked call writes row (length - 1) % G
-        with torch.no_grad():
-            run.cache.layers[0].keys.ring[:, :, (run.length - 1) % G] += 1.0
-        missed += not run.until_checked()
-    print(f"static ring rows written since the last check: 10 corrupted, {10 - missed} detected")
-    assert missed == 10
+        run.step()  # an unchecked call writes position length - 1
+        tensor, layer = tensors[trial % len(tensors)], rng.randrange(2)
+        state = getattr(run.cache.layers[layer], tensor)
+        p = run.length - 1
+        flushed = (p // G) < (run.length + run.steps_to_check()) // G
+        row = state.ring[:, :, p % G].view(torch.uint8)
+        saved = row.clone()
+        row[rng.randrange(row.shape[0]), rng.randrange(row.shape[1]), rng.randrange(row.shape[2])] ^= \
+            1 << rng.randrange(8)
+        try:
+            failed = run.until_checked()
+        except ValueError as e:
+            assert "inf or NaN" in str(e)
+            run.cache.reset()
+            run.prefill(PROMPT)
+            continue
+        key = f"{tensor}{' (group encoded before the check)' if flushed else ''}"
+        kinds[key] = kinds.get(key, 0) + 1
+        if [c["name"] for c in failed] == [f"model.layers.{layer}.self_attn {tensor}"]:
+            detected += 1
+            row.copy_(saved)
+            assert not run.until_checked()  # repaired: the next check passes
+        # (missed: the check took the flipped row as found; left as it is)
+    return detected, kinds
+
+
+def test_static_rows_written_since_the_last_check_are_detected(model, ids, monkeypatch):
+    """What the slot records (static_track) are for: a flip in a ring row an unchecked call wrote since the last
+    check, keys and V4 values, some in a group the decode steps up to the check encode; all reported at the next
+    check. Control: with static_track patched out, none are (the rows are only digested as found)."""
+    rng = random.Random(1)
+    run = Run(model, ids, value_bits=4)
+    detected, kinds = _flip_recent_rows(run, rng, 24, ["keys", "values"])
+    print(f"static rows written since the last check: {sum(kinds.values())} flipped {kinds}, {detected} detected")
+    assert detected == sum(kinds.values()) >= 22 and len(kinds) == 4, (detected, kinds)
+    monkeypatch.setattr(integrity, "static_track", lambda pending: None)
+    torch._dynamo.reset()
+    run = Run(model, ids, value_bits=4)
+    detected, kinds = _flip_recent_rows(run, rng, 8, ["keys", "values"])
+    print(f"control (static_track off): {sum(kinds.values())} flipped, {detected} detected")
+    assert detected == 0 and sum(kinds.values()) >= 6, (detected, kinds)
