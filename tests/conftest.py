@@ -16,6 +16,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import gc
 import pathlib
 from importlib.metadata import entry_points
 
@@ -49,8 +50,11 @@ _COMPILING_DIRS = ("compiler", "models", "distributed", "passes", "verify")
 @pytest.fixture
 def fresh_dynamo():
     """Dynamo's recompile limit is per code object (LlamaForCausalLM.forward is shared by every instance):
-    start each test from an empty cache so earlier tests cannot push a later one into the eager fallback."""
+    start each test from an empty cache so earlier tests cannot push a later one into the eager fallback. The
+    collection frees what an earlier test's graphs kept in reference cycles (their verify states, which
+    pqcompile.verify.states() lists while they live)."""
     torch._dynamo.reset()
+    gc.collect()
     counters.clear()
     yield
     torch._dynamo.reset()
