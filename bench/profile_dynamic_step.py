@@ -15,8 +15,8 @@ import cProfile
 import datetime
 import io
 import json
-import pathlib
 import os
+import pathlib
 import pstats
 import statistics
 import subprocess
@@ -24,24 +24,11 @@ import time
 
 import torch
 import transformers
+from decode_e2e import build  # the same model (8B shape, random bf16 weights; --tiny a small one)
 
 from pqcompile.backend import polarquant
 
-VERSION = 2  # 2: --py-spy
-
-
-def build(args):
-    if args.tiny:
-        dims = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2,
-                    vocab_size=512)
-    else:
-        dims = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                    vocab_size=128256, rope_theta=500000.0)
-    cfg = transformers.LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=131072,
-                                   attn_implementation="sdpa", **dims)
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+VERSION = 3  # 2: --py-spy; 3: the model from decode_e2e.build (weights initialized in bf16: other random values than v2)
 
 
 def sync(args):
@@ -139,6 +126,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = torch.bfloat16
     if args.tiny:
         args.layers, args.context = 2, 64
     tag = args.tag or f"{args.layers}layers-b{args.batch}-{args.context}"
@@ -150,7 +138,7 @@ def main() -> None:
     for contender in args.contenders:
         row = run(model, contender, args)
         doc["rows"].append(row)
-        path.write_text(json.dumps(doc, indent=1))
+        path.write_text(json.dumps(doc, indent=1, default=str))
         print(f"{contender}: step {row['step_ms']} ms, host enqueue {row['host_enqueue_ms']} ms, "
               f"warm-up {row['warmup_s']} s", flush=True)
         for key in ("own_time", "cumulative"):

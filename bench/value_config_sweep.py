@@ -16,17 +16,16 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import attention_inputs, graph_us, value_codec_for  # noqa: E402 (bench/attention.py's helpers)
+from attention import attention_inputs, copy_bandwidth, graph_us, time_dense, value_codec_for
 
-from pqcompile import codec as ref  # noqa: E402
-from pqcompile import kernels  # noqa: E402
-from pqcompile import value_codec as vref  # noqa: E402
-from pqcompile.kernels import LaunchConfig, settings, tuner  # noqa: E402
+from pqcompile import codec as ref
+from pqcompile import kernels
+from pqcompile import value_codec as vref
+from pqcompile.kernels import LaunchConfig, settings, tuner
 
-VERSION = 1
+VERSION = 2  # 2: the dense rows from bench/attention.py's time_dense (eager, graph, byte floor)
 DEVICE, DTYPE = "cuda", torch.bfloat16  # (a CPU smoke run under the interpreter patches these)
 EXTRA = [  # block_n, split_dot, programs_per_sm, num_warps, num_stages, alt_code_load, maxnreg
     LaunchConfig(32, True, 8, 2, 4, False, 168), LaunchConfig(32, True, 8, 2, 4, False, 128),
@@ -35,22 +34,6 @@ EXTRA = [  # block_n, split_dot, programs_per_sm, num_warps, num_stages, alt_cod
     LaunchConfig(64, True, 8, 4, 3, False, 168), LaunchConfig(64, True, 6, 4, 3, False, 128),
     LaunchConfig(32, True, 8, 2, 3), LaunchConfig(32, True, 8, 2, 2),
 ]
-
-
-def sdpa_graph_us(q, k, v, backend: str) -> float | None:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    be = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
-
-    def fn():
-        with sdpa_kernel(be):
-            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-    try:
-        fn()
-    except RuntimeError:
-        return None
-    return graph_us(fn)
 
 
 def main() -> None:
@@ -83,8 +66,9 @@ def main() -> None:
     q, v, _ = attention_inputs(B, Hq, H, T, D, 1, H, None, dt)
     keys = torch.randn(B, H, T, D, device=DEVICE, dtype=dt)
     kd, vd = ref.encode(keys, c), vref.encode(v, vc)
-    emit({"what": "sdpa flash", "us": sdpa_graph_us(q, keys, v, "flash")})
-    emit({"what": "sdpa cudnn", "us": sdpa_graph_us(q, keys, v, "cudnn")})
+    dense = {"what": "sdpa flash / cudnn (bench/attention.py time_dense)"}
+    time_dense(dense, q, keys, v, copy_bandwidth(), graphs=True)
+    emit(dense)
     emit({"what": "K-only, tuned", "us": graph_us(lambda: kernels.attention(q, kd, T, v, c)),
           "config": str(tuner.last_config())})
     emit({"what": "K + V4, tuned", "us": graph_us(lambda: kernels.attention(q, kd, T, vd, c, vcodec=vc)),

@@ -98,13 +98,9 @@ class CompressedTensor(torch.Tensor):
         self.logical_shape = tuple(shape)
         if self.growing_dim is not None and not torch.compiler.is_compiling():
             # Say so up front, so that dynamo compiles one dynamic graph instead of a static one first and a
-            # dynamic one on the next call (docs/design.md §8.11). Inner buffers kept from step to step (appends
-            # in place) carry their mark already: marking again costs more than the step's append.
+            # dynamic one on the next call (docs/design.md §8.11). Marking the wrapper marks its inner tensors of
+            # the same rank too (growing_inner are all [B, H, rows, ...]).
             torch._dynamo.maybe_mark_dynamic(self, self.growing_dim)
-            for name in self.growing_inner:
-                t = getattr(self, name)
-                if self.growing_dim not in getattr(t, "_dynamo_weak_dynamic_indices", ()):
-                    torch._dynamo.maybe_mark_dynamic(t, self.growing_dim)
 
     def inner_tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, n) for n in self.inner_names)
