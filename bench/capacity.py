@@ -67,6 +67,7 @@ table at the end, and capacity-<date>-<tag>.png (max context and max batch vs bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -92,7 +93,7 @@ from pqcompile import counters
 from pqcompile.backend import polarquant
 from pqcompile.cache import reset_fallback_warnings
 
-VERSION = 1
+VERSION = 2  # 2: --dense-sdpa flash (default) for the dense contenders
 GB = 1e9
 UNIT = [GB, "GB"]  # what the log and the table print memory in (--tiny: MB)
 
@@ -224,6 +225,16 @@ def compiled(model, spec: Spec, args):
     return torch.compile(model, backend=polarquant, options=options, dynamic=dynamic)
 
 
+def dense_sdpa(spec: Spec, args):
+    """--dense-sdpa flash: the dense contenders' SDPA without cuDNN, which on the H200 builds a plan for every new
+    key length (every dynamic step: ~2.5x slower steps at batch 1); the polar contenders rewrite their SDPA."""
+    if spec.polar or args.device != "cuda" or args.dense_sdpa == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def cache_for(model, spec: Spec, batch: int, ctx: int, args):
     if not spec.static:
         return transformers.DynamicCache(config=model.config)
@@ -284,7 +295,7 @@ def probe(model, fwd, spec: Spec, batch: int, ctx: int, args, meter) -> dict:
     t0 = time.perf_counter()
     meter.reset_peak()  # the previous probe ended with free()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), dense_sdpa(spec, args):
             _probe_body(model, fwd, spec, batch, ctx, args, meter, rec, timing)
         rec["fit"] = True
     except Exception as e:  # noqa: BLE001 - an OOM is a result; anything else is recorded and ends the search
@@ -617,6 +628,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--ref-layers", type=int, default=32, help="the model --scale-budget scales to")
     p.add_argument("--scale-budget", choices=["none", "weights", "kv"], default="none")
     p.add_argument("--dense", choices=["eager", "inductor"], default="eager", help="how the dense contenders run")
+    p.add_argument("--dense-sdpa", choices=["flash", "default"], default="flash",
+                   help="SDPA backends of the dense contenders on CUDA: flash (no cuDNN) or torch's default")
     p.add_argument("--polar-after", choices=["inductor", "aot_eager", "eager"], default="inductor",
                    help="polarquant's inner backend (options backend=); --tiny default eager (fast CPU compile)")
     p.add_argument("--dynamic", action="store_true", help="torch.compile(..., dynamic=True): symbolic sizes from the "

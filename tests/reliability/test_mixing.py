@@ -138,3 +138,67 @@ def test_prefix_cache_reused_for_two_continuations():
         out = _generate(model, full, **cache_kw(copy.deepcopy(cache)))
         assert cache.get_seq_length() == PROMPT  # the shared prefix is untouched
         assert torch.equal(out.sequences, _generate(eager, full).sequences), seed
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the cache moves to the CPU and back")
+
+
+def _decode(model, ids, cache, steps, between=None):
+    """Greedy steps through `model` (compiled) on `cache`; `between(step, cache)` runs before each step."""
+    tokens = []
+    with torch.no_grad():
+        logits = model(ids, **cache_kw(cache), use_cache=True).logits[:, -1]
+        for step in range(steps):
+            if between is not None:
+                between(step, cache)
+            tokens.append(logits.argmax(-1, keepdim=True))
+            logits = model(tokens[-1], **cache_kw(cache), use_cache=True).logits[:, -1]
+    return torch.cat(tokens, 1), logits
+
+
+@CUDA
+@pytest.mark.parametrize("options", [{"group_size": 16}, {"group_size": 16, "value_bits": 4, "value_group": 16}],
+                         ids=["keys", "keys-values"])
+def test_cache_offloaded_to_cpu_and_back_mid_generation(options):
+    """HF's layer offload() / prefetch() (what DynamicCache(offloading=True) calls) on every layer between two steps,
+    after the prompt's groups were encoded and before the next group boundary is crossed: the compressed state
+    stays compressed on the CPU and the generation continues bit for bit as if it had never moved."""
+    model = _model().cuda()
+    compiled = torch.compile(model, backend="polarquant", options={"backend": "eager", **options})
+    ids = _ids(seed=8).cuda()
+    steps, move_at = 2 * NEW, 5  # 37 + 24 tokens cross the group boundaries at 48
+
+    def move(step, cache):
+        if step != move_at:
+            return
+        for layer in cache.layers:
+            layer.offload()
+        torch.cuda.synchronize()
+        keys = polar_keys_in(cache)
+        assert len(keys) == 2 and all(k.device.type == "cpu" for k in keys)
+        if "value_bits" in options:
+            assert all(v.device.type == "cpu" for v in polar_values_in(cache))
+        for layer in cache.layers:
+            layer.prefetch()
+
+    ref_tokens, ref_logits = _decode(compiled, ids, transformers.DynamicCache(config=model.config), steps)
+    cache = transformers.DynamicCache(config=model.config)
+    tokens, logits = _decode(compiled, ids, cache, steps, between=move)
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.equal(logits, ref_logits)
+    keys = polar_keys_in(cache)
+    assert len(keys) == 2 and all(k.device.type == "cuda" for k in keys)
+    assert cache.get_seq_length() == PROMPT + steps
+
+
+@CUDA
+def test_offloaded_dynamic_cache_generates_the_eager_tokens():
+    """generate(cache_implementation="offloaded"): HF moves each layer to the CPU after its update and prefetches
+    the next one on a side stream, inside the compiled forward."""
+    model = _model().cuda()
+    ids = _ids(seed=9).cuda()
+    eager = _generate(model, ids, cache_implementation="offloaded").sequences
+    model.compile(backend="polarquant", options={"backend": "eager", "group_size": 16})
+    out = _generate(model, ids, cache_implementation="offloaded")
+    assert torch.equal(out.sequences[:, : PROMPT + 6], eager[:, : PROMPT + 6])
+    assert polar_keys_in(cache_of(out)), "the offloaded cache was not compressed"
