@@ -172,8 +172,9 @@ def soak(model, path: str, args, out: dict, save) -> None:
     device = "cuda" if args.cuda else "cpu"
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, backend="polarquant", mode="reduce-overhead" if args.cuda else None,
-                             options={"group_size": args.group_size, "backend": args.inner})
+    # torch.compile takes mode or options, not both: the GPU run keeps the defaults (group 128, inductor after)
+    compiled = (torch.compile(model, backend="polarquant", mode="reduce-overhead") if args.cuda else
+                torch.compile(model, backend="polarquant", options={"group_size": args.group_size, "backend": args.inner}))
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=g).to(device)
     cache = make_cache(model, path, args)
