@@ -43,6 +43,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pqcompile import counters
+from pqcompile.backend import polarquant  # the callable: works without the package installed (PYTHONPATH)
 from pqcompile.compressed import CompressedTensor
 from pqcompile.hf_compat import cache_kw
 from pqcompile.models import tiny_llama
@@ -173,8 +174,8 @@ def soak(model, path: str, args, out: dict, save) -> None:
     torch._dynamo.reset()
     counters.clear()
     # torch.compile takes mode or options, not both: the GPU run keeps the defaults (group 128, inductor after)
-    compiled = (torch.compile(model, backend="polarquant", mode="reduce-overhead") if args.cuda else
-                torch.compile(model, backend="polarquant", options={"group_size": args.group_size, "backend": args.inner}))
+    compiled = (torch.compile(model, backend=polarquant, mode="reduce-overhead") if args.cuda else
+                torch.compile(model, backend=polarquant, options={"group_size": args.group_size, "backend": args.inner}))
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=g).to(device)
     cache = make_cache(model, path, args)
