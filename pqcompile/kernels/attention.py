@@ -284,11 +284,12 @@ class _Plan:
         self.rows = RG * S
         self.block_m = max(16, min(64, common.next_pow2(self.rows)))
         self.MB = common.cdiv(self.rows, self.block_m)
-        self.block_p, self.block_dv = common.next_pow2(P), max(16, common.next_pow2(Dv))
+        # tl.dot needs K >= 16 on the GPU: a head dim under 32 scores over pairs padded to 16 (masked, zero)
+        self.block_p, self.block_dv = max(16, common.next_pow2(P)), max(16, common.next_pow2(Dv))
         self.n_prog = B * NQG * self.MB
         self.sms, self.num_splits, self.on_gpu = common.sm_count(q.device), num_splits, on_gpu
         self.out_shape, self.dtype, self.device = (B, Hq, S, Dv), q.dtype, q.device
-        self.xi, self.yi = common.pair_index(codec.pairing, D, q.device)
+        self.xi, self.yi = common.pair_index(codec.pairing, D, q.device, self.block_p)
         if packed is None:  # None: constexprs, the dense kernel's signature
             vb, vcg, nbv = 0, 0, 0
         else:

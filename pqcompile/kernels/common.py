@@ -55,10 +55,10 @@ def check_codec(codec: Codec) -> None:
 
 
 @functools.cache
-def pair_index(pairing: ref.Pairing, head_dim: int, device: torch.device):
-    """(x dims, y dims) of the pairs, int32 on device, zero-padded to next_pow2(D/2)."""
+def pair_index(pairing: ref.Pairing, head_dim: int, device: torch.device, width: int = 0):
+    """(x dims, y dims) of the pairs, int32 on device, zero-padded to max(next_pow2(D/2), width)."""
     xs, ys = pairing.indices(head_dim)
-    pad = [0] * (next_pow2(len(xs)) - len(xs))
+    pad = [0] * (max(next_pow2(len(xs)), width) - len(xs))
     return (torch.tensor(xs + pad, dtype=torch.int32, device=device),
             torch.tensor(ys + pad, dtype=torch.int32, device=device))
 

@@ -144,6 +144,32 @@ def test_group_size_32_and_head_dim_96(poisoned):
     run_case(1, 4, 2, 70, 96, 1, G=32, splits=2)
 
 
+@pytest.mark.parametrize("D, pairing", [(16, "half"), (16, "interleaved@8"), (8, "interleaved")])
+def test_head_dims_under_32(D, pairing, poisoned):
+    """Fewer than 16 pairs: tl.dot needs K >= 16 on the GPU, so the pairs are padded (zero, masked) to 16."""
+    run_case(2, 4, 2, 37, D, 2, pairing=pairing, causal=True)
+    run_case(1, 4, 1, 21, D, 1, pairing=pairing, mask="bool", dtype=torch.bfloat16)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA: a 2.2 GB mask (the interpreter would take hours)")
+def test_mask_row_offsets_past_2_31(poisoned):
+    """A long prefill's mask: query row x row stride > 2^31 elements (found at a 126k-token prompt on the H200:
+    an illegal address). The rows past 2^31 equal the reference's on the same rows."""
+    torch.manual_seed(0)
+    c = ref.Codec(4, 4, 16, ref.Pairing.parse("half"))
+    S, T, W = 16448, 48, 131072  # S * W = 2.16e9 > 2^31
+    data = ref.encode(torch.randn(1, 2, T, 64, device=DEVICE) * 2, c)
+    q, v = torch.randn(1, 4, S, 64, device=DEVICE), torch.randn(1, 2, T, 64, device=DEVICE)
+    mask = torch.ones(1, 1, S, W, dtype=torch.bool, device=DEVICE)[..., :T]  # row stride W
+    mask.copy_(torch.rand(1, 1, S, T, device=DEVICE) > 0.3)
+    mask[..., -1] = True
+    out = kernels.attention(q, data, T, v, c, mask=mask)
+    rows = slice(S - 64, S)
+    want = ref.attention(q[:, :, rows], data, T, v, c, mask=mask[:, :, rows].contiguous())
+    err = ((out[:, :, rows] - want).norm() / want.norm()).item()
+    assert err < TOL[torch.float32], f"relative error {err:.2e}"
+
+
 def test_rejects_bad_input():
     c = ref.Codec(4, 4, 16, ref.Pairing())
     data = ref.encode(torch.randn(1, 2, 20, 64, device=DEVICE), c)

@@ -196,10 +196,11 @@ def polar_attn_fwd_kernel(
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < RG * S_len
     si, qh = offs_m % S_len, (qg * RG + offs_m // S_len).to(tl.int64)
+    si64 = si.to(tl.int64)  # a row's offsets: S x the mask's row stride passes 2^31 in a long prefill
     offs_j = tl.arange(0, BLOCK_P)
     jmask = offs_j < P
     xi, yi = tl.load(XI + offs_j), tl.load(YI + offs_j)
-    Qrow = Qp + b * sq_b + qh[:, None] * sq_h + si[:, None] * sq_s
+    Qrow = Qp + b * sq_b + qh[:, None] * sq_h + si64[:, None] * sq_s
     qmask = row_ok[:, None] & jmask[None, :]
     qx = tl.load(Qrow + xi[None, :] * sq_d, mask=qmask, other=0.0).to(QT)  # [M, P]
     qy = tl.load(Qrow + yi[None, :] * sq_d, mask=qmask, other=0.0).to(QT)
@@ -208,7 +209,7 @@ def polar_attn_fwd_kernel(
     offs_n, offs_dv = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_DV)
     dv_mask = offs_dv < Dv
     Vrow = Vp + b * sv_b + qg.to(tl.int64) * sv_h + offs_dv[None, :]  # V head = qg (RG = R or RG = 1)
-    Mrow = Mk + b * sm_b + qh[:, None] * sm_h + si[:, None] * sm_s
+    Mrow = Mk + b * sm_b + qh[:, None] * sm_h + si64[:, None] * sm_s
     m_i, l_i = tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
@@ -312,7 +313,7 @@ def polar_attn_fwd_kernel(
         acc = tl.where(bad, float("nan"), acc)
     if n_splits == 1:  # normalize and store the output
         o = acc / tl.where(row_ok & (l_i > 0), l_i, 1.0)[:, None]  # all keys masked: 0, as SDPA
-        optr = Out + b * so_b + qh[:, None] * so_h + si[:, None] * so_s + offs_dv[None, :]
+        optr = Out + b * so_b + qh[:, None] * so_h + si64[:, None] * so_s + offs_dv[None, :]
         tl.store(optr, o.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_mask[None, :])
     else:  # partials for polar_attn_reduce_kernel
         row = (pid_q * tl.num_programs(2) + mb).to(tl.int64) * n_splits + split
@@ -358,6 +359,6 @@ def polar_attn_reduce_kernel(
             acc = acc * alpha + tl.sum(w[:, None] * o, 0)
             m_run = m_new
         qh = (qg * RG + m // S_len).to(tl.int64)
-        optr = Out + b * so_b + qh * so_h + (m % S_len) * so_s + offs_dv
+        optr = Out + b * so_b + qh * so_h + (m % S_len).to(tl.int64) * so_s + offs_dv
         out = acc / tl.where(l_run > 0, l_run, 1.0)  # all keys masked: 0, as SDPA (NaN stays NaN)
         tl.store(optr, out.to(Out.dtype.element_ty), mask=offs_dv < Dv)
