@@ -191,14 +191,38 @@ def test_cache_offloaded_to_cpu_and_back_mid_generation(options):
     assert cache.get_seq_length() == PROMPT + steps
 
 
+OFFLOADED_GENERATE = """
+import torch
+from pqcompile.backend import polarquant
+from pqcompile.cache import polar_keys_in
+from pqcompile.hf_compat import cache_of
+from pqcompile.models import tiny_llama
+model = tiny_llama(layers=2, hidden=128, heads=4, kv_heads=2, qk_gain=3.0).cuda()
+model.generation_config.pad_token_id = 0
+ids = torch.randint(0, 256, (1, 37), generator=torch.Generator().manual_seed(9)).cuda()
+kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, cache_implementation="offloaded",
+          return_dict_in_generate=True)
+eager = model.generate(ids, **kw).sequences
+model.compile(backend=polarquant, options={"backend": "eager", "group_size": 16})
+out = model.generate(ids, **kw)
+print("compressed", bool(polar_keys_in(cache_of(out))), "same", torch.equal(out.sequences[:, :43], eager[:, :43]))
+"""
+
+
 @CUDA
 def test_offloaded_dynamic_cache_generates_the_eager_tokens():
     """generate(cache_implementation="offloaded"): HF moves each layer to the CPU after its update and prefetches
-    the next one on a side stream, inside the compiled forward."""
-    model = _model().cuda()
-    ids = _ids(seed=9).cuda()
-    eager = _generate(model, ids, cache_implementation="offloaded").sequences
-    model.compile(backend="polarquant", options={"backend": "eager", "group_size": 16})
-    out = _generate(model, ids, cache_implementation="offloaded")
-    assert torch.equal(out.sequences[:, : PROMPT + 6], eager[:, : PROMPT + 6])
-    assert polar_keys_in(cache_of(out)), "the offloaded cache was not compressed"
+    the next one on a side stream, inside the compiled forward. In a subprocess: on the H200 (torch 2.11) the
+    process died with SIGSEGV inside dynamo (graph_bytecode_inputs.store_user_object_weakrefs, resuming in HF's
+    offloading update), which would take the test worker down with it (docs/reliability.md)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", OFFLOADED_GENERATE], capture_output=True, text=True, env=env,
+                         timeout=600)
+    if run.returncode == -11:
+        pytest.xfail("SIGSEGV inside dynamo under HF's offloaded cache (torch 2.11, H200, 2026-12-02)")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "compressed True same True" in run.stdout, run.stdout
