@@ -20,7 +20,8 @@ issue 19 work); `--summarize FILE` prints the summary of any earlier result.
 
     python bench/soak.py --steps 500 --tag smoke          # CPU, tiny Llama, both paths
     python bench/soak.py --steps 10000 --tag cpu-10k
-    python bench/soak.py --cuda --path static --prompt 126976 --steps 4096 --every 512 --tag h200-8b-128k  # GPU
+    python bench/soak.py --cuda --path static --layers 32 --group-size 128 --fill write --prompt 126976 \
+        --steps 4096 --every 512 --tag h200-8b-128k  # GPU
 """
 
 from __future__ import annotations
@@ -143,6 +144,30 @@ def make_cache(model, path: str, args):
     return PolarStaticCache(config=model.config, max_cache_len=args.prompt + args.steps + 8, group_size=args.group_size)
 
 
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def write_random(model, caches, start: int, end: int, args, chunk: int = 8192) -> None:
+    """--fill write: positions start..end get random K/V (randn, the model's dtype and head shape), the same into
+    each cache through its own update(): PolarStaticCache encodes them in place, the shadow DynamicCache appends.
+    A 128k-token prompt through the static path's attention op would read HF's [S, T] mask once per KV head group
+    (~4 TB over 32 layers on the 8B shape, docs/reliability.md): the decode steps, not the prefill, are the soak."""
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    gen = torch.Generator(device=model.device).manual_seed(args.seed + 1)
+    for pos in range(start, end, chunk):
+        n = min(chunk, end - pos)
+        positions = torch.arange(pos, pos + n, device=model.device)
+        for i in range(cfg.num_hidden_layers):
+            k, v = (torch.randn(1, cfg.num_key_value_heads, n, d, generator=gen, device=model.device,
+                                dtype=model.dtype) for _ in range(2))
+            for cache in caches:
+                cache.update(k, v, i, {"cache_position": positions})  # 5.17: cache_kwargs; 5.2x: ignored
+
+
 def keys_rel_error(cache, shadow) -> float | None:
     """Relative L2 of the cache's keys (dequantized) against the dense shadow's, over all layers."""
     num = den = 0.0
@@ -180,10 +205,18 @@ def soak(model, path: str, args, out: dict, save) -> None:
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=g).to(device)
     cache = make_cache(model, path, args)
     shadow = transformers.DynamicCache(config=model.config) if args.shadow else None
+    t_fill = time.perf_counter()
+    n_model = args.prompt if args.fill == "prefill" else min(args.prompt, args.model_tokens)
     # (logits of the last position only: a 128k-token prompt's full logits would be ~31 GB on the 8B shape)
-    logits = compiled(ids, **cache_kw(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+    logits = compiled(ids[:, :n_model], **cache_kw(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     if shadow is not None:
-        model(ids, **cache_kw(shadow), use_cache=True, logits_to_keep=1)
+        model(ids[:, :n_model], **cache_kw(shadow), use_cache=True, logits_to_keep=1)
+    if n_model < args.prompt:
+        write_random(model, [c for c in (cache, shadow) if c is not None], n_model, args.prompt, args)
+    sync(device)
+    out["runs"][path] = {"fill_s": time.perf_counter() - t_fill, "rows": []}
+    print(f"{path}: {args.prompt} tokens in the cache ({args.fill}) in {out['runs'][path]['fill_s']:.1f} s",
+          flush=True)
     rows, mismatches, warm = [], 0, None
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -221,7 +254,7 @@ def soak(model, path: str, args, out: dict, save) -> None:
         rows.append(row)
         print(f"{path} step {step}: graphs {row['graphs']}, rss {row['rss_mb']:.1f} MB, malloc in use "
               f"{row.get('heap_in_use_mb') or 0:.2f} MB, cache {row['cache_mb']:.2f} MB", flush=True)
-        out["runs"][path] = {"rows": rows, "token_mismatches": mismatches}
+        out["runs"][path].update(rows=rows, token_mismatches=mismatches)
         save()
     last = rows[-1]
     summary = {"token_mismatches": mismatches, "checks": sum("token_vs_reference" in r for r in rows)}
@@ -328,6 +361,10 @@ def main(argv=None) -> int:
     p.add_argument("--path", choices=["dynamic", "static", "both"], default="both")
     p.add_argument("--prompt", type=int, default=37)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--fill", choices=["prefill", "write"], default="prefill",
+                   help="write: only the first --model-tokens of the prompt through the model, the rest random K/V "
+                   "written into the cache and the shadow (the GPU run to 128k)")
+    p.add_argument("--model-tokens", type=int, default=16)
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"], help="inner compiler")
     p.add_argument("--seed", type=int, default=0)
@@ -355,7 +392,7 @@ def main(argv=None) -> int:
     stem = f"soak-{datetime.date.today().isoformat()}-{args.tag}"
     js, png = args.out / f"{stem}.json", args.out / f"{stem}.png"
     out = {"meta": {"tag": args.tag, "steps": args.steps, "every": args.every, "warmup": args.warmup,
-                    "prompt": args.prompt, "layers": args.layers, "group_size": args.group_size, "inner": args.inner,
+                    "prompt": args.prompt, "fill": args.fill, "model_tokens": args.model_tokens, "layers": args.layers, "group_size": args.group_size, "inner": args.inner,
                     "seed": args.seed, "device": "cuda" if args.cuda else "cpu", "torch": torch.__version__,
                     "transformers": transformers.__version__, "threads": torch.get_num_threads(), "trim": args.trim,
                     "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}},
