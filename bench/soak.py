@@ -153,8 +153,8 @@ def sync(device: str) -> None:
 def write_random(model, caches, start: int, end: int, args, chunk: int = 8192) -> None:
     """--fill write: positions start..end get random K/V (randn, the model's dtype and head shape), the same into
     each cache through its own update(): PolarStaticCache encodes them in place, the shadow DynamicCache appends.
-    A 128k-token prompt through the static path's attention op would read HF's [S, T] mask once per KV head group
-    (~4 TB over 32 layers on the 8B shape, docs/reliability.md): the decode steps, not the prefill, are the soak."""
+    A 128k-token prompt through the static path's attention op did not finish in a 380 s call on the H200 (finding
+    14 of docs/reliability.md): the decode steps, not the prefill, are what the soak is for."""
     cfg = model.config
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     gen = torch.Generator(device=model.device).manual_seed(args.seed + 1)

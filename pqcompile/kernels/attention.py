@@ -323,7 +323,8 @@ class _Plan:
                          has_mask, mask_bool, meta["CAUSAL"], bool(softcap), q.dtype, v.dtype, tail.dtype, vb, vcg,
                          form, meta.get("KIND", 0))
         self.space = tuner.candidates(settings.tuned_space, G, self.block_p, codec.code_bits)
-        self.tuned = on_gpu and settings.autotune and num_splits is None and bool(self.space)
+        self.tuned = (on_gpu and settings.autotune and num_splits is None and bool(self.space)
+                      and self.rows <= settings.tune_max_rows)
         self._fixed = None
         self._fwd_kwargs: dict = {}  # LaunchConfig -> the forward kernel's kwargs
         self._reduce_kwargs: dict = {}  # BLOCK_S -> the reduction's kwargs

@@ -74,7 +74,8 @@ class KernelSettings:
 
     autotune: time every fitting config of tuned_space once per shape class on the GPU and keep the fastest;
     otherwise (and in the interpreter, with num_splits given, or when nothing fits) launch `attention`, its
-    block_n capped by the group size. encode_tile / write_tile: the encode and static-write launches (picked on
+    block_n capped by the group size; launches of more than tune_max_rows query rows per KV head are not timed
+    either. encode_tile / write_tile: the encode and static-write launches (picked on
     the H200 by `bench/attention.py --sweep-encode`; smaller tiles mean more, shorter programs). value_tile: the
     value encode and value static-write launches (tokens per program).
     """
@@ -85,6 +86,10 @@ class KernelSettings:
     encode_tile: Tile = ENCODE_TILE
     write_tile: Tile = WRITE_TILE
     value_tile: RowTile = VALUE_TILE
+    # launches with more query rows per KV head (query heads a KV head serves x positions) run `attention` untimed:
+    # the tuned space is picked for decode, and timing it on a long prefill's launch (seconds each, ~15 replays
+    # per config) would take minutes
+    tune_max_rows: int = 64
     value_form: str = "dot"  # packed values dequantized after the P @ U dot (1.8x "dequant" at 8x32k on the H200)
 
     def __setattr__(self, name, value):

@@ -67,3 +67,22 @@ def test_disk_cache_can_be_turned_off(timed, monkeypatch):
     timed.clear()
     tuner.pick(KEY, timed.append, SPACE)
     assert len(timed) == len(SPACE)
+
+
+@pytest.mark.parametrize("Hq, S, tuned", [(32, 1, True), (32, 16, True), (32, 17, False), (8, 130048, False)])
+def test_only_decode_sized_launches_are_timed(Hq, S, tuned):
+    """Query rows per KV head (Hq / Hkv x S) above settings.tune_max_rows launch the fixed config: timing the
+    space on a long prefill's launch would replay seconds-long kernels ~15 times per config."""
+    import importlib
+
+    import torch
+
+    from pqcompile import codec as ref
+
+    attention = importlib.import_module("pqcompile.kernels.attention")  # the module (the package exports the function)
+    q = torch.empty(1, Hq, S, 128, device="meta")
+    tail = v = torch.empty(1, 8, 16, 128, device="meta")
+    with attention.settings.override(autotune=True):  # (tests/kernels/conftest.py turns it off)
+        plan = attention._Plan(q, tail, v, ref.Codec(4, 4, 128, ref.Pairing()), None, static=True, softcap=None,
+                               is_causal=S > 1, num_splits=None, packed=None, on_gpu=True)
+    assert plan.tuned is tuned
