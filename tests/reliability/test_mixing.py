@@ -221,7 +221,7 @@ def test_offloaded_dynamic_cache_generates_the_eager_tokens():
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     run = subprocess.run([sys.executable, "-c", OFFLOADED_GENERATE], capture_output=True, text=True, env=env,
-                         timeout=600)
+                         timeout=600, check=False)
     if run.returncode == -11:
         pytest.xfail("SIGSEGV inside dynamo under HF's offloaded cache (torch 2.11, H200, 2026-12-02)")
     assert run.returncode == 0, run.stderr[-3000:]
