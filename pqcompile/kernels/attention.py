@@ -418,12 +418,17 @@ class _Launch:
             self.partials.update(n=splits, bufs=torch.split_with_sizes(buf, (n * plan.block_dv, n, n)))
         return self.partials["bufs"]
 
-    def __call__(self, c: LaunchConfig) -> None:
+    def __call__(self, c: LaunchConfig, run=None) -> None:
+        run = run or common.launch  # (looked up per call: bench/host_overhead.py stubs it)
         plan = self.plan
         splits = self.splits(c.block_n, c.programs_per_sm)
         parts = self._partial_buffers(splits)
-        common.launch(polar_attn_fwd_kernel, (plan.n_prog // plan.MB, splits, plan.MB),
-                      (*self.args_in, *parts, *self.args_len), plan.fwd_kwargs(c))
+        run(polar_attn_fwd_kernel, (plan.n_prog // plan.MB, splits, plan.MB),
+            (*self.args_in, *parts, *self.args_len), plan.fwd_kwargs(c))
         if splits > 1:
-            common.launch(polar_attn_reduce_kernel, (plan.n_prog, min(plan.block_m, plan.rows)),
-                          (*parts, *self.reduce_args, splits), plan.reduce_kwargs(splits))
+            run(polar_attn_reduce_kernel, (plan.n_prog, min(plan.block_m, plan.rows)),
+                (*parts, *self.reduce_args, splits), plan.reduce_kwargs(splits))
+
+    def compile_only(self, c: LaunchConfig) -> None:
+        """Config c's kernels compiled for this call, not launched (the tuner compiles its space in parallel)."""
+        self(c, run=common.compile_only)

@@ -158,6 +158,13 @@ def launch(fn, grid: tuple, args: tuple, kwargs: Mapping) -> None:
     fast(grid, args, kwargs)
 
 
+def compile_only(fn, grid: tuple, args: tuple, kwargs: Mapping) -> None:
+    """fn compiled for these arguments as `launch` would compile it, not launched (Triton's warmup; under an
+    AsyncCompileMode the compile runs on its executor). Nothing to do where `launch` would not compile."""
+    if type(fn) is _JITFunction:
+        fn.run(*args, grid=grid, warmup=True, **kwargs)
+
+
 _FAST: dict = {}
 _Tensor = torch.Tensor
 _HookChain = getattr(_knobs, "HookChain", None) if _knobs is not None else None

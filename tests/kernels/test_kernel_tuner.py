@@ -86,3 +86,28 @@ def test_only_decode_sized_launches_are_timed(Hq, S, tuned):
         plan = attention._Plan(q, tail, v, ref.Codec(4, 4, 128, ref.Pairing()), None, static=True, softcap=None,
                                is_causal=S > 1, num_splits=None, packed=None, on_gpu=True)
     assert plan.tuned is tuned
+
+
+def test_parallel_compile_compiles_every_config_before_timing_any(timed, monkeypatch):
+    """PQCOMPILE_PARALLEL_COMPILE=N: every config's kernels are compiled ahead (here a stand-in records the calls;
+    on the GPU they go to Triton's AsyncCompileMode), one that fails to compile is left to the timing, and the
+    pick is the same."""
+    pytest.importorskip("triton.runtime._async_compile")
+    events = []
+
+    class Launch:
+        def __call__(self, c):
+            events.append(("time", c))
+            timed.append(c)
+
+        def compile_only(self, c):
+            events.append(("compile", c))
+            if c == SPACE[2]:
+                raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(tuner, "PARALLEL_COMPILE", "4")
+    assert tuner.pick(KEY, Launch(), SPACE) == SPACE[1]
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["compile"] * 3 + ["time"] * 3
+    assert [c for _, c in events[:3]] == list(SPACE)
+    assert tuner.precompile(Launch(), SPACE, threads=0) == 0 and tuner.precompile(object(), SPACE, threads=4) == 0
