@@ -14,15 +14,21 @@ from .compressed import CompressedTensor
 aten = torch.ops.aten
 
 
+GROWTH = 64  # a buffer grows by at least 1/GROWTH of its capacity
+
+
 def capacity_for(tokens: int, current: int, G: int) -> int:
     """Code rows a state of `tokens` tokens should hold: room for its open group to flush, grown by at least
-    1/16 of the current capacity at a time (slack <= ~6%, and a history copy only every 16th of its size)."""
+    1/GROWTH of the current capacity at a time. The slack (<= 1/64, ~1.6%) is memory the cache holds for nothing,
+    which decides how long a context fits; the copies it saves are cheap next to attention, which reads the whole
+    history every step while a growth copies it once every 64th of its size (outside the graph, one layer at a
+    time)."""
     need = (tokens // G + 1) * G
     if not current:  # a fresh state (no comparison: no guard in a graph)
         return need
     if current >= need:
         return current
-    return max(need, -(-(current + current // 16) // G) * G)
+    return max(need, -(-(current + current // GROWTH) // G) * G)
 
 
 class DynamicCompressed(CompressedTensor):

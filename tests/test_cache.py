@@ -70,13 +70,15 @@ def test_cat_appends_in_place_and_refuses_an_earlier_state():
     assert out.capacity == 64 and not out.reserve()  # the next group (what the backend keeps between steps)
 
 
-def test_capacity_grows_by_a_sixteenth_at_least():
+def test_capacity_grows_by_a_64th_at_least():
     from pqcompile.dynamic import capacity_for
 
     assert capacity_for(0, 0, 128) == 128 and capacity_for(300, 0, 128) == 384
     assert capacity_for(300, 384, 128) == 384  # room for the open group: unchanged
     assert capacity_for(384, 384, 128) == 512  # its group must be able to flush
-    assert capacity_for(32768, 32768, 128) == 32768 + 2048  # 1/16 of 32k
+    assert capacity_for(32768, 32768, 128) == 32768 + 512  # 1/64 of 32k
+    assert capacity_for(131072, 131072, 128) == 131072 + 2048
+    assert capacity_for(1024, 1024, 128) == 1152  # under 64 groups: one group at a time
 
 
 def test_cat_one_token_at_a_time():
