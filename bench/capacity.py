@@ -67,7 +67,6 @@ table at the end, and capacity-<date>-<tag>.png (max context and max batch vs bu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import gc
@@ -85,7 +84,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # decode_e2e, 
 
 import torch
 import transformers
-from decode_e2e import CACHE_KW, build, cache_bytes, decode_kwargs, make_cache, say, sync, timed
+from decode_e2e import CACHE_KW, build, cache_bytes, decode_kwargs, make_cache, no_cudnn_sdpa, say, sync, timed
 from tabulate import tabulate
 
 import pqcompile
@@ -225,16 +224,6 @@ def compiled(model, spec: Spec, args):
     return torch.compile(model, backend=polarquant, options=options, dynamic=dynamic)
 
 
-def dense_sdpa(spec: Spec, args):
-    """--dense-sdpa flash: the dense contenders' SDPA without cuDNN, which on the H200 builds a plan for every new
-    key length (every dynamic step: ~2.5x slower steps at batch 1); the polar contenders rewrite their SDPA."""
-    if spec.polar or args.device != "cuda" or args.dense_sdpa == "default":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
 def cache_for(model, spec: Spec, batch: int, ctx: int, args):
     if not spec.static:
         return transformers.DynamicCache(config=model.config)
@@ -295,7 +284,10 @@ def probe(model, fwd, spec: Spec, batch: int, ctx: int, args, meter) -> dict:
     t0 = time.perf_counter()
     meter.reset_peak()  # the previous probe ended with free()
     try:
-        with torch.no_grad(), dense_sdpa(spec, args):
+        # --dense-sdpa flash: cuDNN's plan per key length made dynamic dense steps ~2.5x slower at batch 1 (H200);
+        # the polar contenders rewrite their SDPA
+        flash = not spec.polar and args.device == "cuda" and args.dense_sdpa == "flash"
+        with torch.no_grad(), no_cudnn_sdpa(flash):
             _probe_body(model, fwd, spec, batch, ctx, args, meter, rec, timing)
         rec["fit"] = True
     except Exception as e:  # noqa: BLE001 - an OOM is a result; anything else is recorded and ends the search

@@ -172,6 +172,7 @@ def attention_calls():
     yield "float mask + softcap, D64 Hq9/Hkv3", dense_call(Hq=9, H=3, D=64, mask="float", softcap=30.0)
     yield "D256 MQA", dense_call(Hq=8, H=1, D=256)
     yield "D96, q_len 16 causal", dense_call(Hq=12, H=4, D=96, S=16, causal=True)
+    yield "D16 (8 pairs: tl.dot needs K >= 16)", dense_call(Hq=4, H=2, D=16)
     yield "static (length on the device)", static_call()
     yield "static, prompt of 37", static_call(S=37)
     # packed values (VB > 0); the launches above keep dense V (VB = 0) and their SASS

@@ -25,6 +25,7 @@ Prints a table and writes JSON to bench/results/decode_e2e-<date>-<tag>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import inspect
 import json
@@ -128,6 +129,19 @@ def build(args) -> transformers.PreTrainedModel:
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def no_cudnn_sdpa(on: bool = True):
+    """SDPA without its cuDNN backend inside the block (flash first; a no-op with on=False): with a growing
+    DynamicCache every step has a new key length, and on the H200 cuDNN builds a plan for each (see *-flash)."""
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    if on:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
 
 
 def make_cache(model, contender: str, ctx: int, args):
@@ -235,14 +249,8 @@ def run(model, contender: str, ctx: int, args) -> dict:
     fwd = compiled_forward(model, contender, args)
     static = contender in STATIC
     t0 = time.perf_counter()
-    flash = contender.endswith("-flash") and device.startswith("cuda")
-    cudnn_was = torch.backends.cuda.cudnn_sdp_enabled()
-    if flash:
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    try:
+    with no_cudnn_sdpa(contender.endswith("-flash") and device.startswith("cuda")):
         return _run(model, contender, ctx, args, device, n, ids, cache, fwd, static, t0)
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(cudnn_was)
 
 
 def _run(model, contender, ctx, args, device, n, ids, cache, fwd, static, t0) -> dict:

@@ -42,6 +42,9 @@ from tabulate import tabulate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from decode_e2e import no_cudnn_sdpa, sync
 
 from pqcompile import counters
 from pqcompile.backend import polarquant  # the callable: works without the package installed (PYTHONPATH)
@@ -131,7 +134,6 @@ def build(args):
         model = tiny_llama(layers=args.layers, hidden=128, heads=4, kv_heads=2, qk_gain=3.0)
         model.config.max_position_embeddings = max(4096, args.prompt + args.steps + 8)
         return model
-    sys.path.insert(0, str(ROOT / "bench"))
     import decode_e2e
 
     ns = argparse.Namespace(tiny=False, layers=args.layers, dtype=torch.bfloat16, device="cuda")
@@ -142,11 +144,6 @@ def make_cache(model, path: str, args):
     if path == "dynamic":
         return transformers.DynamicCache(config=model.config)
     return PolarStaticCache(config=model.config, max_cache_len=args.prompt + args.steps + 8, group_size=args.group_size)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -182,25 +179,15 @@ def keys_rel_error(cache, shadow) -> float | None:
     return (num / den) ** 0.5 if den else None
 
 
-def _flash_only(cuda: bool):
-    """SDPA without the cuDNN backend on the GPU (a no-op context on the CPU)."""
-    import contextlib
-
-    if not cuda:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
 @torch.no_grad()
 def soak(model, path: str, args, out: dict, save) -> None:
     device = "cuda" if args.cuda else "cpu"
     torch._dynamo.reset()
     counters.clear()
     # torch.compile takes mode or options, not both: the GPU run keeps the defaults (group 128, inductor after)
+    options = {"group_size": args.group_size, "backend": args.inner}
     compiled = (torch.compile(model, backend=polarquant, mode="reduce-overhead") if args.cuda else
-                torch.compile(model, backend=polarquant, options={"group_size": args.group_size, "backend": args.inner}))
+                torch.compile(model, backend=polarquant, options=options))
     g = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=g).to(device)
     cache = make_cache(model, path, args)
@@ -225,7 +212,7 @@ def soak(model, path: str, args, out: dict, save) -> None:
         reference = copy.deepcopy(cache) if check and args.reference else None
         logits = compiled(token, **cache_kw(cache), use_cache=True).logits[:, -1]
         if shadow is not None:
-            with _flash_only(args.cuda):  # cuDNN SDPA would build a plan for every new key length of the shadow
+            with no_cudnn_sdpa(args.cuda):  # cuDNN SDPA would build a plan for every new key length of the shadow
                 dense_logits = model(token, **cache_kw(shadow), use_cache=True).logits[:, -1]
         if not check:
             continue
@@ -392,7 +379,8 @@ def main(argv=None) -> int:
     stem = f"soak-{datetime.date.today().isoformat()}-{args.tag}"
     js, png = args.out / f"{stem}.json", args.out / f"{stem}.png"
     out = {"meta": {"tag": args.tag, "steps": args.steps, "every": args.every, "warmup": args.warmup,
-                    "prompt": args.prompt, "fill": args.fill, "model_tokens": args.model_tokens, "layers": args.layers, "group_size": args.group_size, "inner": args.inner,
+                    "prompt": args.prompt, "fill": args.fill, "model_tokens": args.model_tokens,
+                    "layers": args.layers, "group_size": args.group_size, "inner": args.inner,
                     "seed": args.seed, "device": "cuda" if args.cuda else "cpu", "torch": torch.__version__,
                     "transformers": transformers.__version__, "threads": torch.get_num_threads(), "trim": args.trim,
                     "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}},
