@@ -310,12 +310,14 @@ def time_all(fns: dict, calls: int, repeats: int) -> dict:
 def stubbed_variants(fns: dict) -> dict:
     """The attention wrapper with parts of it stubbed out: without the launches (our Python up to the launch call:
     common.launch where it exists, else the kernels' [grid](...) call) and without everything after the checks
-    (`_attend`, present before and after the launch rework)."""
+    (`attention_launch.attend`; `attention._attend` in trees before the module split)."""
     A, wrapper = HOST["attention"], fns["attention_wrapper"]
+    L = getattr(A, "attention_launch", A)
     no_launch = ([(common, "launch", lambda *a: None)] if hasattr(common, "launch")
                  else [(A, n, Recorder()) for _, n in KERNELS[:2]])
     return {"attention_wrapper_nolaunch": (wrapper, no_launch),
-            "attention_wrapper_checks": (wrapper, [(A, "_attend", lambda *a, **k: None)])}
+            "attention_wrapper_checks": (wrapper, [(L, "attend" if L is not A else "_attend",
+                                                    lambda *a, **k: None)])}
 
 
 def canon(launches: list) -> list:

@@ -18,14 +18,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import triton.language as tl  # noqa: E402
+import triton.language as tl
 
-from pqcompile import codec as ref  # noqa: E402
-from pqcompile import kernels  # noqa: E402
-from pqcompile import value_codec as vref  # noqa: E402
-from pqcompile.kernels import attention as host  # noqa: E402
-from pqcompile.kernels import settings  # noqa: E402
-from pqcompile.value_codec import ValueCodec  # noqa: E402
+from pqcompile import codec as ref
+from pqcompile import kernels
+from pqcompile import value_codec as vref
+from pqcompile.kernels import attention_launch as host
+from pqcompile.kernels import settings
+from pqcompile.value_codec import ValueCodec
 
 
 class _Fp32Units:

@@ -14,9 +14,10 @@ Fallbacks to the reference (logged at debug level): head_dim or value dim > 256,
 Errors: wrong dtypes (TypeError), wrong shapes/devices/layouts (ValueError); messages show shapes only.
 
 Layout: jit/ holds the @triton.jit code only (encode, static_write, attention); the host wrapper of each is
-the module of the same name here; tuner.py picks attention launch configs; settings.py holds what is launched
-(`settings.override(...)` changes it for a block); common.py: shared checks and helpers. The name `attention`
-here is the function: reach the module through importlib.import_module("pqcompile.kernels.attention").
+the module of the same name here (attention's launch itself: attention_launch.py); tuner.py picks attention
+launch configs; settings.py holds what is launched (`settings.override(...)` changes it for a block);
+common.py: shared checks and helpers. The name `attention` here is the function: reach the module through
+importlib.import_module("pqcompile.kernels.attention").
 """
 
 from .attention import attention, static_attention

@@ -205,7 +205,7 @@ def test_launch_without_a_jit_function_is_a_plain_launch():
 
 def test_attention_plans_are_reused_and_follow_the_settings():
     """One plan per shape class, whatever the length; a settings change starts a new one."""
-    A = importlib.import_module("pqcompile.kernels.attention")
+    A = importlib.import_module("pqcompile.kernels.attention_launch")
     c = ref.Codec(4, 4, 16, ref.Pairing())
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 1, 32, generator=g).to(DEVICE)

@@ -73,13 +73,11 @@ def test_disk_cache_can_be_turned_off(timed, monkeypatch):
 def test_only_decode_sized_launches_are_timed(Hq, S, tuned):
     """Query rows per KV head (Hq / Hkv x S) above settings.tune_max_rows launch the fixed config: timing the
     space on a long prefill's launch would replay seconds-long kernels ~15 times per config."""
-    import importlib
-
     import torch
 
     from pqcompile import codec as ref
+    from pqcompile.kernels import attention_launch as attention
 
-    attention = importlib.import_module("pqcompile.kernels.attention")  # the module (the package exports the function)
     q = torch.empty(1, Hq, S, 128, device="meta")
     tail = v = torch.empty(1, 8, 16, 128, device="meta")
     with attention.settings.override(autotune=True):  # (tests/kernels/conftest.py turns it off)
