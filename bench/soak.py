@@ -195,7 +195,8 @@ def soak(model, path: str, args, out: dict, save) -> None:
     t_fill = time.perf_counter()
     n_model = args.prompt if args.fill == "prefill" else min(args.prompt, args.model_tokens)
     # (logits of the last position only: a 128k-token prompt's full logits would be ~31 GB on the 8B shape)
-    logits = compiled(ids[:, :n_model], **cache_kw(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+    prefill = model if args.eager_prefill else compiled
+    logits = prefill(ids[:, :n_model], **cache_kw(cache), use_cache=True, logits_to_keep=1).logits[:, -1]
     if shadow is not None:
         model(ids[:, :n_model], **cache_kw(shadow), use_cache=True, logits_to_keep=1)
     if n_model < args.prompt:
@@ -228,7 +229,7 @@ def soak(model, path: str, args, out: dict, save) -> None:
             row["logits_cos_vs_dense"] = torch.nn.functional.cosine_similarity(
                 logits.float(), dense_logits.float(), dim=-1).min().item()
             row["top1_vs_dense"] = bool((logits.argmax(-1) == dense_logits.argmax(-1)).all())
-            row["keys_rel_err"] = keys_rel_error(cache, shadow) if path == "dynamic" else None
+            row["keys_rel_err"] = keys_rel_error(cache, shadow)
             row["shadow_mb"] = cache_bytes(shadow) / 2**20  # the dense shadow's cache: the soak's, not the model's
         # memory last, the checks' copies freed: the cache, the shadow and the model are all that should remain
         warm_now = warm is None and step >= args.warmup
@@ -352,6 +353,8 @@ def main(argv=None) -> int:
                    help="write: only the first --model-tokens of the prompt through the model, the rest random K/V "
                    "written into the cache and the shadow (the GPU run to 128k)")
     p.add_argument("--model-tokens", type=int, default=16)
+    p.add_argument("--eager-prefill", action="store_true", help="the prompt through the eager model (as decode_e2e's "
+                   "static contenders), not the compiled one")
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--inner", default="inductor", choices=["inductor", "aot_eager", "eager"], help="inner compiler")
     p.add_argument("--seed", type=int, default=0)
@@ -379,7 +382,8 @@ def main(argv=None) -> int:
     stem = f"soak-{datetime.date.today().isoformat()}-{args.tag}"
     js, png = args.out / f"{stem}.json", args.out / f"{stem}.png"
     out = {"meta": {"tag": args.tag, "steps": args.steps, "every": args.every, "warmup": args.warmup,
-                    "prompt": args.prompt, "fill": args.fill, "model_tokens": args.model_tokens,
+                    "prompt": args.prompt, "fill": args.fill, "eager_prefill": args.eager_prefill,
+                    "model_tokens": args.model_tokens,
                     "layers": args.layers, "group_size": args.group_size, "inner": args.inner,
                     "seed": args.seed, "device": "cuda" if args.cuda else "cpu", "torch": torch.__version__,
                     "transformers": transformers.__version__, "threads": torch.get_num_threads(), "trim": args.trim,

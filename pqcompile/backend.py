@@ -57,6 +57,7 @@ def polarquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
     log.info("%s", _Lazy(lambda: report.one_line(facts or report.build(gm, gm, sites, results, cfg, "?"))))
     checked = verify.Checked(original, gm, sites, cfg, on_event=rep.update if rep else None) if checking else None
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]  # before inductor may change gm
+    _prepare_constants(gm)
     compiled = _inner_compile(gm, example_inputs, cfg, mode)
     if checked is not None:
         checked.compiled, compiled = compiled, checked
@@ -65,6 +66,21 @@ def polarquant(gm: torch.fx.GraphModule, example_inputs: list, *, mode: str | No
         return compiled
     modules = [(k, s.module) for k, s in enumerate(sites)]
     return _reserving(compiled, in_place, [cache_label(placeholders[i], modules)[0] for i in in_place])
+
+
+def _prepare_constants(gm: torch.fx.GraphModule) -> None:
+    """The kernels' device constants of every compressed key state the graph reads or builds, created now: made
+    lazily at the first launch instead, they would land in a CUDA-graph tree's warm-up pool, which then refuses
+    the run (docs/reliability.md, finding 16)."""
+    from .codec import Codec
+    from .compressed import CompressedTensor
+
+    for node in gm.graph.nodes:
+        val = node.meta.get("val", node.meta.get("example_value"))
+        if isinstance(val, CompressedTensor) and isinstance(val.codec, Codec) and val.device.type == "cuda":
+            from .kernels import common
+
+            common.prepare_constants(val.codec.pairing, int(val.shape[-1]), val.device)
 
 
 def _reserving(fn, in_place: list[int], labels: list[str]):

@@ -93,7 +93,7 @@ class _Plan:
         self.n_prog = B * NQG * self.MB
         self.sms, self.num_splits, self.on_gpu = common.sm_count(q.device), num_splits, on_gpu
         self.out_shape, self.dtype, self.device = (B, Hq, S, Dv), q.dtype, q.device
-        self.xi, self.yi = common.pair_index(codec.pairing, D, q.device, self.block_p)
+        self.xi, self.yi = common.pair_index(codec.pairing, D, q.device)
         if packed is None:  # None: constexprs, the dense kernel's signature
             vb, vcg, nbv = 0, 0, 0
         else:

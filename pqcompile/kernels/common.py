@@ -55,12 +55,20 @@ def check_codec(codec: Codec) -> None:
 
 
 @functools.cache
-def pair_index(pairing: ref.Pairing, head_dim: int, device: torch.device, width: int = 0):
-    """(x dims, y dims) of the pairs, int32 on device, zero-padded to max(next_pow2(D/2), width)."""
+def pair_index(pairing: ref.Pairing, head_dim: int, device: torch.device):
+    """(x dims, y dims) of the pairs, int32 on device, zero-padded to max(16, next_pow2(D/2)) (the attention's pair
+    block). One entry per (pairing, D, device), shared by every kernel: created on first use and kept, so its first
+    use must not be inside a CUDA-graph tree's warm-up, whose memory pool would then hold two tensors no graph output
+    tracks (inductor refuses the run). The backend creates it at compile time (prepare_constants)."""
     xs, ys = pairing.indices(head_dim)
-    pad = [0] * (max(next_pow2(len(xs)), width) - len(xs))
+    pad = [0] * (max(16, next_pow2(len(xs))) - len(xs))
     return (torch.tensor(xs + pad, dtype=torch.int32, device=device),
             torch.tensor(ys + pad, dtype=torch.int32, device=device))
+
+
+def prepare_constants(pairing: ref.Pairing, head_dim: int, device: torch.device) -> None:
+    """Create the device constants the kernels of one site read (pair_index), outside any graph's memory pool."""
+    pair_index(pairing, head_dim, device)
 
 
 def pair_tile(block_p: int, G: int, P: int) -> int:
