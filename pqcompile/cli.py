@@ -111,6 +111,13 @@ def eval_(args: argparse.Namespace) -> int:
     from .quality import data, methods
     from .quality import summary as quality
 
+    if args.summarize:
+        import json
+
+        result = quality.add_intervals(json.loads(pathlib.Path(args.summarize).read_text()))
+        print(quality.table(result))
+        print(quality.value_table(result))
+        return 0
     try:
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
         methods.select(names)
@@ -125,6 +132,7 @@ def eval_(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command") and v is not None}
     result["command"] = "pqcompile eval " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in given.items())
     print(quality.table(result))
+    print(quality.value_table(result))
     js, png = quality.write(result, pathlib.Path(args.out))
     print(f"{result['seconds']:.0f} s; wrote {js} and {png}")
     return 0

@@ -18,8 +18,10 @@ from . import data, evaluate
 from .methods import select
 
 log = logging.getLogger(__name__)
-HEADERS = ["method", "path", "K bits/elem", "V bits/elem", "KV bits/elem", "tokens", "ppl", "Δppl vs fp (same windows)", "attn err (mean over layers)",
-           "key err", "seconds"]
+HEADERS = ["method", "path", "K bits/elem", "V bits/elem", "KV bits/elem", "tokens", "ppl", "Δppl vs fp (same windows)",
+           "95% CI (windows)", "attn err (mean over layers)", "key err", "seconds"]
+VALUE_HEADERS = ["method", "keys only", "value cost (Δppl points)", "95% CI (windows)"]
+RESAMPLES = 10_000
 
 
 def run(method_names: list[str], *, text: str = "wiki", tokens: int = 16384, compiled_tokens: int | None = None,
@@ -58,6 +60,7 @@ def run(method_names: list[str], *, text: str = "wiki", tokens: int = 16384, com
         base = sum(fp[:k]) / k
         res["fp_ppl_same_windows"] = math.exp(base)
         res["delta_ppl_pct"] = 100 * (math.exp(res["nll"] - base) - 1)
+    add_intervals({"methods": rows})
     err_methods = [m for m in methods if m.kind != "fp"
                    and not (m.kind == "product" and f"{m.name}-deq" in rows)]
     errors = evaluate.layer_errors(model, windows[:error_windows], err_methods, progress=progress) if err_methods else {}
@@ -73,6 +76,65 @@ def run(method_names: list[str], *, text: str = "wiki", tokens: int = 16384, com
         "machine": platform.processor() or platform.machine(), "seconds": time.perf_counter() - t0,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "methods": rows,
     }
+
+
+def keys_twin(name: str) -> str | None:
+    """The keys-only method of a keys + values method (`...-vB` or `...-vBcC`), else None."""
+    keys, sep, vbits = name.rpartition("-v")
+    return keys if sep and vbits.split("c")[0].isdigit() else None
+
+
+def _delta_pct(nll: torch.Tensor, fp: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Δppl vs fp (%) of each resample (rows of idx: window indices drawn with replacement)."""
+    return 100 * torch.expm1(nll[idx].mean(-1) - fp[idx].mean(-1))
+
+
+def add_intervals(result: dict, *, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+    """95% intervals by resampling whole windows (paired: every method on the same draws; tokens within a window
+    are not independent, windows are). Each method gets `delta_ppl_ci95`; a keys + values method whose keys-only
+    twin ran gets `value_cost`: its Δppl minus the twin's, in points, with the interval of that difference.
+    Rows without per-window NLLs (older results) are left as they are."""
+    rows = result["methods"]
+    fp_nll = rows.get("fp", {}).get("window_nll")
+    if fp_nll is None:
+        return result
+    gen = torch.Generator().manual_seed(seed)
+    draws: dict[int, torch.Tensor] = {}  # per window count: one set of draws for every method with that count
+
+    def idx(k: int) -> torch.Tensor:
+        if k not in draws:
+            draws[k] = torch.randint(0, k, (resamples, k), generator=gen)
+        return draws[k]
+
+    def nll(name: str, k: int) -> torch.Tensor:
+        return torch.tensor(rows[name]["window_nll"][:k], dtype=torch.float64)
+
+    for name, r in rows.items():
+        if name == "fp" or "window_nll" not in r:
+            continue
+        k = len(r["window_nll"])
+        lo, hi = torch.quantile(_delta_pct(nll(name, k), nll("fp", k), idx(k)),
+                                torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        r["delta_ppl_ci95"] = [lo, hi]
+        twin = keys_twin(name)
+        if twin in rows and "window_nll" in rows[twin]:
+            k = min(k, len(rows[twin]["window_nll"]))
+            fp, i = nll("fp", k), idx(k)
+            diff = _delta_pct(nll(name, k), fp, i) - _delta_pct(nll(twin, k), fp, i)
+            point = 100 * (math.exp(nll(name, k).mean().item() - fp.mean().item())
+                           - math.exp(nll(twin, k).mean().item() - fp.mean().item()))
+            lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+            r["value_cost"] = {"keys_only": twin, "points": point, "ci95": [lo, hi], "windows": k,
+                               "resamples": resamples}
+    return result
+
+
+def value_table(result: dict, fmt: str = "simple") -> str:
+    """What compressing the values costs over the same keys alone (methods with `value_cost`); "" if none."""
+    rows = [[n, r["value_cost"]["keys_only"], f"{r['value_cost']['points']:+.2f}",
+             "[{:+.2f}, {:+.2f}]".format(*r["value_cost"]["ci95"])]
+            for n, r in result["methods"].items() if "value_cost" in r]
+    return tabulate(rows, headers=VALUE_HEADERS, tablefmt=fmt, disable_numparse=True) if rows else ""
 
 
 def add_arguments(p) -> None:
@@ -93,6 +155,8 @@ def add_arguments(p) -> None:
                         "to compile 30 layers on CPU)")
     p.add_argument("--batch", type=int, default=4, help="windows per forward")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--summarize", default=None, metavar="JSON",
+                   help="print the tables of an earlier result (intervals recomputed) and exit")
     p.add_argument("--out", default=f"bench/results/quality-{datetime.date.today().isoformat()}",
                    help="output stem: writes OUT.json and OUT.png")
 
@@ -106,6 +170,7 @@ def table_rows(result: dict) -> list[list]:
         out.append([name, path, f"{r['bits']:.2f}", f"{vb:.2f}", f"{r.get('kv_bits', (r['bits'] + vb) / 2):.2f}",
                     r["tokens"], f"{r['ppl']:.3f}",
                     "" if name == "fp" else f"{r['delta_ppl_pct']:+.2f}%",
+                    "[{:+.2f}, {:+.2f}]%".format(*r["delta_ppl_ci95"]) if "delta_ppl_ci95" in r else "",
                     f"{sum(e['attn_rel_err']) / len(e['attn_rel_err']):.4f}" if e else "",
                     f"{sum(e['key_rel_err']) / len(e['key_rel_err']):.4f}" if e else "", f"{r['seconds']:.0f}"])
     return out

@@ -276,3 +276,49 @@ def test_summary_table_json_and_plot(tmp_path):
     assert summary._family("polar-4+4-deq-v2") == "polar + V2"
     js, png = summary.write(res, tmp_path / "q")
     assert js.exists() and png.stat().st_size > 10_000
+
+
+def _windows(seed: int = 1, n: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    fp = (3 + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)).tolist()
+    noise = torch.randn(n, generator=g, dtype=torch.float64).tolist()
+    return fp, [x + 0.01 for x in fp], [x + 0.03 + 0.02 * e for x, e in zip(fp, noise)]
+
+
+def test_intervals_resample_whole_windows_paired():
+    import math
+
+    fp, keys, both = _windows()
+    res = {"methods": {"fp": {"window_nll": fp}, "a-4+4-deq": {"window_nll": keys},
+                       "a-4+4-deq-v4": {"window_nll": both}, "b-v4": {"window_nll": both[:8]}}}
+    summary.add_intervals(res, resamples=2000)
+    rows = res["methods"]
+    lo, hi = rows["a-4+4-deq"]["delta_ppl_ci95"]  # a constant shift per window: every draw gives the same Δppl
+    assert lo == pytest.approx(100 * math.expm1(0.01)) and hi == pytest.approx(lo)
+    cost = rows["a-4+4-deq-v4"]["value_cost"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    point = 100 * (math.exp(mean(both) - mean(fp)) - math.exp(mean(keys) - mean(fp)))
+    assert cost["keys_only"] == "a-4+4-deq" and cost["points"] == pytest.approx(point)
+    assert cost["ci95"][0] < point < cost["ci95"][1] and cost["ci95"][1] - cost["ci95"][0] > 0.1
+    assert "delta_ppl_ci95" in rows["b-v4"] and "value_cost" not in rows["b-v4"]  # its keys-only twin "b" did not run
+    again = {"methods": {k: {"window_nll": v["window_nll"]} for k, v in rows.items()}}
+    assert summary.add_intervals(again, resamples=2000)["methods"]["a-4+4-deq-v4"]["value_cost"] == cost  # seeded
+    assert summary.keys_twin("x-4+4-deq-v4c32") == "x-4+4-deq" and summary.keys_twin("kivi-ch-int4") is None
+
+
+def test_cli_eval_summarize_prints_intervals_and_value_cost(tmp_path, capsys):
+    import json
+
+    from pqcompile.cli import main
+
+    fp, keys, both = _windows()
+    row = {"kind": "reference", "bits": 4.25, "tokens": 16368, "ppl": 21.0, "delta_ppl_pct": 1.0, "seconds": 1.0}
+    res = {"model": "m", "text": "wiki", "error_windows": 0, "methods": {
+        "fp": {"kind": "fp", "bits": 16.0, "tokens": 16368, "ppl": 20.0, "seconds": 1.0, "window_nll": fp},
+        "k-4+4-deq": {**row, "window_nll": keys},
+        "k-4+4-deq-v4": {**row, "value_bits": 4.5, "kv_bits": 4.375, "window_nll": both}}}
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(res))
+    assert main(["eval", "--summarize", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "95% CI (windows)" in out and "value cost" in out and "k-4+4-deq-v4" in out
