@@ -30,7 +30,9 @@ probe = does not fit: the phase is recorded, everything is freed (del, gc.collec
       the answer.
   --fill prefill: every token through the model (dynamic: the compiled forward; static: eager, as generate does),
       --prefill-chunk tokens per forward over the whole batch; the chunk's activations count against the budget.
-Peak memory reported = max_memory_allocated over the probe (fill + decode) and over the decode steps alone.
+Peak memory reported = max_memory_allocated over the probe (fill + decode) and over the decode steps alone; an OOM
+line also gives max_memory_reserved, whose excess over the allocated peak is what the allocator held but could
+not hand out (fragmentation: 1.6-1.9 GB for polar-dynamic's growing dense values at 32 layers, 2026-12-02).
 pqcompile's dense-fallback warnings raised in the timed steps are recorded per probe ("dense_fallbacks", flagged
 FALLBACK in the table): a compressed cache tensor dequantized there means the memory is not the polar path's.
 
@@ -362,6 +364,14 @@ def _probe_body(model, fwd, spec, batch, ctx, args, meter, rec, timing) -> None:
 # --------------------------------------------------------------------------- the search
 
 
+def oom_memory(rec: dict) -> str:
+    """Reserved vs allocated at an OOM: what the allocator held but could not hand out (fragmentation)."""
+    if rec.get("max_memory_reserved") is None:
+        return ""
+    return (f"reserved {mem(rec['max_memory_reserved'])}, peak allocated {mem(rec['max_memory_allocated'])}: "
+            f"{mem(rec['max_memory_reserved'] - rec['max_memory_allocated'])} unusable; ")
+
+
 def round_down(x: float, res: int) -> int:
     return int(x // res) * res
 
@@ -469,7 +479,7 @@ def search(model, fwd, spec: Spec, kind: str, budget: dict, args, meter, inherit
             hi = x if hi is None else min(hi, x)
         say(f"{spec.name} {kind} @ {mem(budget['nominal'])}: {kind} {x}: "
             + (f"fit, peak {mem(rec['max_memory_allocated'])}, {rec['step_ms_median']:.1f} ms/step, "
-               f"{rec['tokens_per_s']:.1f} tok/s" if rec["fit"] else f"OOM in {rec['phase']} ({rec['oom'][:120]})")
+               f"{rec['tokens_per_s']:.1f} tok/s" if rec["fit"] else f"OOM in {rec['phase']} ({oom_memory(rec)}{rec['oom'][:120]})")
             + f"; {rec['seconds']:.1f} s (fill {rec.get('fill_s', 0):.1f}, first step {rec.get('first_step_s', 0):.1f})"
             + (f", {rec['new_dynamo_graphs']} new graphs" if rec["new_dynamo_graphs"] else "")
             + (f"; DENSE FALLBACK in timed steps: {rec['dense_fallbacks']}" if rec.get("dense_fallbacks") else ""))
