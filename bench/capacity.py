@@ -32,7 +32,7 @@ probe = does not fit: the phase is recorded, everything is freed (del, gc.collec
       --prefill-chunk tokens per forward over the whole batch; the chunk's activations count against the budget.
 Peak memory reported = max_memory_allocated over the probe (fill + decode) and over the decode steps alone; an OOM
 line also gives max_memory_reserved, whose excess over the allocated peak is what the allocator held but could
-not hand out (fragmentation: 1.6-1.9 GB for polar-dynamic's growing dense values at 32 layers, 2026-12-02).
+not hand out (fragmentation: 1.6-2.2 GB for polar-dynamic's growing dense values at 32 layers, 2026-12-02).
 pqcompile's dense-fallback warnings raised in the timed steps are recorded per probe ("dense_fallbacks", flagged
 FALLBACK in the table): a compressed cache tensor dequantized there means the memory is not the polar path's.
 
