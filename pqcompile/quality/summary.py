@@ -63,7 +63,8 @@ def run(method_names: list[str], *, text: str = "wiki", tokens: int = 16384, com
     add_intervals({"methods": rows})
     err_methods = [m for m in methods if m.kind != "fp"
                    and not (m.kind == "product" and f"{m.name}-deq" in rows)]
-    errors = evaluate.layer_errors(model, windows[:error_windows], err_methods, progress=progress) if err_methods else {}
+    errors = (evaluate.layer_errors(model, windows[:error_windows], err_methods, progress=progress)
+              if err_methods and error_windows > 0 else {})  # no windows: no errors (not zeros)
     for name, e in errors.items():
         rows[name]["layer_errors"] = e
     for m in methods:  # a product method shares the errors of its dequantized twin (same reconstruction)
