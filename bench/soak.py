@@ -143,7 +143,13 @@ def build(args):
 def make_cache(model, path: str, args):
     if path == "dynamic":
         return transformers.DynamicCache(config=model.config)
-    return PolarStaticCache(config=model.config, max_cache_len=args.prompt + args.steps + 8, group_size=args.group_size)
+    cache = PolarStaticCache(config=model.config, max_cache_len=args.prompt + args.steps + 8, group_size=args.group_size)
+    # buffers allocated (and marked static) before the compiled prefill: a static cache initialized inside a compiled
+    # CUDA-graph prefill crashes plain inductor too (docs/reliability.md, finding 16)
+    cfg = model.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache.early_initialization(1, cfg.num_key_value_heads, d, model.dtype, model.device)
+    return cache
 
 
 @torch.no_grad()
