@@ -75,12 +75,13 @@ def _prepare_constants(gm: torch.fx.GraphModule) -> None:
     from .codec import Codec
     from .compressed import CompressedTensor
 
-    for node in gm.graph.nodes:
-        val = node.meta.get("val", node.meta.get("example_value"))
-        if isinstance(val, CompressedTensor) and isinstance(val.codec, Codec) and val.device.type == "cuda":
-            from .kernels import common
+    states = [v for v in (n.meta.get("val", n.meta.get("example_value")) for n in gm.graph.nodes)
+              if isinstance(v, CompressedTensor) and isinstance(v.codec, Codec) and v.device.type == "cuda"]
+    if states:
+        from .kernels import common  # Triton: only where a GPU kernel will run
 
-            common.prepare_constants(val.codec.pairing, int(val.shape[-1]), val.device)
+        for v in states:
+            common.prepare_constants(v.codec.pairing, int(v.shape[-1]), v.device)
 
 
 def _reserving(fn, in_place: list[int], labels: list[str]):
