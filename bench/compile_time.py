@@ -5,7 +5,7 @@ For each family: fresh dynamo state, inductor's on-disk caches off, one eager ge
 memory: kernels compiled for another backend or family are not reused): the wall time is the compile of the
 prefill graph and of the (dynamic) decode graphs, plus three tiny steps. Budget (issue 6): polarquant
 <= 1.5x inductor. Results go to bench/results/compile_time.json, which `pqcompile coverage --markdown`
-puts in the README's support table.
+puts in the support table (docs/models.md).
 
     .venv/bin/python bench/compile_time.py [--families llama gpt2 ...] [--repeat 1]
 """

@@ -1,7 +1,7 @@
 """Coverage of Hugging Face decoder families: tiny random-weight models built from configs (no downloads),
 run through `model.compile(backend="polarquant")` + `generate`, measured against eager and against the
 reference codec. tests/models/ asserts on these measurements; `pqcompile coverage --markdown` writes the
-README's support table from them.
+support table of docs/models.md from them.
 
 How a family is judged (one prompt of PROMPT tokens, then `steps` greedy decode steps with DynamicCache):
   sites       pqcompile.counters: attention sites rewritten / declined (with the reason), graphs compiled.
@@ -250,7 +250,7 @@ def measure(family: Family, steps: int = 64, inner: str = "aot_eager", options: 
     )
 
 
-# --------------------------------------------------------------------------- the README's support table
+# --------------------------------------------------------------------------- the support table (docs/models.md)
 
 START, END = "<!-- coverage:start -->", "<!-- coverage:end -->"
 COMPILE_TIMES = "bench/results/compile_time.json"  # written by bench/compile_time.py
@@ -297,7 +297,7 @@ def markdown(rows: list[Measurement], compile_times: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_readme(table: str, path: str = "README.md") -> None:
+def write_table(table: str, path: str = "docs/models.md") -> None:
     """Replace the text between the coverage markers (appending a section with them if missing)."""
     import pathlib
 
@@ -313,7 +313,7 @@ def write_readme(table: str, path: str = "README.md") -> None:
 
 def run(args) -> tuple[str, int]:
     """`pqcompile coverage [--markdown] [--steps N] [--families ...]`: run the families, write the table into
-    the README with --markdown; returns (table, exit code: 1 if a family's pairing or parity is off)."""
+    docs/models.md with --markdown; returns (table, exit code: 1 if a family's pairing or parity is off)."""
     import json
     import os
     import pathlib
@@ -327,6 +327,6 @@ def run(args) -> tuple[str, int]:
     times = json.loads(pathlib.Path(COMPILE_TIMES).read_text()) if os.path.exists(COMPILE_TIMES) else {}
     table = markdown(rows, times)
     if args.markdown:
-        write_readme(table, args.readme)
+        write_table(table, args.readme)
     bad = [m.family for m in rows if m.pairings != [BY_NAME[m.family].rope] or m.err_ref > 1e-5]
     return table, 1 if bad else 0

@@ -1,7 +1,7 @@
 """Mixing and concurrency on the tiny embedded Llama (pqcompile.models.tiny_llama, peaked attention): two models
 compiled with different options in one process, two threads decoding at once, fp32 / bf16 / fp16 models, beam
 search and HF's prefix-cache reuse with compressed state. Greedy tokens are compared with the eager model's:
-the codec's error at 4+4 bits leaves this model's argmax unchanged (README's support table: llama 64/64)."""
+the codec's error at 4+4 bits leaves this model's argmax unchanged (docs/models.md: llama 64/64)."""
 
 import copy
 import threading
