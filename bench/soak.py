@@ -146,10 +146,12 @@ def make_cache(model, path: str, args):
     cache = PolarStaticCache(config=model.config, max_cache_len=args.prompt + args.steps + 8, group_size=args.group_size)
     # buffers allocated (and marked static) before the compiled prefill: a static cache initialized inside a compiled
     # CUDA-graph prefill crashes plain inductor too (docs/reliability.md, finding 16)
-    cfg = model.config
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    cache.early_initialization(1, cfg.num_key_value_heads, d, model.dtype, model.device)
+    cache.early_initialization(1, model.config.num_key_value_heads, head_dim(model.config), model.dtype, model.device)
     return cache
+
+
+def head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 @torch.no_grad()
@@ -158,8 +160,7 @@ def write_random(model, caches, start: int, end: int, args, chunk: int = 8192) -
     each cache through its own update(): PolarStaticCache encodes them in place, the shadow DynamicCache appends.
     A 128k-token prompt through the static path's attention op did not finish in a 380 s call on the H200 (finding
     14 of docs/reliability.md): the decode steps, not the prefill, are what the soak is for."""
-    cfg = model.config
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cfg, d = model.config, head_dim(model.config)
     gen = torch.Generator(device=model.device).manual_seed(args.seed + 1)
     for pos in range(start, end, chunk):
         n = min(chunk, end - pos)

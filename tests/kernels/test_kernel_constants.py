@@ -5,7 +5,7 @@ tree's warm-up that is an allocation from the graph's pool that no output tracks
 (docs/reliability.md, finding 16: the GPU soak)."""
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from pqcompile import backend, ops

@@ -296,7 +296,7 @@ def test_intervals_resample_whole_windows_paired():
     lo, hi = rows["a-4+4-deq"]["delta_ppl_ci95"]  # a constant shift per window: every draw gives the same Δppl
     assert lo == pytest.approx(100 * math.expm1(0.01)) and hi == pytest.approx(lo)
     cost = rows["a-4+4-deq-v4"]["value_cost"]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     point = 100 * (math.exp(mean(both) - mean(fp)) - math.exp(mean(keys) - mean(fp)))
     assert cost["keys_only"] == "a-4+4-deq" and cost["points"] == pytest.approx(point)
     assert cost["ci95"][0] < point < cost["ci95"][1] and cost["ci95"][1] - cost["ci95"][0] > 0.1
