@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import types
 from collections.abc import Mapping
 
@@ -149,6 +150,9 @@ def frozen(**kwargs) -> Mapping:
 
 
 _FROZEN: dict = {}
+# Triton's interpreter patches triton.language's globals for the length of a launch and keeps the grid index in a
+# module global: launches from two threads at once fail or leave the patches behind (docs/reliability.md, finding 17).
+_INTERPRETER = threading.Lock()
 
 
 def launch(fn, grid: tuple, args: tuple, kwargs: Mapping) -> None:
@@ -157,6 +161,10 @@ def launch(fn, grid: tuple, args: tuple, kwargs: Mapping) -> None:
     fast = _FAST.get(id(fn))  # (by id: a JITFunction hashes its source's cache key, ~2 us)
     if fast is None:
         if type(fn) is not _JITFunction or FAST_LAUNCH == "0":  # the interpreter, bench's recorders, an old Triton
+            if interpret():
+                with _INTERPRETER:
+                    fn[grid](*args, **kwargs)
+                return
             fn[grid](*args, **kwargs)
             return
         fast = _FAST[id(fn)] = _FastLaunch(fn)  # (it holds fn: the id is not reused)

@@ -7,7 +7,10 @@ product's kernels, with --check). Also the host arithmetic that replaced triton.
 attention wrapper's plan cache."""
 
 import importlib
+import os
 import pathlib
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -190,6 +193,53 @@ def test_hooks_and_a_changed_kernel_go_through_triton(stub_driver, monkeypatch):
         monkeypatch.setattr(knobs.runtime, "launch_enter_hook", print)
         common.launch(fn, grid, args, kw)
     assert len(runs) == 3  # a profiler's hook sees Triton's launch metadata
+
+
+_TWO_THREADS = """
+import threading
+import torch, triton, triton.language as tl
+from pqcompile.kernels import common
+
+@triton.jit
+def affine(X, Y, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + i, tl.load(X + i, mask=i < n) * 2 + 1, mask=i < n)
+
+originals = {name: getattr(tl.tensor, name) for name in ("__mul__", "__add__", "__lt__")}
+errors, barrier = [], threading.Barrier(2)
+
+def run(seed):
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(seed))
+    try:
+        barrier.wait()
+        for _ in range(20):
+            y = torch.full_like(x, float("nan"))
+            common.launch(affine, (32,), (x, y, x.numel()), common.frozen(BLOCK=128))
+            assert torch.equal(y, x * 2 + 1)
+    except Exception as e:
+        errors.append(repr(e)[:300])
+
+threads = [threading.Thread(target=run, args=(s,)) for s in range(2)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+leaked = [name for name, f in originals.items() if getattr(tl.tensor, name) is not f]
+print("errors", errors, "leaked", leaked)
+"""
+
+
+def test_interpreted_launches_from_two_threads():
+    """Two threads launching at once under the interpreter (two models decoding in two threads on the CPU): every
+    launch right and triton.language left as it was. In a fresh process (what ran before in this one changes the
+    race's odds): without the launch lock one thread's launch failed with 'Did you forget to add @triton.jit', and
+    the interpreter's patches of tl.tensor could outlive the launches and break a later compile in the process
+    (reliability finding 17)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", _TWO_THREADS], check=False, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "errors [] leaked []", out.stdout[-2000:]
 
 
 def test_launch_without_a_jit_function_is_a_plain_launch():
