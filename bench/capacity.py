@@ -19,15 +19,22 @@ exceeded. Everything from a --tiny run is labelled SIMULATED (activations are no
 A probe (one size): build the cache, fill it to the context, run --warmup + --steps decode steps (random tokens).
 torch.OutOfMemoryError (or a CUDA/cuDNN/cuBLAS allocation failure, also wrapped in a compile error) anywhere in the
 probe = does not fit: the phase is recorded, everything is freed (del, gc.collect, empty_cache) and the search goes on.
-  --fill write (default): dynamic caches get the first --model-tokens (16) tokens through the (compiled) model, which
-      creates the cache tensors (PolarKeys / PolarValues for polar-dynamic); every remaining token is random bf16
-      K/V written through the cache's own update(k, v, layer_idx, {"cache_position": ...}) in chunks of
-      --write-chunk tokens (all sequences together): DynamicLayer's cat (which appends compressed on PolarKeys),
-      StaticLayer's index_copy_ (which encodes on PolarStaticCache's buffers). Static caches are written only (no
-      model prefill: HF's eager prefill into a PolarStaticCache would attend over dequantized keys). The state the
-      decode steps see has the shapes and bytes of a real prefill; no prompt attention is run, so the prefill's own
-      activations (and its quadratic time, estimated ~30 s per 200k tokens at 32 layers on the H200) never decide
-      the answer.
+  --fill reserved (default): dynamic caches get the first --model-tokens (16) tokens through the (compiled) model,
+      which creates the cache tensors (PolarKeys / PolarValues for polar-dynamic); every remaining token is random
+      bf16 K/V written in chunks of --write-chunk tokens (all sequences together) into buffers allocated once for
+      the whole context, as a prompt of that length leaves them: polar-dynamic through pqcompile.reserve(cache, ctx)
+      and the cache's own update(k, v, layer_idx, {"cache_position": ...}) (DynamicLayer's cat, appending in place),
+      then pqcompile.reserve(cache, ctx + G), the growth the first group flush after the prompt makes (one tensor
+      at a time; its transient counts in the peak); dense-dynamic into one [B, H, ctx, D] tensor per layer for K
+      and V, set as the layer's keys / values. Static caches: StaticLayer's index_copy_ (which encodes on
+      PolarStaticCache's buffers), written only (no model prefill: HF's eager prefill into a PolarStaticCache would
+      attend over dequantized keys). The state the decode steps see has the shapes and bytes of a real prefill; no
+      prompt attention is run, so the prefill's own activations (and its quadratic time, estimated ~30 s per 200k
+      tokens at 32 layers on the H200) never decide the answer.
+  --fill write: the same chunks through update() for every cache, so dynamic caches regrow chunk by chunk (every
+      layer's buffer reallocated per chunk). The 2026-12-02 runs used it: every OOM of the 32-layer dense and
+      keys-only searches happened in that fill, with 0.2-0.4 GB (dense) and 1.6-2.2 GB (keys-only) reserved by
+      the allocator but unusable, a cost of the chunked regrowth rather than of decoding.
   --fill prefill: every token through the model (dynamic: the compiled forward; static: eager, as generate does),
       --prefill-chunk tokens per forward over the whole batch; the chunk's activations count against the budget.
 Peak memory reported = max_memory_allocated over the probe (fill + decode) and over the decode steps alone; an OOM
@@ -126,7 +133,7 @@ def held_bytes(cache) -> int:
     for layer in getattr(cache, "layers", None) or []:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor):
-                total += t.nbytes_held() if hasattr(t, "nbytes_held") else t.numel() * t.element_size()
+                total += t.nbytes_held() if hasattr(t, "nbytes_held") else t.untyped_storage().nbytes()  # (views)
     return total
 
 
@@ -267,14 +274,33 @@ def fill(model, fwd, cache, spec: Spec, batch: int, ctx: int, args, meter, timin
     dgen = torch.Generator(device=args.device).manual_seed(ctx * 1000 + batch)
     k = torch.randn(batch, hkv, per, d, generator=dgen, device=args.device, dtype=args.dtype)
     v = torch.randn(batch, hkv, per, d, generator=dgen, device=args.device, dtype=args.dtype)
+    once = args.fill == "reserved" and not spec.static
+    if once and spec.polar:  # the one allocation a prompt of ctx tokens makes (capacity_for(ctx, 0, G))
+        pqcompile.reserve(cache, ctx)
+    if once and not spec.polar:  # what HF's first update of a ctx-token prompt leaves: one tensor per layer
+        full = []
+        for layer in cache.layers:
+            kf, vf = layer.keys.new_empty(batch, hkv, ctx, d), layer.values.new_empty(batch, hkv, ctx, d)
+            kf[:, :, :pos], vf[:, :, :pos] = layer.keys, layer.values
+            layer.keys, layer.values = kf[:, :, :pos], vf[:, :, :pos]  # (the old tensors freed layer by layer)
+            full.append((kf, vf))
     while pos < ctx:
         n = min(per, ctx - pos)
         kn, vn = (k, v) if n == per else (k[:, :, :n].contiguous(), v[:, :, :n].contiguous())
         positions = torch.arange(pos, pos + n, device=args.device)
         for i in range(cfg.num_hidden_layers):
-            cache.update(kn, vn, i, {"cache_position": positions})  # 5.17: cache_kwargs; 5.2x: ignored (*args)
+            if once and not spec.polar:
+                full[i][0][:, :, pos:pos + n], full[i][1][:, :, pos:pos + n] = kn, vn
+            else:
+                cache.update(kn, vn, i, {"cache_position": positions})  # 5.17: cache_kwargs; 5.2x: ignored (*args)
         pos += n
         meter.check(cache)
+    if once and not spec.polar:
+        for layer, (kf, vf) in zip(cache.layers, full):
+            layer.keys, layer.values = kf, vf
+        del full, kf, vf
+    if once and spec.polar:  # the growth the first group flush after the prompt makes: its transient counts
+        pqcompile.reserve(cache, ctx + args.group_size)
     del k, v, kn, vn
 
 
@@ -637,10 +663,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--dynamic", action="store_true", help="torch.compile(..., dynamic=True): symbolic sizes from the "
                    "first call, one recompile fewer per contender (default: torch's automatic dynamic shapes). "
                    "Seen on CPU: polar-static-v4 then dequantizes its values every step (flagged FALLBACK)")
-    p.add_argument("--fill", choices=["write", "prefill"], default="write")
-    p.add_argument("--model-tokens", type=int, default=16, help="--fill write: tokens per sequence through the "
+    p.add_argument("--fill", choices=["reserved", "write", "prefill"], default="reserved")
+    p.add_argument("--model-tokens", type=int, default=16, help="--fill reserved|write: tokens per sequence through the "
                    "model first (dynamic caches; few, so that the prefill's activations stay small at large batch)")
-    p.add_argument("--write-chunk", type=int, default=16384, help="--fill write: tokens per write, whole batch")
+    p.add_argument("--write-chunk", type=int, default=16384, help="--fill reserved|write: tokens per write, whole batch")
     p.add_argument("--prefill-chunk", type=int, default=4096, help="--fill prefill: tokens per forward, whole batch")
     p.add_argument("--steps", type=int, default=4, help="timed decode steps per probe")
     p.add_argument("--warmup", type=int, default=2, help="decode steps before the timed ones (compile, the "
@@ -723,8 +749,9 @@ def main(argv=None) -> dict:
         + ", ".join(f"{mem(b['nominal'])} -> {mem(b['effective'])}" for b in budgets)
         + f" (scale-budget {args.scale_budget})")
     say(f"fill {args.fill}: " + (f"first {args.model_tokens} tokens through the model (dynamic caches), the rest "
-                                 "written as random K/V through cache.update; no prompt attention is run"
-                                 if args.fill == "write" else
+                                 "written as random K/V" + (" into buffers sized once for the context"
+                                                            if args.fill == "reserved" else " through cache.update")
+                                 + "; no prompt attention is run" if args.fill != "prefill" else
                                  f"every token through the model, {args.prefill_chunk} tokens per forward"))
     if args.tiny:
         say("SIMULATED budgets: a CPU byte counter (weights + cache bytes held), not the CUDA allocator")

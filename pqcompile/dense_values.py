@@ -85,8 +85,8 @@ class DenseValues(CompressedTensor):
         out.mark_current()
         return out
 
-    def reserve(self) -> bool:
-        cap = capacity_for(self.seq_len, self.capacity, self.codec)
+    def reserve(self, tokens: int | None = None) -> bool:
+        cap = capacity_for(max(self.seq_len, tokens or 0), self.capacity, self.codec)
         if cap == self.capacity:
             return False
         self.buf = self._grown(cap)

@@ -136,10 +136,11 @@ class DynamicCompressed(CompressedTensor):
         out.mark_current()
         return out
 
-    def reserve(self) -> bool:
+    def reserve(self, tokens: int | None = None) -> bool:
         """Eagerly grow the buffers so that the open group can flush without growing inside a compiled step
-        (in place: this wrapper's inner tensors are replaced). True if they grew."""
-        cap = capacity_for(self.seq_len, self.capacity, self.group_size)
+        (in place: this wrapper's inner tensors are replaced); with `tokens`, room for that many tokens by the same
+        policy (`capacity_for`). True if they grew."""
+        cap = capacity_for(max(self.seq_len, tokens or 0), self.capacity, self.group_size)
         if cap == self.capacity:
             return False
         self.codes, self.params = self._grown_buffers(cap)
@@ -197,6 +198,19 @@ def reserve_all(*tensor_lists) -> None:
                 for hook in RING_MOVED:
                     hook(ring, newest.tail)
         newest.mark_current()
+
+
+def reserve(cache, tokens: int) -> int:
+    """Room for `tokens` tokens per sequence in every cache tensor of a HF cache that appends in place (compressed
+    keys and values, dense values held in place), grown by `capacity_for` one tensor at a time; HF's own dense
+    tensors are left as they are. Appends up to that length then never copy the history (a prompt's first
+    allocation does this for its own length). Returns how many tensors grew."""
+    grown = 0
+    for layer in getattr(cache, "layers", None) or []:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if appends_in_place(t) and t.reserve(tokens):
+                grown += 1
+    return grown
 
 
 # hook(old, new) after reserve_all replaced a state's ring tensor (the tensor verify's state check keys on) by a

@@ -44,3 +44,34 @@ def test_tiny_context_search(capacity, tmp_path, monkeypatch):
     assert rows["polar-static"]["ratio_vs_dense_dynamic"] >= 1.4
     if importlib.util.find_spec("matplotlib") is not None:  # the plot is skipped without it
         assert pathlib.Path(out["path"]).with_suffix(".png").exists()
+
+
+@pytest.mark.parametrize("contender", ["dense-dynamic", "polar-dynamic"])
+def test_reserved_fill_allocates_once(capacity, contender):
+    """--fill reserved: the cache reaches the context with every layer's buffers allocated once (dense: one tensor
+    of ctx rows per layer for K and V; polar: the keys' codes and the dense values' buffer sized for the prompt,
+    then grown once by the policy, as the first group flush after a prompt grows them), and decoding goes on."""
+    import torch
+
+    from pqcompile.dynamic import capacity_for
+
+    args = capacity.parse(["--tiny", "--contenders", contender])
+    args.device, args.dtype, args.layers = "cpu", torch.float32, 2
+    model = capacity.build(args)
+    spec = capacity.SPECS[contender]
+    fwd = capacity.compiled(model, spec, args)
+    ctx, meter = 700, capacity.SimMeter(1e12, 0)
+    cache = capacity.cache_for(model, spec, 1, ctx, args)
+    with torch.no_grad():
+        capacity.fill(model, fwd, cache, spec, 1, ctx, args, meter, {})
+        assert cache.get_seq_length() == ctx
+        for layer in cache.layers:
+            if spec.polar:
+                G = args.group_size
+                grown = capacity_for(ctx + G, capacity_for(ctx, 0, G), G)  # 768 for the prompt, then 896
+                assert layer.keys.capacity == layer.values.capacity == grown > capacity_for(ctx, 0, G)
+            else:
+                assert layer.keys.shape[2] == ctx and layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
+        tok = torch.zeros(1, 1, dtype=torch.long)
+        out = fwd(tok, **{capacity.CACHE_KW: cache, "use_cache": True})
+    assert cache.get_seq_length() == ctx + 1 and torch.isfinite(out.logits).all()

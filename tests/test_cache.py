@@ -81,6 +81,37 @@ def test_capacity_grows_by_a_64th_at_least():
     assert capacity_for(1024, 1024, 128) == 1152  # under 64 groups: one group at a time
 
 
+def test_reserve_makes_room_without_changing_the_state():
+    """pqcompile.reserve(cache, n): every tensor that appends in place (compressed keys, dense values held in place)
+    gets room for n tokens by the growth policy, one allocation; appends up to n then copy nothing; the state reads
+    the same before and after; HF's own dense tensors are left alone."""
+    import pqcompile
+    from pqcompile.dense_values import DenseValues
+
+    codec = CODECS[0]
+    k_all, v_all = keys_(T=300, seed=3), keys_(T=300, seed=4)
+    cache = DynamicCache()
+    cache.update(k_all[:, :, :20], v_all[:, :, :20], 0)
+    cache.update(k_all[:, :, :20], v_all[:, :, :20], 1)  # layer 1 stays dense (HF's tensors)
+    layer = cache.layers[0]
+    layer.keys, layer.values = PolarKeys.from_dense(layer.keys, codec), DenseValues.from_dense(layer.values, 16)
+    before = layer.keys.dequantize().clone(), layer.values.dequantize().clone()
+    assert (layer.keys.capacity, layer.values.capacity) == (32, 32)
+    assert pqcompile.reserve(cache, 250) == 2 and pqcompile.reserve(cache, 250) == 0
+    assert (layer.keys.capacity, layer.values.capacity) == (256, 256)  # (250 // 16 + 1) * 16, once
+    assert torch.equal(layer.keys.dequantize(), before[0]) and torch.equal(layer.values.dequantize(), before[1])
+    assert torch.equal(cache.layers[1].keys, k_all[:, :, :20])
+    codes, buf = layer.keys.codes.data_ptr(), layer.values.buf.data_ptr()
+    for t0, t1 in ((20, 100), (100, 101), (101, 250)):
+        keys, values = cache.update(k_all[:, :, t0:t1], v_all[:, :, t0:t1], 0)
+        assert keys.codes.data_ptr() == codes and values.buf.data_ptr() == buf  # appended in place, no growth
+    assert_state_equal(keys, C.encode(k_all[:, :, :250], codec))
+    assert torch.equal(values.dequantize(), v_all[:, :, :250])
+    assert pqcompile.reserve(cache, 256) == 2  # past the room: the growth policy (at least a 64th; here a group)
+    assert (cache.layers[0].keys.capacity, cache.layers[0].values.capacity) == (272, 272)
+    assert_state_equal(cache.layers[0].keys, C.encode(k_all[:, :, :250], codec))
+
+
 def test_cat_one_token_at_a_time():
     codec = CODECS[0]
     k = keys_(T=50, seed=3)
