@@ -55,16 +55,21 @@ def test_reserved_fill_allocates_once(capacity, contender):
 
     from pqcompile.dynamic import capacity_for
 
-    args = capacity.parse(["--tiny", "--contenders", contender])
+    args = capacity.parse(["--tiny", "--contenders", contender, "--write-chunk", "128"])  # 6 chunks
     args.device, args.dtype, args.layers = "cpu", torch.float32, 2
     model = capacity.build(args)
     spec = capacity.SPECS[contender]
     fwd = capacity.compiled(model, spec, args)
     ctx, meter = 700, capacity.SimMeter(1e12, 0)
     cache = capacity.cache_for(model, spec, 1, ctx, args)
+    updates = []
+    real_update = cache.update
+    cache.update = lambda k, *a, **kw: (updates.append(k.shape[2]), real_update(k, *a, **kw))[1]
     with torch.no_grad():
         capacity.fill(model, fwd, cache, spec, 1, ctx, args, meter, {})
         assert cache.get_seq_length() == ctx
+        if not spec.polar:  # only the model's own tokens went through update (cat): the chunks were written in place
+            assert updates == [args.model_tokens] * args.layers
         for layer in cache.layers:
             if spec.polar:
                 G = args.group_size
