@@ -129,10 +129,10 @@ def _to_disk(key: tuple, best: LaunchConfig, space: Sequence[LaunchConfig]) -> N
         log.debug("polar attention tuner cache not written to %s: %s", path, e)
 
 
-# PQCOMPILE_PARALLEL_COMPILE=N (N > 0 threads, "0" off: the default until timed on the H200): the space's kernels
-# are compiled on N threads before the timing (Triton's compile releases the GIL: the 16 configs of the tuned space
-# compiled for sm_90 in 13.9 s on 2 threads vs 27.1 s in a row, on a 2-core CPU).
-PARALLEL_COMPILE = os.environ.get("PQCOMPILE_PARALLEL_COMPILE", "0")
+# PQCOMPILE_PARALLEL_COMPILE=N (N > 0 threads, "0" off; default min(16, CPUs)): the space's kernels are compiled on
+# N threads before the timing (Triton's compile releases the GIL). On the H200 host it took the first decode step of
+# 32 layers from 62.2 s to 36.9 s, same tokens (docs/benchmarks.md §4.11).
+PARALLEL_COMPILE = os.environ.get("PQCOMPILE_PARALLEL_COMPILE", str(min(16, os.cpu_count() or 1)))
 
 
 def precompile(launch, space: Sequence[LaunchConfig], threads: int) -> int:
