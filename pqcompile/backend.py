@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import logging
+import pathlib
 from typing import Any
 
 import torch
@@ -27,8 +30,41 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: list, cfg: PolarQua
         return aot_autograd(fw_compiler=nop)(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    config_patches = {"triton.cudagraphs": True} if mode in ("reduce-overhead", "max-autotune") else None
-    return compile_fx(gm, example_inputs, config_patches=config_patches)
+    config_patches = {"triton.cudagraphs": True} if mode in ("reduce-overhead", "max-autotune") else {}
+    marked = getattr(torch._inductor.config, "unsafe_marked_cacheable_functions", None)
+    marks = cache_marks(gm, example_inputs, cfg) if marked is not None else {}
+    if marks:
+        config_patches["unsafe_marked_cacheable_functions"] = {**marked, **marks}
+    return compile_fx(gm, example_inputs, config_patches=config_patches or None)
+
+
+@functools.cache
+def _source_digest() -> str:
+    root = pathlib.Path(__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def cache_marks(gm: torch.fx.GraphModule, example_inputs: list, cfg: PolarQuantConfig) -> dict[str, str]:
+    """AOTAutograd's disk cache refuses a graph that calls Python functions it does not know, which the rewritten
+    graphs do (static_write, the attention rewrites): every warm start then traced the whole graph through
+    AOTAutograd again (docs/design.md §8.22). Those functions are marked cacheable under a key that covers what
+    they trace to: pqcompile's source, this config, and each compressed input's type, codec and inner layout (the
+    cache's own key sees a subclass input by its outer metadata in some torch versions)."""
+    from .compressed import CompressedTensor
+
+    names = sorted({f"{n.target.__module__}.{n.target.__name__}" for n in gm.graph.nodes
+                    if n.op == "call_function" and getattr(n.target, "__module__", "").startswith("pqcompile.")})
+    if not names:
+        return {}
+    h = hashlib.sha256(f"{_source_digest()}|{cfg!r}".encode())
+    for t in example_inputs:
+        if isinstance(t, CompressedTensor):
+            h.update(t._stable_hash_for_caching().encode())
+    key = h.hexdigest()
+    return dict.fromkeys(names, key)
 
 
 class _Lazy:

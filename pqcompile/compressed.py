@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -117,6 +118,20 @@ class CompressedTensor(torch.Tensor):
 
     def __tensor_flatten__(self):
         return list(self.inner_names), self.codec
+
+    def _stable_hash_for_caching(self) -> str:
+        """What identifies this input for AOTAutograd's disk cache (torch's extension point): the class, the codec
+        and every tensor's sizes (symbols by name), strides, dtype and device. torch's default pickles the inner
+        tensors' metadata, which fails on symbolic sizes (every decode graph of a growing cache), and the cache
+        was then bypassed."""
+        def desc(t: torch.Tensor) -> str:
+            return f"{[str(s) for s in t.shape]}{[str(s) for s in t.stride()]}{t.dtype}{t.device.type}"
+
+        cls = type(self)
+        text = "|".join([f"{cls.__module__}.{cls.__qualname__}", repr(self.codec), str(list(self.logical_shape)),
+                         str(self.dtype), str(self.requires_grad)] + [f"{n}:{desc(getattr(self, n))}"
+                                                                      for n in self.inner_names])
+        return hashlib.sha256(text.encode()).hexdigest()
 
     @classmethod
     def __tensor_unflatten__(cls, inner, codec, outer_size, outer_stride):
