@@ -40,8 +40,10 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: list, cfg: PolarQua
 
 @functools.cache
 def _source_digest() -> str:
+    from . import __version__
+
     root = pathlib.Path(__file__).parent
-    h = hashlib.sha256()
+    h = hashlib.sha256(__version__.encode())  # the version too: an install without sources hashes no files
     for f in sorted(root.rglob("*.py")):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
