@@ -591,8 +591,28 @@ def plot(rows: list[dict], path: pathlib.Path, meta: dict) -> str | None:
     except ImportError as e:
         return f"no plot: {e}"
     kinds = [k for k in ("context", "batch") if any(r["kind"] == k for r in rows)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.5), squeeze=False)
-    if len({r["budget_gb"] for r in rows}) == 1:  # one budget: a bar per contender
+    one_budget = len({r["budget_gb"] for r in rows}) == 1
+    probed = [k for k in kinds if one_budget and any(r["kind"] == k and r["probes"] for r in rows)]
+    rows_of_axes = 2 if probed else 1
+    fig, axes = plt.subplots(rows_of_axes, len(kinds), figsize=(6.5 * len(kinds), 4.5 * rows_of_axes),
+                             squeeze=False)
+    for ax, kind in zip(axes[-1], probed):  # second row: memory against size, every probe run
+        for name in dict.fromkeys(r["contender"] for r in rows if r["kind"] == kind):
+            probes = sorted((q["size"], q["max_memory_allocated"] / UNIT[0], q["fit"]) for r in rows
+                            if r["contender"] == name and r["kind"] == kind for q in r["probes"]
+                            if q.get("max_memory_allocated") is not None)
+            fits = [q for q in probes if q[2]]
+            line, = ax.plot([q[0] for q in fits], [q[1] for q in fits], marker="o", label=f"{name} (fits)")
+            ax.scatter([q[0] for q in probes if not q[2]], [q[1] for q in probes if not q[2]], marker="x",
+                       color=line.get_color(), label=f"{name} (out of memory: peak before it)")
+        ax.axhline(rows[0]["budget_gb"] * GB / UNIT[0], color="k", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("context, batch 1 (tokens)" if kind == "context"
+                      else f"batch at context {meta['args']['batch_context']}")
+        ax.set_ylabel(f"peak memory allocated ({UNIT[1]})")
+        ax.set_title("every probe: peak allocated vs size (dotted: the budget)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if one_budget:  # a bar per contender
         for ax, kind in zip(axes[0], kinds):
             got = [(r["contender"], r.get("max") or 0) for r in rows if r["kind"] == kind]
             ax.bar([g[0] for g in got], [g[1] for g in got], color=["#888" if g[0].startswith("dense") else "#3a7"
