@@ -213,7 +213,10 @@ def graph_facts(contender: str, args) -> dict:
              "sites_declined": counters.totals["sites_declined"],
              "inductor_counters": {k: v for k, v in inductor.items() if "cudagraph" in k or "graph_break" in k},
              "cudagraph_skips": inductor.get("cudagraph_skips", 0), "cudagraph_nodes": cudagraph_nodes_recorded(),
-             "cudagraph_messages": list(CUDAGRAPH_LOG.messages)}
+             "cudagraph_messages": list(CUDAGRAPH_LOG.messages),
+             # AOTAutograd's disk cache: a warm process should hit it for every graph (docs/design.md §8.22)
+             "aot_autograd_cache": {k: v for k, v in torch._dynamo.utils.counters["aot_autograd"].items()
+                                    if "autograd_cache" in k}}
     if contender not in GRAPHED:
         facts["cudagraphs"] = "off"
     elif not args.device.startswith("cuda"):
