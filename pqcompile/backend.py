@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import hashlib
 import logging
 import pathlib
@@ -129,7 +130,10 @@ def _reserving(fn, in_place: list[int], labels: list[str]):
     append (a ValueError: non-finite keys on the reference path) is raised again naming the layer (`labels`) and
     the token position; the cache keeps its earlier state, which a refused step leaves whole (§2.1)."""
 
+    collected = False
+
     def call(*args):
+        nonlocal collected
         caches = [args[i] for i in in_place]
         for t in caches:
             t.check_current()
@@ -142,6 +146,9 @@ def _reserving(fn, in_place: list[int], labels: list[str]):
             cause = getattr(e, "refused", e)  # dynamic.refusal's (eager appended): replace its context
             i, count = found
             raise refusal(cause, labels[i], caches[i].seq_len, count) from cause
+        if not collected:  # dynamo's tracing of this graph left cyclic garbage that still holds the cache state it
+            collected = True  # was traced on: a growth would not free those buffers until a full collection
+            gc.collect()
         reserve_all(caches, out if isinstance(out, (list, tuple)) else (out,))
         return out
 

@@ -93,6 +93,9 @@ class DenseValues(CompressedTensor):
         self.mark_current()
         return True
 
+    def held_buffers(self) -> tuple[torch.Tensor, ...]:
+        return (self.buf,)
+
     def grown_to(self, other: DenseValues) -> None:  # reserve_all: share the newest state's new buffer
         self.buf = other.buf
 

@@ -15,6 +15,19 @@ aten = torch.ops.aten
 
 
 GROWTH = 64  # a buffer grows by at least 1/GROWTH of its capacity
+RELEASE_BYTES = 32 << 20  # a growth to CUDA buffers this large hands the allocator's free blocks back
+
+
+def release_freed(nbytes: int, device: torch.device) -> None:
+    """After a growth to buffers of `nbytes` freed the old ones: return the caching allocator's free blocks to the
+    driver before the next allocation. A freed block is its own segment, a little smaller than the next layer's
+    grown buffer, so that buffer cannot reuse it; a smaller allocation that follows (the next layer's key codes
+    after these values, params after codes) would best-fit into it and split it, and a split segment can never be
+    handed back. At 32 layers this left
+    1.2-1.7 GB reserved but unusable at the capacity limit (docs/benchmarks.md §3.7). Growths of this size come
+    every 1/64 of the context, so the synchronizing empty_cache is rare."""
+    if device.type == "cuda" and nbytes >= RELEASE_BYTES:
+        torch.cuda.empty_cache()
 
 
 def capacity_for(tokens: int, current: int, G: int) -> int:
@@ -147,6 +160,10 @@ class DynamicCompressed(CompressedTensor):
         self.mark_current()
         return True
 
+    def held_buffers(self) -> tuple[torch.Tensor, ...]:
+        """The buffers a growth replaces."""
+        return self.codes, self.params
+
     def grown_to(self, other: DynamicCompressed) -> None:
         """Share `other`'s buffers (reserve_all: a step's input, after its output grew)."""
         self.codes, self.params = other.codes, other.params
@@ -197,6 +214,8 @@ def reserve_all(*tensor_lists) -> None:
             if newest.tail is not ring:  # DenseValues: its "ring" is the buffer that grew
                 for hook in RING_MOVED:
                     hook(ring, newest.tail)
+            del ring  # the last reference to a grown DenseValues' old buffer
+            release_freed(sum(b.nbytes for b in newest.held_buffers()), newest.codes.device)
         newest.mark_current()
 
 
@@ -210,6 +229,7 @@ def reserve(cache, tokens: int) -> int:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if appends_in_place(t) and t.reserve(tokens):
                 grown += 1
+                release_freed(sum(b.nbytes for b in t.held_buffers()), t.codes.device)
     return grown
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers
 
+from pqcompile.cache import PolarKeys
 from pqcompile.dense_values import DenseValues
 from pqcompile.hf_compat import cache_kw
 from pqcompile.models import tiny_llama
@@ -61,3 +62,44 @@ def test_decode_step_peak_does_not_grow_with_the_history(value_bits):
     growth = peaks[long] - peaks[short]
     assert dense_growth > 0.9 * history, (dense_peaks, history)  # the measurement sees a history copy
     assert growth < 0.02 * history, (peaks, history)  # O(one token + one group per layer), not O(history)
+
+
+
+@pytest.mark.parametrize("value_bits", [None, 4])
+def test_growth_between_steps_frees_each_buffer_before_the_next(monkeypatch, value_bits):
+    """The growth after a step (dynamic.reserve_all) replaces one buffer at a time, and by the time it hands the
+    freed memory back (release_freed: empty_cache on CUDA) no tensor holds the old buffer's storage any more: not
+    the step's input or output wrapper (distinct tensors that share it), not dynamo's tracing garbage from the
+    graph's compile (the first decode step's state); so the step that grows peaks one buffer above the others."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from pqcompile import dynamic
+
+    model = tiny_llama(layers=4, hidden=128, heads=4, kv_heads=2)
+    polar = torch.compile(model, backend="polarquant", options={"group_size": G, "value_bits": value_bits,
+                                                                 "value_group": 16})
+    cache = transformers.DynamicCache()
+    ids = torch.randint(0, model.config.vocab_size, (1, 1100), generator=torch.Generator().manual_seed(1))
+    old, releases = [], []
+
+    def watch(cls):  # every buffer a growth replaces, by its storage
+        reserve = cls.reserve
+
+        def spy(self, tokens=None):
+            old.append(StorageWeakRef(self.held_buffers()[0].untyped_storage()))
+            return reserve(self, tokens)
+        monkeypatch.setattr(cls, "reserve", spy)
+
+    watch(DenseValues if value_bits is None else PolarValues)
+    watch(PolarKeys)
+    monkeypatch.setattr(dynamic, "release_freed", lambda nbytes, device: releases.append(
+        (nbytes, [not w.expired() for w in old[-1:]])))
+    with torch.no_grad():
+        polar(ids[:, :1000], **cache_kw(cache), use_cache=True)
+        for t in range(1000, 1100):  # capacity 1024 from the prompt: the buffers grow at the flush of 1024
+            old.clear()
+            polar(ids[:, t: t + 1], **cache_kw(cache), use_cache=True)
+    layers = len(cache.layers)
+    assert len(releases) >= 2 * layers, releases  # keys and values of every layer grew at least once
+    assert all(nbytes > 0 for nbytes, _ in releases)
+    assert not any(alive for _, still in releases for alive in still), releases
