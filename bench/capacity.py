@@ -37,6 +37,10 @@ probe = does not fit: the phase is recorded, everything is freed (del, gc.collec
       the allocator but unusable, a cost of the chunked regrowth rather than of decoding.
   --fill prefill: every token through the model (dynamic: the compiled forward; static: eager, as generate does),
       --prefill-chunk tokens per forward over the whole batch; the chunk's activations count against the budget.
+  --growth-in-decode (polar dynamic contenders): the fill stops at the prompt's allocation (no reserve(ctx + G))
+      and the warm-up runs G more decode steps, so the first flush grows every buffer where generate grows it:
+      after a compiled step, by the backend (reserve_all), with the decode graph's compile just before. The probe
+      records how many tensors grew ("decode_growths").
 Peak memory reported = max_memory_allocated over the probe (fill + decode) and over the decode steps alone; an OOM
 line also gives max_memory_reserved, whose excess over the allocated peak is what the allocator held but could
 not hand out (fragmentation: 1.6-2.2 GB for polar-dynamic's growing dense values at 32 layers, 2026-12-02).
@@ -100,8 +104,9 @@ import pqcompile
 from pqcompile import counters
 from pqcompile.backend import polarquant
 from pqcompile.cache import reset_fallback_warnings
+from pqcompile.dynamic import appends_in_place
 
-VERSION = 2  # 2: --dense-sdpa flash (default) for the dense contenders
+VERSION = 3  # 2: --dense-sdpa flash (default) for the dense contenders; 3: --growth-in-decode
 GB = 1e9
 UNIT = [GB, "GB"]  # what the log and the table print memory in (--tiny: MB)
 
@@ -229,7 +234,8 @@ def compiled(model, spec: Spec, args):
     dynamic = True if args.dynamic else None  # None: torch's automatic dynamic shapes (recompile on a new size)
     if not spec.polar:
         return torch.compile(model, dynamic=dynamic) if args.dense == "inductor" else model
-    options = {"value_bits": spec.value_bits, "value_group": args.value_group, "backend": args.polar_after}
+    options = {"value_bits": spec.value_bits, "value_group": args.value_group, "backend": args.polar_after,
+               "group_size": args.group_size}
     return torch.compile(model, backend=polarquant, options=options, dynamic=dynamic)
 
 
@@ -299,8 +305,8 @@ def fill(model, fwd, cache, spec: Spec, batch: int, ctx: int, args, meter, timin
         for layer, (kf, vf) in zip(cache.layers, full):
             layer.keys, layer.values = kf, vf
         del full, kf, vf
-    if once and spec.polar:  # the growth the first group flush after the prompt makes: its transient counts
-        pqcompile.reserve(cache, ctx + args.group_size)
+    if once and spec.polar and not args.growth_in_decode:  # the growth the first group flush after the prompt
+        pqcompile.reserve(cache, ctx + args.group_size)  # makes: its transient counts
     del k, v, kn, vn
 
 
@@ -334,6 +340,12 @@ def probe(model, fwd, spec: Spec, batch: int, ctx: int, args, meter) -> dict:
     return rec
 
 
+def growing_capacities(cache) -> list[int]:
+    """The capacity of every cache tensor that appends in place (polar dynamic contenders; empty for the others)."""
+    return [t.capacity for layer in getattr(cache, "layers", None) or []
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if appends_in_place(t)]
+
+
 def _probe_body(model, fwd, spec, batch, ctx, args, meter, rec, timing) -> None:
     t = time.perf_counter()
     cache = cache_for(model, spec, batch, ctx, args)
@@ -348,9 +360,12 @@ def _probe_body(model, fwd, spec, batch, ctx, args, meter, rec, timing) -> None:
     rec["phase"] = "decode"
     tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=args.device)
     times, steady_peak = [], None
+    # --growth-in-decode: the first group flush grows the buffers after a compiled step (the backend's reserve_all)
+    warmup = args.warmup + (args.group_size if args.growth_in_decode and spec.polar and not spec.static else 0)
+    capacities = growing_capacities(cache)
     with warnings.catch_warnings(record=True) as caught:
-        for i in range(args.warmup + args.steps):
-            if i == args.warmup:
+        for i in range(warmup + args.steps):
+            if i == warmup:
                 decode_peak_warm = meter.peak()
                 meter.reset_peak()
                 reset_fallback_warnings()  # pqcompile warns once per op and process: again in the timed steps
@@ -369,20 +384,21 @@ def _probe_body(model, fwd, spec, batch, ctx, args, meter, rec, timing) -> None:
     if fallbacks:  # a compressed cache tensor was dequantized in a timed step: its memory is not the polar path's
         rec["dense_fallbacks"] = fallbacks
     steady_peak = meter.peak()
-    steady = times[args.warmup:] or times
+    rec["decode_growths"] = sum(a != b for a, b in zip(capacities, growing_capacities(cache)))
+    steady = times[warmup:] or times
     median = statistics.median(steady)
     held = cache_bytes(cache)
     rec.update(step_ms_median=median, step_ms=[round(x, 3) for x in steady], tokens_per_s=batch * 1e3 / median,
                cache_bytes_held=held["key_cache_bytes"] + held["value_cache_bytes"], **held,
                fill_max_memory_allocated=fill_peak["max_memory_allocated"],
                max_memory_allocated=max(fill_peak["max_memory_allocated"],
-                                        decode_peak_warm["max_memory_allocated"] if args.warmup else 0,
+                                        decode_peak_warm["max_memory_allocated"] if warmup else 0,
                                         steady_peak["max_memory_allocated"]),
                max_memory_reserved=max(fill_peak["max_memory_reserved"],
-                                       decode_peak_warm["max_memory_reserved"] if args.warmup else 0,
+                                       decode_peak_warm["max_memory_reserved"] if warmup else 0,
                                        steady_peak["max_memory_reserved"]),
                decode_max_memory_allocated=steady_peak["max_memory_allocated"])
-    if args.warmup:
+    if warmup:
         rec["warmup_max_memory_allocated"] = decode_peak_warm["max_memory_allocated"]
     del cache, tok
 
@@ -689,6 +705,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--write-chunk", type=int, default=16384, help="--fill reserved|write: tokens per write, whole batch")
     p.add_argument("--prefill-chunk", type=int, default=4096, help="--fill prefill: tokens per forward, whole batch")
     p.add_argument("--steps", type=int, default=4, help="timed decode steps per probe")
+    p.add_argument("--growth-in-decode", action="store_true", help="polar dynamic contenders: the fill stops at the "
+                   "prompt's allocation and --group-size more warm-up steps run, so the first flush grows the buffers "
+                   "between compiled steps (reserve_all after the decode graph's compile) instead of in the fill")
     p.add_argument("--warmup", type=int, default=2, help="decode steps before the timed ones (compile, the "
                    "dynamic-shape recompile of a growing DynamicCache, tuning)")
     p.add_argument("--resolution", type=int, default=None, help="context resolution, tokens (default 1024; "
@@ -699,7 +718,7 @@ def parse(argv=None) -> argparse.Namespace:
                    "(--tiny 256)")
     p.add_argument("--max-batch", type=int, default=None, help="default 256 (--tiny 16)")
     p.add_argument("--margin", type=float, default=0.02, help="predict mode: aim at prediction * (1 -+ margin)")
-    p.add_argument("--group-size", type=int, default=128, help="PolarStaticCache group size")
+    p.add_argument("--group-size", type=int, default=128, help="the polar contenders' group size")
     p.add_argument("--value-group", type=int, default=None, help="channels per value group of the -v4 contenders "
                    "(default 64; --tiny 32, its head_dim)")
     p.add_argument("--time-limit", type=float, default=240.0, help="seconds per contender")

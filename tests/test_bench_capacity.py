@@ -80,3 +80,19 @@ def test_reserved_fill_allocates_once(capacity, contender):
         tok = torch.zeros(1, 1, dtype=torch.long)
         out = fwd(tok, **{capacity.CACHE_KW: cache, "use_cache": True})
     assert cache.get_seq_length() == ctx + 1 and torch.isfinite(out.logits).all()
+
+
+def test_growth_in_decode_grows_between_compiled_steps(capacity):
+    """--growth-in-decode: the fill leaves the prompt's allocation, the warm-up runs a group more, and the first
+    flush grows every polar tensor between compiled steps; the probe records it and still fits."""
+    import torch
+
+    args = capacity.parse(["--tiny", "--contenders", "polar-dynamic", "--growth-in-decode", "--steps", "1",
+                           "--warmup", "1", "--write-chunk", "128", "--group-size", "32"])
+    args.device, args.dtype, args.layers = "cpu", torch.float32, 2
+    model = capacity.build(args)
+    spec = capacity.SPECS["polar-dynamic"]
+    fwd = capacity.compiled(model, spec, args)
+    rec = capacity.probe(model, fwd, spec, 1, 256, args, capacity.SimMeter(1e12, 0))
+    assert rec["fit"], rec
+    assert rec["decode_growths"] == 2 * args.layers  # keys and values of every layer, once
