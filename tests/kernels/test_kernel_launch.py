@@ -45,6 +45,23 @@ def test_frozen_kwargs_are_shared_and_immutable():
         a["X"] = 3
 
 
+# triton.language as it was at collection, before any kernel ran in this process: Triton 3.9's interpreter patches it
+# for a device-function call and never restores it (InterpretedFunction.__call__ drops its patch scope), after which a
+# real compile in the same process fails ("'value' object has no attribute 'dtype'"): the fixture below restores it.
+_LANG = [(o, dict(vars(o))) for o in (tl, tl.core, tl.math, tl.core.tensor, tl.core.dtype,
+                                       getattr(tl.core, "condition", None), getattr(tl.core, "tensor_descriptor_base", None))
+         if o is not None]
+
+
+def _unpatch_lang() -> None:
+    for obj, saved in _LANG:
+        for name in set(vars(obj)) - set(saved):
+            delattr(obj, name)
+        for name, value in saved.items():
+            if vars(obj).get(name, _LANG) is not value:
+                setattr(obj, name, value)
+
+
 def _copy_kernel(X, Y, n, stride, f, off, BLOCK: tl.constexpr, FLAG: tl.constexpr = 0):
     i = tl.arange(0, BLOCK)
     x = tl.load(X + i * stride, mask=i < n, other=0.0)
@@ -99,6 +116,7 @@ def stub_driver(monkeypatch):
     """Triton's driver replaced by a stub (an H200's target, stream 7); a real JITFunction of _copy_kernel."""
     from triton.runtime.driver import driver
 
+    _unpatch_lang()
     saved = driver._active
     stub = _Driver()
     driver.set_active(stub)
