@@ -128,13 +128,22 @@ BY_NAME = {f.name: f for f in FAMILIES}
 def reference_keys(model: torch.nn.Module, modules: dict[str, str], cfg: Codec):
     """Eager SDPA calls with one query (decode) in `modules` ({module path: pairing spec}) attend over
     codec.decode(codec.encode(keys)): the quantized keys the compiled run holds, with the given pairing."""
-    current: list[str | None] = [None]
-    hooks = [model.get_submodule(path).register_forward_pre_hook(lambda m, a, p=path: current.__setitem__(0, p))
-             for path in modules]
+    # (module path, query tokens) of the attention module running now. The token count comes from the module's
+    # hidden states, not from SDPA's query: transformers >= 5.25 packs a decode step's GQA query heads into the
+    # query-length dimension ([B, Hkv, n_rep, D]) when it cannot pass enable_gqa (a mask, MQA Falcon).
+    current: list = [None, None]
+
+    def enter(module, args, kwargs, path):
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        current[:] = [path, hidden.shape[-2] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None]
+
+    hooks = [model.get_submodule(path).register_forward_pre_hook(
+        lambda m, a, kw, p=path: enter(m, a, kw, p), with_kwargs=True) for path in modules]
     sdpa = F.scaled_dot_product_attention
 
     def quantized_sdpa(q, k, v, *args, **kwargs):
-        if current[0] in modules and q.shape[-2] == 1:
+        tokens = current[1] if current[1] is not None else q.shape[-2]
+        if current[0] in modules and tokens == 1:
             c = dataclasses.replace(cfg, pairing=Pairing.parse(modules[current[0]]))
             k = codec.decode(codec.encode(k, c), k.shape[2], c)
         return sdpa(q, k, v, *args, **kwargs)
