@@ -133,12 +133,13 @@ def reference_keys(model: torch.nn.Module, modules: dict[str, str], cfg: Codec):
     # query-length dimension ([B, Hkv, n_rep, D]) when it cannot pass enable_gqa (a mask, MQA Falcon).
     current: list = [None, None]
 
-    def enter(module, args, kwargs, path):
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        current[:] = [path, hidden.shape[-2] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None]
+    def entering(path):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            current[:] = [path, hidden.shape[-2] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else None]
+        return hook
 
-    hooks = [model.get_submodule(path).register_forward_pre_hook(
-        lambda m, a, kw, p=path: enter(m, a, kw, p), with_kwargs=True) for path in modules]
+    hooks = [model.get_submodule(path).register_forward_pre_hook(entering(path), with_kwargs=True) for path in modules]
     sdpa = F.scaled_dot_product_attention
 
     def quantized_sdpa(q, k, v, *args, **kwargs):
